@@ -1,0 +1,55 @@
+# The Fusion book: every target installs what it needs into .venv first.
+#   make book     build the HTML book from the committed notebook outputs
+#   make test     pytest on fusionlib + nbval on every chapter (smoke profile)
+#   make lab      JupyterLab on the notebooks
+#   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MATHJAX := book/_static/mathjax/tex-mml-chtml.js
+MATHJAX_VERSION := 3.2.2
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+
+.PHONY: book test pytest nbval check-notebooks lab execute mathjax clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[book,test]"
+	touch $(STAMP)
+
+# MathJax 3 from the npm registry, served from _static so equations render offline.
+$(MATHJAX):
+	rm -rf book/_static/mathjax .cache/mathjax && mkdir -p .cache/mathjax
+	cd .cache/mathjax && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null && tar xzf mathjax-$(MATHJAX_VERSION).tgz
+	mkdir -p book/_static/mathjax && cp -r .cache/mathjax/package/es5/. book/_static/mathjax/
+	test -f $(MATHJAX)
+
+mathjax: $(MATHJAX)
+
+book: $(STAMP) $(MATHJAX)
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
+
+check-notebooks: $(STAMP)
+	$(PY) scripts/check_notebooks.py
+
+pytest: $(STAMP)
+	FUSIONLIB_PROFILE=smoke $(PY) -m pytest tests -q
+
+nbval: $(STAMP)
+	FUSIONLIB_PROFILE=smoke MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
+		--nbval-sanitize-with tests/notebooks/sanitize.cfg --nbval-cell-timeout=600 $(NOTEBOOKS)
+
+test: check-notebooks pytest nbval
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+execute: $(STAMP)
+	$(PY) scripts/execute_notebooks.py $(NOTEBOOKS)
+
+clean:
+	rm -rf _build .cache/mathjax book/_static/mathjax

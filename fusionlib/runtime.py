@@ -1,0 +1,246 @@
+"""Where and how big: the run profile, the device, seeding, autocast and timing.
+
+Every chapter starts with ``print(runtime.summary())`` and sizes its
+experiments with :func:`pick`, so the same notebook runs as a CI smoke test, a
+laptop lesson, or the real GPU run (chapter 1, "How to run this book").
+
+Profiles (environment variable ``FUSIONLIB_PROFILE``):
+
+``smoke``
+    CI: every notebook in well under a minute on 2 CPU cores, same code path.
+``cpu``
+    A laptop: a few minutes per chapter.
+``gpu``
+    The real run; the default when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "cpu", "gpu")
+PROFILE_ENV = "FUSIONLIB_PROFILE"
+
+T = TypeVar("T")
+
+
+def profile() -> str:
+    """The active profile: ``$FUSIONLIB_PROFILE``, else ``gpu`` with CUDA, else ``cpu``."""
+    name = os.environ.get(PROFILE_ENV, "").strip().lower()
+    if not name:
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV} must be one of {PROFILES}, got {name!r}")
+    return name
+
+
+def pick(*, smoke: T, cpu: T, gpu: T, profile_name: str | None = None) -> T:
+    """Return the value for the active profile, e.g. ``steps = pick(smoke=20, cpu=2_000, gpu=20_000)``."""
+    name = profile_name or profile()
+    if name not in PROFILES:
+        raise ValueError(f"profile_name must be one of {PROFILES}, got {name!r}")
+    return {"smoke": smoke, "cpu": cpu, "gpu": gpu}[name]
+
+
+def device(prefer: str | None = None) -> torch.device:
+    """The device to compute on: ``prefer`` if given, else CUDA when available, else CPU."""
+    if prefer is not None:
+        dev = torch.device(prefer)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"prefer={prefer!r} asks for CUDA but torch.cuda.is_available() is False")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int = 0, deterministic: bool = False) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same.
+
+    ``deterministic=True`` also asks cuDNN and torch for deterministic kernels,
+    which is slower and only matters when bitwise-identical GPU runs are wanted.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast(dev: torch.device | str | None = None, enabled: bool = True):
+    """bf16 autocast on CUDA; a no-op context on CPU (fp32 is faster there for small models)."""
+    dev = torch.device(dev) if dev is not None else device()
+    if enabled and dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def synchronize(dev: torch.device | str | None = None) -> None:
+    """Wait for queued CUDA work so that wall-clock timings are honest."""
+    dev = torch.device(dev) if dev is not None else device()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+@dataclass
+class Timer:
+    """Wall-clock timer: ``with Timer("train") as t: ...``, then ``t.seconds``.
+
+    Synchronises CUDA at both ends so GPU work is counted where it happens.
+    """
+
+    name: str = ""
+    verbose: bool = True
+    seconds: float = field(default=0.0, init=False)
+    _start: float = field(default=0.0, init=False, repr=False)
+
+    def __enter__(self) -> "Timer":
+        synchronize()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        synchronize()
+        self.seconds = time.perf_counter() - self._start
+        if self.verbose and exc[0] is None:
+            label = f"{self.name}: " if self.name else ""
+            print(f"{label}wall time {format_seconds(self.seconds)}")
+
+
+def format_seconds(seconds: float) -> str:
+    """``75.3`` -> ``'1 min 15.3 s'``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)} min {rest:.1f} s"
+
+
+def environment() -> dict[str, Any]:
+    """Profile, device, GPU name and library versions, as a dict (stored in ``results/*.json``)."""
+    import fusionlib
+
+    dev = device()
+    info: dict[str, Any] = {
+        "profile": profile(),
+        "device": dev.type,
+        "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fusionlib": fusionlib.__version__,
+    }
+    return info
+
+
+def summary() -> str:
+    """One line for each chapter's first cell: profile, device, GPU, versions."""
+    env = environment()
+    where = env["gpu"] if env["gpu"] else f"{env['cpu_threads']} CPU threads"
+    return (
+        f"profile={env['profile']} | device={env['device']} ({where}) | "
+        f"python {env['python']} | torch {env['torch']} | fusionlib {env['fusionlib']}"
+    )
+
+
+def write_results(chapter: str, metrics: dict[str, Any], directory: str | os.PathLike | None = None,
+                  **extra: Any) -> str:
+    """Write ``results/<chapter>.json`` with ``metrics`` plus the environment and date.
+
+    Tables in the book are built from these files, never typed by hand.
+    Returns the path written. The file is replaced atomically.
+    """
+    if not chapter or "/" in chapter:
+        raise ValueError(f"chapter must be a bare name like '03_cross_attention_fusion', got {chapter!r}")
+    directory = os.fspath(directory) if directory is not None else results_dir()
+    os.makedirs(directory, exist_ok=True)
+    record = {
+        "chapter": chapter,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **environment(),
+        **extra,
+        "metrics": metrics,
+    }
+    path = os.path.join(directory, f"{chapter}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=False, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(chapter: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read what :func:`write_results` wrote."""
+    directory = os.fspath(directory) if directory is not None else results_dir()
+    with open(os.path.join(directory, f"{chapter}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def repo_root() -> str:
+    """The repository root (the folder holding ``_toc.yml``), found upwards from the cwd.
+
+    Notebooks run from ``notebooks/``; results, checkpoints and caches live at
+    the root. ``$FUSIONLIB_ROOT`` overrides the search.
+    """
+    env = os.environ.get("FUSIONLIB_ROOT")
+    if env:
+        return env
+    here = os.path.abspath(os.getcwd())
+    probe = here
+    while True:
+        if os.path.exists(os.path.join(probe, "_toc.yml")):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return here
+        probe = parent
+
+
+def results_dir() -> str:
+    """``results/`` at the repository root; under the smoke profile a scratch folder in the cache.
+
+    Smoke runs (CI, ``make test``) must never overwrite the committed numbers
+    that the book's tables are built from.
+    """
+    if profile() == "smoke":
+        return os.path.join(cache_dir(), "smoke-results")
+    return os.path.join(repo_root(), "results")
+
+
+def cache_dir() -> str:
+    """Where generated data, features and checkpoints are cached (``$FUSIONLIB_CACHE`` overrides)."""
+    return os.environ.get("FUSIONLIB_CACHE") or os.path.join(repo_root(), ".cache")
+
+
+@contextlib.contextmanager
+def num_threads(n: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (benchmarks)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,79 @@
+"""fusionlib.runtime: profiles, seeding, autocast, results files."""
+
+import json
+
+import pytest
+import torch
+
+from fusionlib import runtime
+
+
+def test_profile_from_environment(monkeypatch):
+    for name in runtime.PROFILES:
+        monkeypatch.setenv("FUSIONLIB_PROFILE", name)
+        assert runtime.profile() == name
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "huge")
+    with pytest.raises(ValueError, match="FUSIONLIB_PROFILE must be one of"):
+        runtime.profile()
+    monkeypatch.delenv("FUSIONLIB_PROFILE")
+    assert runtime.profile() == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_pick(monkeypatch):
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "cpu")
+    assert runtime.pick(smoke=1, cpu=2, gpu=3) == 2
+    assert runtime.pick(smoke=1, cpu=2, gpu=3, profile_name="gpu") == 3
+    with pytest.raises(ValueError, match="profile_name"):
+        runtime.pick(smoke=1, cpu=2, gpu=3, profile_name="tpu")
+
+
+def test_seed_everything_repeats():
+    g1 = runtime.seed_everything(7)
+    a = torch.randn(3), torch.randn(2, generator=g1)
+    g2 = runtime.seed_everything(7)
+    b = torch.randn(3), torch.randn(2, generator=g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="seed"):
+        runtime.seed_everything(-1)
+
+
+def test_device_and_autocast_on_cpu():
+    assert runtime.device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            runtime.device("cuda")
+    with runtime.autocast("cpu"):
+        y = torch.ones(2, 2) @ torch.ones(2, 2)
+    assert y.dtype == torch.float32          # a no-op on CPU
+
+
+def test_timer_and_format(capsys):
+    with runtime.Timer("work") as t:
+        sum(range(1000))
+    assert t.seconds >= 0
+    assert "work: wall time" in capsys.readouterr().out
+    assert runtime.format_seconds(75.25) == "1 min 15.2 s"
+
+
+def test_write_and_read_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "cpu")
+    path = runtime.write_results("99_test", {"accuracy": torch.tensor(0.5)}, directory=tmp_path, seed=3)
+    record = json.loads(open(path).read())
+    assert record["metrics"] == {"accuracy": 0.5} and record["seed"] == 3 and record["profile"] == "cpu"
+    assert runtime.read_results("99_test", directory=tmp_path)["metrics"]["accuracy"] == 0.5
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="chapter"):
+        runtime.write_results("a/b", {}, directory=tmp_path)
+
+
+def test_smoke_results_never_touch_committed_results(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSIONLIB_ROOT", str(tmp_path))
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "smoke")
+    assert runtime.results_dir().startswith(runtime.cache_dir())
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "cpu")
+    assert runtime.results_dir() == str(tmp_path / "results")
+
+
+def test_summary_mentions_profile_and_versions():
+    line = runtime.summary()
+    assert "profile=" in line and "torch" in line and "fusionlib" in line
