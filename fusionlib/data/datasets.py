@@ -1,0 +1,300 @@
+"""Datasets and batching: scenes + region features + text -> batch dicts (chapter 2).
+
+Every model in the book reads the same batch dict. :func:`collate` builds it
+from items of :class:`QuestionDataset` (VQA, one item per scene x question) or
+:class:`CaptionDataset` (pretraining, one item per scene x caption). ``B`` is
+the batch size, ``T`` the longest text in the batch, ``R`` the regions per
+image, ``D`` the region feature size and ``C`` the detector's classes.
+
+Keys of every batch:
+
+===================== ============ ======= ================================================
+key                   shape        dtype   meaning
+===================== ============ ======= ================================================
+input_ids             (B, T)       long    WordPiece ids ``[CLS] ... [SEP]``, right-padded
+                                           with the tokenizer's ``[PAD]`` id
+attention_mask        (B, T)       bool    True = real token (pads are False), the SDPA
+                                           convention used everywhere in fusionlib
+region_feats          (B, R, D)    float32 detector box-head features (zeros at padding)
+region_boxes          (B, R, 4)    float32 ``x1, y1, x2, y2`` in pixels (zeros at padding)
+region_loc5           (B, R, 5)    float32 ViLBERT location ``[x1/W, y1/H, x2/W, y2/H, area]``
+region_loc7           (B, R, 7)    float32 UNITER location ``(x1, y1, x2, y2, w, h, w*h)``
+                                           normalised
+region_mask           (B, R)       bool    True = real region (pads are False)
+region_soft_labels    (B, R, C)    float32 detector class distribution (MRC-kl target)
+image_feats           (B, D)       float32 the ``[IMG]`` feature (mean of real regions)
+image_index           (B,)         long    ``Scene.index`` of the image
+===================== ============ ======= ================================================
+
+Questions add ``answer (B,) long`` (index into the ``answers`` list),
+``family (B,) long`` (index into ``QUESTION_FAMILIES``), ``relational (B,)
+bool`` and ``question_index (B,) long`` (position in ``scene.questions``).
+Captions add ``caption_index (B,) long`` (position in ``scene.captions``).
+
+The regions' ground-truth object index (``RegionFeatures.region_object``) is
+deliberately *not* in a batch: a model must find objects from features.
+
+:func:`to_hf_dataset` gives the same data as a Hugging Face ``datasets.Dataset``
+with an ``Image`` feature, the form real corpora arrive in (``fusionlib.data.hub``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ..vision import RegionFeatures
+from .shapes import QUESTION_FAMILIES
+
+REGION_KEYS = ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
+               "region_soft_labels", "image_feats", "image_index")
+QUESTION_KEYS = ("input_ids",) + REGION_KEYS + ("answer", "family", "relational", "question_index")
+CAPTION_KEYS = ("input_ids",) + REGION_KEYS + ("caption_index",)
+PADDED_KEYS = ("input_ids",)   # variable length: padded by collate, which adds attention_mask
+
+
+class _RegionTextDataset(Dataset):
+    """Shared part: look up an image's regions and a pre-tokenized text."""
+
+    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any,
+                 texts: list[str], scene_pos: list[int], max_length: int):
+        if not isinstance(features, RegionFeatures):
+            raise TypeError(f"features must be a RegionFeatures, got {type(features).__name__}")
+        if not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if len(texts) == 0:
+            raise ValueError("scenes hold no texts to build a dataset from")
+        rows = []
+        for s in scenes:
+            try:
+                rows.append(features.row(s.index))
+            except KeyError:
+                raise ValueError(f"features has no row for scene index {s.index} (split {s.split!r}); "
+                                 "extract features for the same scenes") from None
+        self.features = features
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("tokenizer has no pad_token_id; collate needs one to pad input_ids")
+        # Tokenize once, up front, in one batched call of the fast (Rust) tokenizer,
+        # and only the distinct texts: the world's questions repeat a few hundred
+        # templates, so 196,000 questions are ~50x fewer distinct strings.
+        position: dict[str, int] = {}
+        which = torch.tensor([position.setdefault(t, len(position)) for t in texts], dtype=torch.long)
+        distinct = list(position)
+        enc = tokenizer(distinct, padding="longest", return_tensors="pt", return_attention_mask=True,
+                        return_token_type_ids=False)
+        lengths = enc["attention_mask"].sum(dim=1)
+        longest = int(lengths.max())
+        if longest > max_length:
+            worst = distinct[int(lengths.argmax())]
+            raise ValueError(f"max_length={max_length} is shorter than the longest text ({longest} tokens: "
+                             f"{worst!r}); raise max_length rather than cut texts")
+        self.input_ids = enc["input_ids"]                       # (distinct texts, longest)
+        self.text_id = which                                    # (M,) row of input_ids for each item
+        self.lengths = lengths
+        self.row = torch.tensor([rows[p] for p in scene_pos], dtype=torch.long)
+        self.image_index = torch.tensor([scenes[p].index for p in scene_pos], dtype=torch.long)
+        # Computed once, not per item: loc5/loc7 of every region of every image.
+        self.loc5 = features.loc5
+        self.loc7 = features.loc7
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def _regions(self, i: int) -> dict[str, Tensor]:
+        r = int(self.row[i])
+        t = int(self.text_id[i])
+        f = self.features
+        return {
+            "input_ids": self.input_ids[t, : int(self.lengths[t])],
+            "region_feats": f.feats[r],
+            "region_boxes": f.boxes[r],
+            "region_loc5": self.loc5[r],
+            "region_loc7": self.loc7[r],
+            "region_mask": f.mask[r],
+            "region_soft_labels": f.soft_labels[r],
+            "image_feats": f.image_feats[r],
+            "image_index": self.image_index[i],
+        }
+
+    def _check_index(self, i: int) -> int:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for a dataset of {len(self)} items")
+        return i % len(self)
+
+
+class QuestionDataset(_RegionTextDataset):
+    """One item per (scene, question): the question's tokens, the image's regions and the answer (VQA).
+
+    ``answers`` is the answer vocabulary (e.g. ``shapes.answer_vocab(config)``);
+    an answer outside it raises. Texts longer than ``max_length`` tokens raise
+    (nothing is truncated silently).
+    """
+
+    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any, answers: Sequence[str],
+                 max_length: int = 32):
+        answer_ids = {a: i for i, a in enumerate(answers)}
+        if len(answer_ids) != len(answers):
+            raise ValueError(f"answers must be distinct, got {list(answers)}")
+        texts, scene_pos, ans, fam, rel, qpos = [], [], [], [], [], []
+        for p, s in enumerate(scenes):
+            for k, q in enumerate(s.questions):
+                if q.answer not in answer_ids:
+                    raise ValueError(f"answer {q.answer!r} of scene {s.index} is not in answers {list(answers)}")
+                if q.family not in QUESTION_FAMILIES:
+                    raise ValueError(f"family {q.family!r} of scene {s.index} is not in {QUESTION_FAMILIES}")
+                texts.append(q.text)
+                scene_pos.append(p)
+                ans.append(answer_ids[q.answer])
+                fam.append(QUESTION_FAMILIES.index(q.family))
+                rel.append(bool(q.relational))
+                qpos.append(k)
+        super().__init__(scenes, features, tokenizer, texts, scene_pos, max_length)
+        self.answers = list(answers)
+        self.answer = torch.tensor(ans, dtype=torch.long)
+        self.family = torch.tensor(fam, dtype=torch.long)
+        self.relational = torch.tensor(rel, dtype=torch.bool)
+        self.question_index = torch.tensor(qpos, dtype=torch.long)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        i = self._check_index(i)
+        item = self._regions(i)
+        item["answer"] = self.answer[i]
+        item["family"] = self.family[i]
+        item["relational"] = self.relational[i]
+        item["question_index"] = self.question_index[i]
+        return item
+
+
+class CaptionDataset(_RegionTextDataset):
+    """One item per (scene, caption): the caption's tokens and the image's regions (pretraining)."""
+
+    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any, max_length: int = 40):
+        texts, scene_pos, cpos = [], [], []
+        for p, s in enumerate(scenes):
+            for k, c in enumerate(s.captions):
+                texts.append(c)
+                scene_pos.append(p)
+                cpos.append(k)
+        super().__init__(scenes, features, tokenizer, texts, scene_pos, max_length)
+        self.caption_index = torch.tensor(cpos, dtype=torch.long)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        i = self._check_index(i)
+        item = self._regions(i)
+        item["caption_index"] = self.caption_index[i]
+        return item
+
+
+def collate(items: Sequence[dict[str, Tensor]], pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Stack items into a batch dict (keys and shapes in the module docstring).
+
+    ``input_ids`` are right-padded with ``pad_token_id`` to the longest in the
+    batch and ``attention_mask`` (bool, True = real token) is added; every
+    other key is stacked and must have the same shape in every item.
+    Raises ``ValueError`` naming the key when items disagree.
+    """
+    if len(items) == 0:
+        raise ValueError("items must hold at least one item, got an empty batch")
+    keys = list(items[0].keys())
+    if "attention_mask" in keys:
+        raise ValueError("items must not carry attention_mask; collate builds it from input_ids")
+    for n, item in enumerate(items):
+        if set(item.keys()) != set(keys):
+            missing = sorted(set(keys) - set(item.keys()))
+            extra = sorted(set(item.keys()) - set(keys))
+            raise ValueError(f"item {n} has different keys from item 0: missing {missing}, extra {extra}")
+    batch: dict[str, Tensor] = {}
+    for key in keys:
+        values = [item[key] for item in items]
+        for n, v in enumerate(values):
+            if not isinstance(v, Tensor):
+                raise TypeError(f"item {n}[{key!r}] must be a tensor, got {type(v).__name__}")
+            if v.dtype != values[0].dtype:
+                raise ValueError(f"key {key!r}: item {n} has dtype {v.dtype}, item 0 has {values[0].dtype}")
+        if key in PADDED_KEYS:
+            for n, v in enumerate(values):
+                if v.dim() != 1:
+                    raise ValueError(f"key {key!r}: item {n} must be 1-d (T,), got {tuple(v.shape)}")
+            longest = max(len(v) for v in values)
+            ids = torch.full((len(values), longest), pad_token_id, dtype=values[0].dtype)
+            mask = torch.zeros(len(values), longest, dtype=torch.bool)
+            for n, v in enumerate(values):
+                ids[n, : len(v)] = v
+                mask[n, : len(v)] = True
+            batch[key] = ids
+            batch["attention_mask"] = mask
+        else:
+            shape = values[0].shape
+            for n, v in enumerate(values):
+                if v.shape != shape:
+                    raise ValueError(f"key {key!r}: item {n} has shape {tuple(v.shape)}, item 0 has {tuple(shape)}")
+            batch[key] = torch.stack(values)
+    return batch
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False, num_workers: int = 0, **kwargs: Any) -> DataLoader:
+    """A ``DataLoader`` over ``dataset`` with :func:`collate` and a generator seeded with ``seed``.
+
+    The same seed gives the same batches in the same order. ``[PAD]`` is taken
+    from ``dataset.pad_token_id`` (0 if the dataset has none).
+    """
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    pad = getattr(dataset, "pad_token_id", 0)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=functools.partial(collate, pad_token_id=pad), **kwargs)
+
+
+def to_hf_dataset(scenes: Sequence[Any], kind: str = "captions") -> "datasets.Dataset":  # noqa: F821
+    """The scenes as a Hugging Face ``datasets.Dataset`` with an ``Image`` feature (built offline).
+
+    ``kind="captions"``: one row per caption with columns ``image``, ``image_index``,
+    ``caption_index``, ``caption``. ``kind="questions"``: one row per question with
+    ``image``, ``image_index``, ``question_index``, ``question``, ``answer``,
+    ``family``, ``relational``. Images are stored as PNG (lossless), once per row.
+    """
+    import datasets
+    from PIL import Image
+
+    if kind not in ("captions", "questions"):
+        raise ValueError(f"kind must be 'captions' or 'questions', got {kind!r}")
+    columns: dict[str, list[Any]] = {"image": [], "image_index": []}
+    if kind == "captions":
+        columns.update(caption_index=[], caption=[])
+        features = datasets.Features({
+            "image": datasets.Image(), "image_index": datasets.Value("int64"),
+            "caption_index": datasets.Value("int64"), "caption": datasets.Value("string")})
+    else:
+        columns.update(question_index=[], question=[], answer=[], family=[], relational=[])
+        features = datasets.Features({
+            "image": datasets.Image(), "image_index": datasets.Value("int64"),
+            "question_index": datasets.Value("int64"), "question": datasets.Value("string"),
+            "answer": datasets.Value("string"), "family": datasets.Value("string"),
+            "relational": datasets.Value("bool")})
+    for s in scenes:
+        image = Image.fromarray(s.image)
+        if kind == "captions":
+            for k, c in enumerate(s.captions):
+                columns["image"].append(image)
+                columns["image_index"].append(s.index)
+                columns["caption_index"].append(k)
+                columns["caption"].append(c)
+        else:
+            for k, q in enumerate(s.questions):
+                columns["image"].append(image)
+                columns["image_index"].append(s.index)
+                columns["question_index"].append(k)
+                columns["question"].append(q.text)
+                columns["answer"].append(q.answer)
+                columns["family"].append(q.family)
+                columns["relational"].append(bool(q.relational))
+    return datasets.Dataset.from_dict(columns, features=features)
