@@ -1,0 +1,162 @@
+"""Embeddings: turning token ids and regions into vectors of one width (chapters 3, 5, 6).
+
+A transformer only sees a set of vectors. The embeddings decide what each
+vector carries:
+
+:class:`TextEmbeddings` (BERT)
+    ``LayerNorm(word + position + token type)``, then dropout. Without the
+    learned position embedding, "left of red" and "red left of" would look the
+    same to self-attention, which is order-blind.
+:class:`RegionEmbeddings` (ViLBERT)
+    ``LayerNorm(Linear(feature) + Linear(location))``, then dropout. A region
+    feature says *what* is in a box; the 5-d location ``[x1/W, y1/H, x2/W,
+    y2/H, area]`` says *where*. Regions have no order, so location is their
+    only "position embedding".
+
+Why location gets its own projection: appended raw to 64 standardised CNN
+features, four numbers in [0, 1] are drowned out and "is it on the left?"
+stays at chance for minutes (``shared/notes/calibration.md``). Projected on
+their own to the full width and summed before the LayerNorm, they weigh as
+much as the feature does. ``location_layers=2`` replaces the linear location
+projection by a small MLP: a linear embedding makes attention scores linear in
+position, which favours extreme objects over *nearby* ones ("closest to X").
+
+UNITER's variant (chapter 6) will join here as another class:
+``LayerNorm(LN(Linear(feat)) + LN(Linear(loc7)) + type)``, normalising each
+part before the sum and using the 7-d location ``(x1, y1, x2, y2, w, h, w*h)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fusionlib.layers import LAYER_NORM_EPS
+
+__all__ = ["TextEmbeddings", "RegionEmbeddings"]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_dropout(dropout: float) -> float:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return dropout
+
+
+def _checking() -> bool:
+    """Value checks (min/max of ids) read tensors back to the host; skip them inside torch.compile."""
+    return not torch.compiler.is_compiling()
+
+
+class TextEmbeddings(nn.Module):
+    """BERT's input embeddings: word + learned position + token type, LayerNorm, dropout (chapter 3).
+
+    ``forward(input_ids (batch, seq) long, token_type_ids (batch, seq) long or None,
+    position_ids (batch, seq) or (seq,) long or None)`` -> ``(batch, seq, hidden)``.
+
+    Positions default to ``0 .. seq-1``; token types default to 0 (BERT uses 1
+    for a second sentence; UNITER uses a type embedding to tell text from
+    regions). ``seq`` may not exceed ``max_position``. The ``[PAD]`` row of
+    the word table starts at zero and gets no gradient (``padding_idx``), as
+    in BERT; pads are kept out of attention by the mask anyway.
+    ``word_embeddings.weight`` is what an MLM head ties its output to (chapter 4).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_position: int = 64, type_vocab_size: int = 2,
+                 dropout: float = 0.1, pad_token_id: int | None = 0, layer_norm_eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.max_position = _positive_int("max_position", max_position)
+        self.type_vocab_size = _positive_int("type_vocab_size", type_vocab_size)
+        if pad_token_id is not None and not 0 <= pad_token_id < vocab_size:
+            raise ValueError(f"pad_token_id must be None or in [0, {vocab_size}), got {pad_token_id}")
+        self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)
+        self.position_embeddings = nn.Embedding(max_position, hidden_size)
+        self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(_check_dropout(dropout))
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
+            raise ValueError(f"input_ids must be long of shape (batch, seq), got {got}")
+        B, T = input_ids.shape
+        if T > self.max_position:
+            raise ValueError(f"input_ids has {T} tokens, more than max_position={self.max_position}; "
+                             "build the model with a larger max_position")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)
+        elif tuple(position_ids.shape) not in ((T,), (B, T)):
+            raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}), got {tuple(position_ids.shape)}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        elif tuple(token_type_ids.shape) != (B, T):
+            raise ValueError(f"token_type_ids must have shape ({B}, {T}), got {tuple(token_type_ids.shape)}")
+        if _checking() and input_ids.numel():
+            # An out-of-range id is a clear error here but a device-side assert on CUDA.
+            # One read-back for all three checks: each read-back stalls the GPU queue.
+            bad = torch.stack([((input_ids < 0) | (input_ids >= self.vocab_size)).any(),
+                               ((token_type_ids < 0) | (token_type_ids >= self.type_vocab_size)).any(),
+                               ((position_ids < 0) | (position_ids >= self.max_position)).any()]).tolist()
+            if bad[0]:
+                raise ValueError(f"input_ids must be in [0, vocab_size={self.vocab_size}), got values in "
+                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            if bad[1]:
+                raise ValueError(f"token_type_ids must be in [0, {self.type_vocab_size})")
+            if bad[2]:
+                raise ValueError(f"position_ids must be in [0, max_position={self.max_position})")
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+             + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.norm(x))
+
+
+class RegionEmbeddings(nn.Module):
+    """ViLBERT's region embedding: ``LayerNorm(Linear(feat) + Linear(loc))``, dropout (chapters 3, 5).
+
+    ``forward(region_feats (batch, regions, feature_dim), region_loc (batch, regions, location_dim))``
+    -> ``(batch, regions, hidden)``.
+
+    ``location_dim`` is 5 for ViLBERT's ``[x1/W, y1/H, x2/W, y2/H, area]``
+    (the batch key ``region_loc5``). ``location_layers=1`` is ViLBERT's linear
+    projection; ``2`` is ``Linear -> GELU -> Linear``, which can express
+    distances and "near", not only "far left" (see the module docstring).
+    Padded regions are embedded like any other (their outputs are finite);
+    attention masks keep them out.
+    """
+
+    def __init__(self, feature_dim: int, hidden_size: int, location_dim: int = 5, dropout: float = 0.1,
+                 location_layers: int = 1, layer_norm_eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.feature_dim = _positive_int("feature_dim", feature_dim)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.location_dim = _positive_int("location_dim", location_dim)
+        if location_layers not in (1, 2):
+            raise ValueError(f"location_layers must be 1 (ViLBERT's Linear) or 2 (an MLP), got {location_layers!r}")
+        self.location_layers = location_layers
+        self.feature_proj = nn.Linear(feature_dim, hidden_size)
+        if location_layers == 1:
+            self.location_proj = nn.Linear(location_dim, hidden_size)
+        else:
+            self.location_proj = nn.Sequential(nn.Linear(location_dim, hidden_size), nn.GELU(),
+                                               nn.Linear(hidden_size, hidden_size))
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(_check_dropout(dropout))
+
+    def forward(self, region_feats: Tensor, region_loc: Tensor) -> Tensor:
+        if (not isinstance(region_feats, Tensor) or region_feats.dim() != 3
+                or region_feats.shape[-1] != self.feature_dim):
+            got = tuple(region_feats.shape) if isinstance(region_feats, Tensor) else type(region_feats).__name__
+            raise ValueError(f"region_feats must have shape (batch, regions, {self.feature_dim}), got {got}")
+        B, R, _ = region_feats.shape
+        if not isinstance(region_loc, Tensor) or tuple(region_loc.shape) != (B, R, self.location_dim):
+            got = tuple(region_loc.shape) if isinstance(region_loc, Tensor) else type(region_loc).__name__
+            raise ValueError(f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}")
+        x = self.feature_proj(region_feats) + self.location_proj(region_loc.to(region_feats.dtype))
+        return self.dropout(self.norm(x))
