@@ -12,7 +12,7 @@ MATHJAX := book/_static/mathjax/tex-mml-chtml.js
 MATHJAX_VERSION := 3.2.2
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: book test pytest nbval check-notebooks lab execute mathjax clean
+.PHONY: book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,16 @@ nbval: $(STAMP)
 	FUSIONLIB_PROFILE=smoke MPLBACKEND=Agg $(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env \
 		--nbval-sanitize-with tests/notebooks/sanitize.cfg --nbval-cell-timeout=600 $(NOTEBOOKS)
 
-test: check-notebooks pytest nbval
+# Debian's Chromium for the browser check; skipped with a message when it cannot be installed.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		( (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+		  echo "could not install chromium with apt-get: the browser check will be skipped" )
+
+browser-check: book chromium
+	$(PY) scripts/check_book_browser.py
+
+test: check-notebooks pytest nbval browser-check
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
