@@ -30,6 +30,7 @@ $(MATHJAX):
 mathjax: $(MATHJAX)
 
 book: $(STAMP) $(MATHJAX)
+	$(PY) scripts/make_status_page.py
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 	@echo "Open the book: file://$(CURDIR)/_build/html/index.html"
 
