@@ -12,7 +12,8 @@ MATHJAX := book/_static/mathjax/tex-mml-chtml.js
 MATHJAX_VERSION := 3.2.2
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-.PHONY: book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
+# make assignments: student versions of the chapters (solutions stripped) in assignments/
+.PHONY: assignments book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ browser-check: book chromium
 	$(PY) scripts/check_book_browser.py
 
 test: check-notebooks pytest nbval browser-check
+
+assignments: $(STAMP)
+	$(PY) scripts/make_assignments.py --out assignments
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
