@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TypeVar
@@ -233,6 +234,22 @@ def results_dir() -> str:
 def cache_dir() -> str:
     """Where generated data, features and checkpoints are cached (``$FUSIONLIB_CACHE`` overrides)."""
     return os.environ.get("FUSIONLIB_CACHE") or os.path.join(repo_root(), ".cache")
+
+
+def progress(iterable: Any = None, **kwargs: Any):
+    """A text progress bar (tqdm) on stdout, the same in a terminal, Jupyter and the rendered book.
+
+    ``tqdm.auto`` would draw a widget in Jupyter, which needs ``ipywidgets``
+    and leaves nothing readable in a committed notebook; a text bar's final
+    state is what the book shows (``scripts/execute_notebooks.py`` keeps only
+    the last update of each bar).
+    """
+    from tqdm import tqdm
+
+    kwargs.setdefault("file", sys.stdout)
+    kwargs.setdefault("ncols", 100)
+    kwargs.setdefault("mininterval", 0.5)
+    return tqdm(iterable, **kwargs)
 
 
 @contextlib.contextmanager

@@ -48,7 +48,6 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
-from tqdm.auto import tqdm
 
 from fusionlib import runtime
 
@@ -604,8 +603,7 @@ def train(
 
     last_eval = history.val["step"][-1] if history.val["step"] else 0
     model.train()
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, dynamic_ncols=True,
-               desc="train", unit="step")
+    bar = runtime.progress(total=config.steps, initial=start, disable=not progress, desc="train", unit="step")
     recent: list[float] = []
     try:
         for step in range(start + 1, config.steps + 1):

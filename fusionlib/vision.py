@@ -53,7 +53,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torchvision.ops import box_iou, roi_align
-from tqdm.auto import tqdm
 
 from fusionlib import runtime
 
@@ -541,7 +540,7 @@ def train_detector(
         optimizer, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
     history: dict[str, Any] = {"loss": [], "accuracy": []}
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train detector", disable=not progress)
+    bar = runtime.progress(range(cfg.steps), desc="train detector", disable=not progress)
     for _ in bar:
         idx = torch.randint(len(scenes), (cfg.batch_size,), generator=generator)
         boxes, labels = [], []
@@ -807,7 +806,7 @@ def extract_region_features(
                                          min_jitter_iou=cfg.min_jitter_iou,
                                          max_background_iou=cfg.max_background_iou))
     feats, probs = [], []
-    for start in tqdm(range(0, len(scenes), batch_size), desc="region features", disable=not progress):
+    for start in runtime.progress(range(0, len(scenes), batch_size), desc="region features", disable=not progress):
         chunk = scenes[start:start + batch_size]
         x = detector.images_to_tensor(_stack_images(chunk))
         f, logits = detector(x, [b.to(device) for b, _ in per_image[start:start + batch_size]])
@@ -837,6 +836,7 @@ def _atomic_write(path: str, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)          # mkstemp makes files private; a cache is shared like any output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -932,8 +932,15 @@ def load_or_build_features(
         if len(scenes) != expected_n or any(s.split != split for s in scenes):
             raise ValueError(f"scenes must be the whole {split!r} split ({expected_n} scenes of that split), "
                              f"got {len(scenes)}; use extract_region_features for a subset")
+    detector = None
     if os.path.exists(path):
         try:
+            # Features are only valid with the detector that made them: two runs that
+            # started on an empty cache at once may each have trained (and cached) one.
+            detector, _ = load_or_train_detector(world_config, cfg, train_scenes, progress=progress, device=device)
+            made_by = _file_metadata(path).get("detector_fingerprint")
+            if made_by != detector_fingerprint(detector):
+                raise ValueError("they were extracted by another detector than the cached one")
             features = RegionFeatures.load(path)
             if len(features) != expected_n:
                 raise ValueError(f"holds {len(features)} images, expected {expected_n}")
@@ -945,7 +952,8 @@ def load_or_build_features(
                           "rebuilding them", stacklevel=2)
     if split == "train" and train_scenes is None and scenes is not None:
         train_scenes = scenes
-    detector, _ = load_or_train_detector(world_config, cfg, train_scenes, progress=progress, device=device)
+    if detector is None:
+        detector, _ = load_or_train_detector(world_config, cfg, train_scenes, progress=progress, device=device)
     if scenes is None:
         from fusionlib.data.shapes import generate_split
 
@@ -954,8 +962,25 @@ def load_or_build_features(
         detector.to(runtime.device(device))
     max_regions = world_config.num_objects + (cfg.num_jitter if world_config.num_objects > 0 else 0) + cfg.num_background
     features = extract_region_features(detector, scenes, cfg, max_regions=max_regions, progress=progress)
-    features.save(path, {"cache_key": cache_key(world_config, cfg), "split": split})
+    features.save(path, {"cache_key": cache_key(world_config, cfg), "split": split,
+                         "detector_fingerprint": detector_fingerprint(detector)})
     return features
+
+
+def detector_fingerprint(detector: nn.Module) -> str:
+    """A hash of the detector's weights: which detector produced a features file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(detector.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _file_metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
 
 
 # ---------------------------------------------------------------------------

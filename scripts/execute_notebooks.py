@@ -3,6 +3,10 @@
 The profile comes from ``$FUSIONLIB_PROFILE`` (cpu by default without CUDA).
 Each notebook runs with its own folder as the working directory, as Jupyter
 would run it, and is saved even when a cell fails, so the error can be read.
+
+Progress bars print many carriage-return updates; the saved notebook keeps
+only what a terminal would finally show (``--tidy-only`` does just that to
+notebooks executed elsewhere, e.g. on a GPU machine).
 """
 
 from __future__ import annotations
@@ -18,12 +22,43 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 
+def final_text(text: str) -> str:
+    """What a terminal finally shows: on each line, only what follows the last carriage return."""
+    lines = text.split("\n")
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines)
+
+
+def tidy_streams(nb: nbformat.NotebookNode) -> None:
+    """Merge consecutive stream outputs of each cell and collapse progress-bar updates."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged: list = []
+        for out in cell.get("outputs", []):
+            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.output_type == "stream":
+                out.text = final_text(out.text)
+        cell.outputs = merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("notebooks", nargs="+", type=pathlib.Path)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--kernel", default="python3")
+    parser.add_argument("--tidy-only", action="store_true", help="only collapse progress-bar outputs")
     args = parser.parse_args(argv)
+    if args.tidy_only:
+        for path in args.notebooks:
+            nb = nbformat.read(path, as_version=4)
+            tidy_streams(nb)
+            nbformat.write(nb, path)
+        return 0
     if os.environ.get("FUSIONLIB_PROFILE") == "smoke":
         print("warning: executing with the smoke profile; such outputs must not be committed", file=sys.stderr)
     for path in args.notebooks:
@@ -34,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             client.execute()
         except CellExecutionError as error:
+            tidy_streams(nb)
             nbformat.write(nb, path)
             print(f"{path}: FAILED after {time.perf_counter() - start:.0f} s\n{error}", file=sys.stderr)
             return 1
+        tidy_streams(nb)
         nbformat.write(nb, path)
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
     return 0

@@ -376,3 +376,20 @@ def test_faster_rcnn_without_local_weights_says_what_to_download(tmp_path, monke
     assert os.path.join(str(tmp_path), "hub", "checkpoints", vision.FASTER_RCNN_FILE) in message
     with pytest.raises(FileNotFoundError, match="weights_path"):
         vision.FasterRCNNRegions(weights_path=tmp_path / "nope.pth")
+
+
+def test_features_made_by_another_detector_are_rebuilt(tmp_path, monkeypatch, train_scenes, test_scenes):
+    """Two runs racing on an empty cache can each train a detector; features must match the cached one."""
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
+    load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
+    detector_dir = vision.detector_cache_path(WORLD, TINY)
+    detector = vision.load_detector(detector_dir)
+    with torch.no_grad():
+        for p in detector.parameters():
+            p.add_(0.01)                                 # "another" detector replaces the cached one
+    detector.save(detector_dir)
+    with pytest.warns(UserWarning, match="another detector"):
+        rebuilt = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
+    expected = vision.extract_region_features(detector, test_scenes, TINY, max_regions=rebuilt.num_regions)
+    torch.testing.assert_close(rebuilt.feats, expected.feats)
+    assert oct(os.stat(vision.features_cache_path(WORLD, TINY, "test")).st_mode & 0o777) == "0o644"
