@@ -21,9 +21,14 @@ much as the feature does. ``location_layers=2`` replaces the linear location
 projection by a small MLP: a linear embedding makes attention scores linear in
 position, which favours extreme objects over *nearby* ones ("closest to X").
 
-UNITER's variant (chapter 6) will join here as another class:
-``LayerNorm(LN(Linear(feat)) + LN(Linear(loc7)) + type)``, normalising each
-part before the sum and using the 7-d location ``(x1, y1, x2, y2, w, h, w*h)``.
+:class:`UniterImageEmbeddings` (UNITER, chapter 6)
+    ``LayerNorm(LN(Linear(feat)) + LN(Linear(loc7)) + type)``, then dropout:
+    each part is normalised *before* the sum, so neither the 2048-d feature
+    nor the 7-d location ``(x1, y1, x2, y2, w, h, w*h)`` can drown the other,
+    and a token-type embedding (type 1, shared with the text's table) tells
+    regions from words in UNITER's single sequence. Masked regions
+    (masked region modelling) have their feature zeroed and a learned
+    ``[MASK]`` feature added, as UNITER's code does.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import Tensor, nn
 
 from fusionlib.layers import LAYER_NORM_EPS
 
-__all__ = ["TextEmbeddings", "RegionEmbeddings"]
+__all__ = ["TextEmbeddings", "RegionEmbeddings", "UniterImageEmbeddings"]
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -160,3 +165,79 @@ class RegionEmbeddings(nn.Module):
             raise ValueError(f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}")
         x = self.feature_proj(region_feats) + self.location_proj(region_loc.to(region_feats.dtype))
         return self.dropout(self.norm(x))
+
+
+class UniterImageEmbeddings(nn.Module):
+    """UNITER's region embedding (chapter 6), as ``model/model.py: UniterImageEmbeddings`` computes it::
+
+        f' = f * (1 - z) + z * m                         # z = 1 at masked ("zeroed") regions
+        e  = LN_img(img_linear(f')) + LN_pos(pos_linear(loc)) + type
+        out = dropout(LayerNorm(e))
+
+    ``forward(region_feats (batch, regions, feature_dim), region_loc (batch, regions, location_dim),
+    type_embeddings (batch, regions, hidden) or (hidden,), region_zeroed (batch, regions) bool or None)``
+    -> ``(batch, regions, hidden)``.
+
+    ``type_embeddings`` is passed in rather than owned: UNITER looks the image
+    type (id 1) up in the *text* embeddings' token-type table, so words and
+    regions share one table (:class:`fusionlib.models.uniter.UniterModel` does
+    that lookup).
+
+    Masked regions: UNITER's data pipeline zeroes a masked region's feature
+    (``data/mrm.py: _mask_img_feat``) and the model then adds
+    ``mask_embedding(img_masks)``, an ``nn.Embedding(2, feature_dim,
+    padding_idx=0)`` whose row 0 it re-zeroes on every call: unmasked regions
+    get nothing, masked ones get a learned ``[MASK]`` *feature* (in feature
+    space, before ``img_linear``). Here both steps happen in this module:
+    ``region_zeroed`` regions are zeroed and :attr:`mask_embedding` (that
+    learned row 1; row 0 is always zero, so it is not stored) is added.
+    ``mask_embedding=False`` only zeroes. The MRFR head of chapter 6 ties its
+    output weight to :attr:`img_linear` (``img_linear.weight`` transposed).
+    """
+
+    def __init__(self, feature_dim: int, hidden_size: int, location_dim: int = 7, dropout: float = 0.1,
+                 mask_embedding: bool = True, layer_norm_eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        self.feature_dim = _positive_int("feature_dim", feature_dim)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.location_dim = _positive_int("location_dim", location_dim)
+        self.img_linear = nn.Linear(feature_dim, hidden_size)
+        self.img_layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.pos_linear = nn.Linear(location_dim, hidden_size)
+        self.pos_layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        # UNITER's mask_embedding.weight[1]; BERT-style N(0, 0.02) start.
+        self.mask_embedding = nn.Parameter(torch.randn(feature_dim) * 0.02) if mask_embedding else None
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(_check_dropout(dropout))
+
+    def forward(self, region_feats: Tensor, region_loc: Tensor, type_embeddings: Tensor,
+                region_zeroed: Tensor | None = None) -> Tensor:
+        if (not isinstance(region_feats, Tensor) or region_feats.dim() != 3
+                or region_feats.shape[-1] != self.feature_dim or not region_feats.is_floating_point()):
+            got = (f"{region_feats.dtype} {tuple(region_feats.shape)}" if isinstance(region_feats, Tensor)
+                   else type(region_feats).__name__)
+            raise ValueError(f"region_feats must be float of shape (batch, regions, {self.feature_dim}), got {got}")
+        B, R, _ = region_feats.shape
+        if not isinstance(region_loc, Tensor) or tuple(region_loc.shape) != (B, R, self.location_dim):
+            got = tuple(region_loc.shape) if isinstance(region_loc, Tensor) else type(region_loc).__name__
+            raise ValueError(f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}")
+        if not isinstance(type_embeddings, Tensor) or tuple(type_embeddings.shape) not in (
+                (B, R, self.hidden_size), (self.hidden_size,)):
+            got = (tuple(type_embeddings.shape) if isinstance(type_embeddings, Tensor)
+                   else type(type_embeddings).__name__)
+            raise ValueError(f"type_embeddings must have shape ({B}, {R}, {self.hidden_size}) or "
+                             f"({self.hidden_size},), got {got}")
+        if region_zeroed is not None:
+            if (not isinstance(region_zeroed, Tensor) or region_zeroed.dtype != torch.bool
+                    or tuple(region_zeroed.shape) != (B, R)):
+                got = (f"{region_zeroed.dtype} {tuple(region_zeroed.shape)}" if isinstance(region_zeroed, Tensor)
+                       else type(region_zeroed).__name__)
+                raise ValueError(f"region_zeroed must be bool of shape ({B}, {R}) (True = masked region), got {got}")
+            zeroed = region_zeroed.unsqueeze(-1)                              # (B, R, 1)
+            # masked_fill, not a product: a masked region's old feature must not leak (0 * inf = NaN).
+            region_feats = region_feats.masked_fill(zeroed, 0.0)
+            if self.mask_embedding is not None:
+                region_feats = region_feats + zeroed.to(region_feats.dtype) * self.mask_embedding
+        image = self.img_layer_norm(self.img_linear(region_feats))
+        location = self.pos_layer_norm(self.pos_linear(region_loc.to(region_feats.dtype)))
+        return self.dropout(self.norm(image + location + type_embeddings))

@@ -28,3 +28,5 @@ __all__ = [
     "ModelConfig", "PretrainedModel", "available_models", "build_model", "load_pretrained", "register_model",
     "VQAConfig", "QuestionOnly", "ImageOnly", "LateFusion", "RelationNetwork", "CrossAttentionFusion",
 ]
+from fusionlib.models.uniter import UniterConfig, UniterForPretraining, UniterForVQA, UniterModel  # noqa: E402
+__all__ += ["UniterConfig", "UniterModel", "UniterForPretraining", "UniterForVQA"]
