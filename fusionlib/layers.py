@@ -22,6 +22,10 @@ Layers:
     3): optional self-attention, cross-attention, feed-forward. With
     self-attention it is exactly :class:`torch.nn.TransformerDecoderLayer`
     without the causal mask (the tests check this).
+:class:`CoAttentionLayer`
+    ViLBERT's co-attentional layer, "co-TRM" (chapter 5): two streams of
+    different widths exchange keys and values in a shared space, text queries
+    over image regions and image queries over words, both at once.
 
 Masks follow fusionlib's convention (see :mod:`fusionlib.attention`): a
 boolean mask is True at real, attendable positions. Padded *queries* still
@@ -40,13 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusionlib.attention import MultiHeadAttention
+from fusionlib.attention import MultiHeadAttention, scaled_dot_product_attention
 
 __all__ = [
     "FeedForward",
     "TransformerLayer",
     "CrossAttentionLayer",
     "CrossAttentionWeights",
+    "CoAttentionLayer",
+    "CoAttentionWeights",
     "masked_mean",
     "masked_max",
     "check_mask",
@@ -292,3 +298,142 @@ def masked_max(x: Tensor, mask: Tensor | None) -> Tensor:
     check_mask("mask", mask, x.shape[0], x.shape[1])
     filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1)
     return filled.masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+
+
+# ---------------------------------------------------------------------------
+# ViLBERT's co-attentional transformer layer (co-TRM)
+# ---------------------------------------------------------------------------
+
+
+class CoAttentionWeights(NamedTuple):
+    """Attention weights of one :class:`CoAttentionLayer`, per head.
+
+    ``text_to_visual``: ``(batch, heads, T, R)``, each word's distribution over the image positions.
+    ``visual_to_text``: ``(batch, heads, R, T)``, each image position's distribution over the words.
+    """
+
+    text_to_visual: Tensor
+    visual_to_text: Tensor
+
+
+class CoAttentionLayer(nn.Module):
+    r"""ViLBERT's co-attentional transformer layer, "co-TRM" (chapter 5).
+
+    ``forward(text (batch, T, text_hidden), visual (batch, R, visual_hidden), text_mask (batch, T),
+    visual_mask (batch, R))`` -> ``(text (batch, T, text_hidden), visual (batch, R, visual_hidden),
+    CoAttentionWeights or None)``.
+
+    The two streams have their own widths (BERT's 768 for words, 1024 for
+    regions in the paper). Each projects its own queries, keys and values
+    into one shared width ``bi_hidden_size`` split over ``bi_num_heads``
+    heads, and then each stream's queries attend over the *other* stream:
+
+    .. math::
+
+        C_t = \mathrm{MHA}(Q_t W, K_v W, V_v W), \qquad C_v = \mathrm{MHA}(Q_v W, K_t W, V_t W)
+
+    Each context goes back to its own stream, ViLBERT's ``BertBiOutput``:
+    ``t = LayerNorm(t + dropout(Linear(C_t)))`` with ``Linear: bi_hidden -> text_hidden``
+    (likewise for the image), then the stream's own feed-forward block with
+    its residual and LayerNorm (post-LN, as BERT). Both directions read the
+    layer's *inputs*, so neither stream sees the other's update within the
+    layer. The layer has no self-attention of its own: ViLBERT interleaves it
+    with ordinary per-stream :class:`TransformerLayer` s.
+
+    Why not :class:`fusionlib.attention.MultiHeadAttention`? Its queries and
+    its output live at one width (``embed_dim``); here the queries come from
+    a stream of one width, are compared in ``bi_hidden_size`` and the context
+    is mapped back to the stream's width. So the projections are written out
+    (``text_in_proj (3 * bi, text_hidden)`` holds the text stream's Q, K, V
+    stacked, like ``in_proj_weight``) and the attention itself is the same as
+    in :class:`MultiHeadAttention`: PyTorch's fused
+    :func:`torch.nn.functional.scaled_dot_product_attention`, or, with
+    ``need_weights=True``, the written-out
+    :func:`fusionlib.attention.scaled_dot_product_attention` that returns the
+    maps the book plots. Both give zero output (no NaN) for a query whose keys
+    are all padding, e.g. image queries of a sample with no real word.
+
+    Masks are True at real positions; only keys are masked, so padded queries
+    give finite garbage that nothing real reads.
+    """
+
+    def __init__(self, text_hidden_size: int, visual_hidden_size: int, bi_hidden_size: int, bi_num_heads: int,
+                 text_ffn_size: int | None = None, visual_ffn_size: int | None = None, dropout: float = 0.1,
+                 attention_dropout: float | None = None, activation: str = "gelu",
+                 layer_norm_eps: float = LAYER_NORM_EPS):
+        super().__init__()
+        for name, value in (("text_hidden_size", text_hidden_size), ("visual_hidden_size", visual_hidden_size),
+                            ("bi_hidden_size", bi_hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(bi_num_heads, int) or bi_num_heads <= 0 or bi_hidden_size % bi_num_heads:
+            raise ValueError(f"bi_num_heads must be a positive int dividing bi_hidden_size={bi_hidden_size}, "
+                             f"got {bi_num_heads!r}")
+        text_ffn_size = 4 * text_hidden_size if text_ffn_size is None else text_ffn_size
+        visual_ffn_size = 4 * visual_hidden_size if visual_ffn_size is None else visual_ffn_size
+        for name, value in (("text_ffn_size", text_ffn_size), ("visual_ffn_size", visual_ffn_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int or None (4 * the stream's width), got {value!r}")
+        _, attention_dropout = _check_layer_args(bi_hidden_size, bi_num_heads, None, dropout, attention_dropout,
+                                                 activation)
+        self.text_hidden_size, self.visual_hidden_size = text_hidden_size, visual_hidden_size
+        self.bi_hidden_size, self.num_heads = bi_hidden_size, bi_num_heads
+        self.head_dim = bi_hidden_size // bi_num_heads
+        self.attention_dropout = attention_dropout
+        # Each stream's Q, K, V in the shared space, stacked as (3 * bi, width): [W_q; W_k; W_v].
+        self.text_in_proj = nn.Linear(text_hidden_size, 3 * bi_hidden_size)
+        self.visual_in_proj = nn.Linear(visual_hidden_size, 3 * bi_hidden_size)
+        # From the shared space back to each stream's width (ViLBERT's BertBiOutput dense1/dense2).
+        self.text_out_proj = nn.Linear(bi_hidden_size, text_hidden_size)
+        self.visual_out_proj = nn.Linear(bi_hidden_size, visual_hidden_size)
+        self.text_residual = _Residual(text_hidden_size, dropout, False, layer_norm_eps)
+        self.visual_residual = _Residual(visual_hidden_size, dropout, False, layer_norm_eps)
+        self.text_ffn = FeedForward(text_hidden_size, text_ffn_size, activation)
+        self.text_ffn_residual = _Residual(text_hidden_size, dropout, False, layer_norm_eps)
+        self.visual_ffn = FeedForward(visual_hidden_size, visual_ffn_size, activation)
+        self.visual_ffn_residual = _Residual(visual_hidden_size, dropout, False, layer_norm_eps)
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, N, 3 * bi)`` -> three ``(B, heads, N, head_dim)``: the queries, keys and values."""
+        B, N, _ = x.shape
+        q, k, v = x.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, need_weights: bool
+                ) -> tuple[Tensor, Tensor | None]:
+        mask = None if key_mask is None else key_mask[:, None, None, :]          # (B, 1, 1, S)
+        p = self.attention_dropout if self.training else 0.0
+        if need_weights:
+            out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)
+        else:
+            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+        B, H, L, Dh = out.shape
+        return out.transpose(1, 2).reshape(B, L, H * Dh), weights                # merge heads: (B, L, bi)
+
+    def forward(self, text: Tensor, visual: Tensor, text_mask: Tensor | None = None,
+                visual_mask: Tensor | None = None, *, need_weights: bool = False
+                ) -> tuple[Tensor, Tensor, CoAttentionWeights | None]:
+        _check_sequence("text", text, self.text_hidden_size)
+        _check_sequence("visual", visual, self.visual_hidden_size)
+        if visual.shape[0] != text.shape[0]:
+            raise ValueError(f"visual must have batch size {text.shape[0]} like text, got {tuple(visual.shape)}")
+        check_mask("text_mask", text_mask, text.shape[0], text.shape[1])
+        check_mask("visual_mask", visual_mask, visual.shape[0], visual.shape[1])
+
+        q_t, k_t, v_t = self._heads(self.text_in_proj(text))
+        q_v, k_v, v_v = self._heads(self.visual_in_proj(visual))
+        # Words ask the regions; regions ask the words. Both read the layer's inputs.
+        context_t, w_tv = self._attend(q_t, k_v, v_v, visual_mask, need_weights)   # (B, T, bi)
+        context_v, w_vt = self._attend(q_v, k_t, v_t, text_mask, need_weights)     # (B, R, bi)
+
+        text, _ = self.text_residual(text, lambda _: (self.text_out_proj(context_t), None))
+        visual, _ = self.visual_residual(visual, lambda _: (self.visual_out_proj(context_v), None))
+        text, _ = self.text_ffn_residual(text, lambda h: (self.text_ffn(h), None))
+        visual, _ = self.visual_ffn_residual(visual, lambda h: (self.visual_ffn(h), None))
+        if not need_weights:
+            return text, visual, None
+        return text, visual, CoAttentionWeights(text_to_visual=w_tv, visual_to_text=w_vt)
+
+    def extra_repr(self) -> str:
+        return (f"text_hidden={self.text_hidden_size}, visual_hidden={self.visual_hidden_size}, "
+                f"bi_hidden={self.bi_hidden_size}, heads={self.num_heads}")

@@ -29,4 +29,7 @@ __all__ = [
     "VQAConfig", "QuestionOnly", "ImageOnly", "LateFusion", "RelationNetwork", "CrossAttentionFusion",
 ]
 from fusionlib.models.uniter import UniterConfig, UniterForPretraining, UniterForVQA, UniterModel  # noqa: E402
-__all__ += ["UniterConfig", "UniterModel", "UniterForPretraining", "UniterForVQA"]
+from fusionlib.models.vilbert import ViLBERT, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForVQA  # noqa: E402
+
+__all__ += ["ViLBERTConfig", "ViLBERT", "ViLBERTForPretraining", "ViLBERTForVQA",
+            "UniterConfig", "UniterModel", "UniterForPretraining", "UniterForVQA"]
