@@ -20,6 +20,19 @@ each stream and the history, so ``resume=True`` continues with exactly the
 batches, task choices and dropout masks an uninterrupted run would have used:
 20 steps straight and 10 + 10 resumed give the same losses (tested).
 
+Several processes (chapter 7)
+-----------------------------
+Under ``torchrun`` (after :func:`fusionlib.distributed.init_distributed`),
+:func:`train` wraps the model in ``DistributedDataParallel``, seeds each
+rank's random streams with :func:`fusionlib.distributed.seed_for_rank`, logs
+the *mean over ranks* of the loss and metrics (so the history is the global
+batch's), shows the progress bar and writes checkpoints on rank 0 only. The
+data is the caller's to shard: :func:`fusionlib.distributed.sharded_loader`
+gives each rank its slice of the same global batches. Every rank draws the
+same task at each step (the task generator is not per rank), as DDP needs
+the same graph everywhere; a single-task ``step_fn`` must use every
+parameter of the model (DDP's rule), a multi-task one may leave heads unused.
+
 Checkpoints (``config.checkpoint_dir``)
 ----------------------------------------
 ``last/``: ``model.safetensors`` (+ ``config.json`` for :class:`fusionlib.models.PretrainedModel`)
@@ -49,7 +62,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from fusionlib import runtime
+from fusionlib import distributed, runtime
 
 __all__ = [
     "TrainConfig",
@@ -293,8 +306,9 @@ class _LoaderStream:
 
     def _open(self) -> None:
         self._generator.manual_seed(_derive_seed(self.seed, "data", self.task, self.epoch))
-        if hasattr(self.loader.sampler, "set_epoch"):
-            self.loader.sampler.set_epoch(self.epoch)
+        for sampler in {id(s): s for s in (self.loader.sampler, self.loader.batch_sampler)}.values():
+            if hasattr(sampler, "set_epoch"):             # DistributedSampler, ShardedBatchSampler
+                sampler.set_epoch(self.epoch)
         self._iterator = iter(self.loader)
 
     def next(self) -> Any:
@@ -558,10 +572,16 @@ def train(
         history = History.from_dict(state["history"])
         _set_rng_state(state["rng"])
         start = int(state["step"])
+        if distributed.get_rank() > 0:      # the checkpoint holds rank 0's streams; the others re-derive theirs
+            runtime.seed_everything(distributed.seed_for_rank(_derive_seed(config.seed, "resume", start)))
     else:
-        runtime.seed_everything(config.seed)
+        runtime.seed_everything(distributed.seed_for_rank(config.seed))
+
+    main_process = distributed.is_main_process()
 
     def save_last(step: int) -> None:
+        if not main_process:
+            return
         state = {"format_version": STATE_FORMAT_VERSION, "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "streams": {t: s.state_dict() for t, s in streams.items()},
                  "task_generator": task_generator.get_state(), "history": history.to_dict(),
@@ -585,7 +605,7 @@ def train(
         value = metrics[config.keep_best_by]
         if _better(value, history.best_value, config.best_mode):
             history.best_step, history.best_value = step, value
-            if config.checkpoint_dir is not None:
+            if config.checkpoint_dir is not None and main_process:
                 def write(folder: str) -> None:
                     _save_weights(model, folder)
                     with open(os.path.join(folder, "best.json"), "w", encoding="utf-8") as f:
@@ -593,7 +613,11 @@ def train(
                                    "metrics": metrics}, f, indent=2)
                 _replace_dir(os.path.join(config.checkpoint_dir, "best"), write)
 
-    run_model = torch.compile(model) if config.compile and device.type == "cuda" else model
+    run_model = model
+    if distributed.is_distributed():
+        # With several tasks each step trains only its own head: DDP must look for the unused parameters.
+        run_model = distributed.wrap_model(model, device, find_unused_parameters=len(tasks) > 1)
+    run_model = torch.compile(run_model) if config.compile and device.type == "cuda" else run_model
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.grad_clip if config.grad_clip is not None else math.inf
     seconds_before, started = history.seconds, time.perf_counter()
@@ -603,7 +627,8 @@ def train(
 
     last_eval = history.val["step"][-1] if history.val["step"] else 0
     model.train()
-    bar = runtime.progress(total=config.steps, initial=start, disable=not progress, desc="train", unit="step")
+    bar = runtime.progress(total=config.steps, initial=start, disable=not progress or not main_process, desc="train",
+                           unit="step")
     recent: list[float] = []
     try:
         for step in range(start + 1, config.steps + 1):
@@ -620,7 +645,9 @@ def train(
             # waits for the GPU, and a small model is otherwise limited by such waits.
             names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
             values = torch.stack([loss.detach().float(), norm.float().to(loss.device),
-                                  *(metrics[k].float().to(loss.device) for k in names)]).tolist()
+                                  *(metrics[k].float().to(loss.device) for k in names)])
+            # Under DDP: the mean over ranks, i.e. the global batch's loss (the gradient norm is the same everywhere).
+            values = distributed.all_reduce_mean(values).tolist()
             loss_value, grad_norm = values[0], values[1]
             metrics.update(zip(names, values[2:]))
             # Checked before optimizer.step(): a NaN never reaches the weights.

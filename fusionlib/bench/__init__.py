@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Callable
 
-BENCHMARKS = ("attention", "data", "features")
+BENCHMARKS = ("attention", "data", "features", "models")
 
 
 def run(name: str, argv: list[str] | None = None) -> None:
