@@ -689,10 +689,10 @@ def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: i
                 continue
             started = time.perf_counter()
             fast = Contender(name, c.model, torch.compile(c.forward))
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
                 fast.step()
                 fast.step()
-            torch.cuda.synchronize(dev)
+            runtime.synchronize(dev)
             compile_s = time.perf_counter() - started
             samples = _race({name: c, name + "_compiled": fast}, dev, repeats, warmup, bf16=True)
             compiled[name] = {"eager_ms": 1e3 * statistics.median(samples[name]),
