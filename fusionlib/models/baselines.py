@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
 from fusionlib.layers import CrossAttentionLayer, TransformerLayer, masked_max, masked_mean
+from fusionlib.models.batch import get_tensor, text_inputs
 from fusionlib.models.io import ModelConfig, PretrainedModel, register_model
 
 __all__ = [
@@ -125,18 +126,8 @@ class VQAConfig(ModelConfig):
 # ---------------------------------------------------------------------------
 
 
-def _question_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Tensor]:
-    ids, mask = _get(batch, "input_ids"), _get(batch, "attention_mask")
-    if ids.dim() != 2 or ids.dtype != torch.long:
-        raise ValueError(f"batch['input_ids'] must be long (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
-    if mask.dtype != torch.bool or mask.shape != ids.shape:
-        raise ValueError(f"batch['attention_mask'] must be bool {tuple(ids.shape)} (True = real token), "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-    return ids, mask
-
-
 def _region_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Tensor, Tensor]:
-    feats, loc, mask = (_get(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
+    feats, loc, mask = (get_tensor(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
     if feats.dim() != 3 or feats.shape[-1] != config.region_dim:
         raise ValueError(f"batch['region_feats'] must be (batch, regions, {config.region_dim}), "
                          f"got {tuple(feats.shape)}")
@@ -148,14 +139,6 @@ def _region_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Te
         raise ValueError(f"batch['region_mask'] must be bool ({B}, {R}) (True = real region), "
                          f"got {mask.dtype} {tuple(mask.shape)}")
     return feats, loc, mask
-
-
-def _get(batch: dict[str, Any], key: str) -> Tensor:
-    if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    if key not in batch:
-        raise ValueError(f"batch has no {key!r}; it has {sorted(batch)}")
-    return batch[key]
 
 
 def _same_batch(question: Tensor, regions: Tensor) -> None:
@@ -288,7 +271,7 @@ class QuestionOnly(PretrainedModel):
         self.classifier = _mlp([config.hidden_size, config.classifier_hidden, config.num_answers], config.dropout)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        _, q = self.question(*_question_inputs(batch, self.config))
+        _, q = self.question(*text_inputs(batch))
         return self.classifier(q)
 
 
@@ -330,7 +313,7 @@ class LateFusion(PretrainedModel):
                                config.dropout)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        ids, text_mask = _question_inputs(batch, self.config)
+        ids, text_mask = text_inputs(batch)
         feats, loc, region_mask = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         _, q = self.question(ids, text_mask)
@@ -366,7 +349,7 @@ class RelationNetwork(PretrainedModel):
         self.f = nn.Sequential(nn.Linear(G, G), nn.ReLU(), _mlp([G, G, config.num_answers], config.dropout))
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        ids, text_mask = _question_inputs(batch, self.config)
+        ids, text_mask = text_inputs(batch)
         feats, loc, region_mask = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         _, q = self.question(ids, text_mask)                           # (B, H)
@@ -414,7 +397,7 @@ class CrossAttentionFusion(PretrainedModel):
         self.classifier = _mlp([H, config.classifier_hidden, config.num_answers], config.dropout)
 
     def forward(self, batch: dict[str, Tensor], need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        ids, text_mask = _question_inputs(batch, self.config)
+        ids, text_mask = text_inputs(batch)
         feats, loc, region_mask = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         x = self.text_embeddings(ids)

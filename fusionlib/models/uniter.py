@@ -63,6 +63,7 @@ from fusionlib import losses, masking
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import TextEmbeddings, UniterImageEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer
+from fusionlib.models.batch import get_tensor, text_inputs
 from fusionlib.models.io import ModelConfig, PretrainedModel, load_pretrained, register_model
 
 __all__ = [
@@ -221,29 +222,8 @@ class UniterConfig(ModelConfig):
 # ---------------------------------------------------------------------------
 
 
-def _get(batch: Mapping[str, Any], key: str, why: str = "") -> Tensor:
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"batch must be a dict of tensors, got {type(batch).__name__}")
-    if key not in batch:
-        raise ValueError(f"batch has no {key!r}{why}; it has {sorted(batch)}")
-    value = batch[key]
-    if not isinstance(value, Tensor):
-        raise TypeError(f"batch[{key!r}] must be a tensor, got {type(value).__name__}")
-    return value
-
-
-def _text_inputs(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-    ids, mask = _get(batch, "input_ids"), _get(batch, "attention_mask")
-    if ids.dim() != 2 or ids.dtype != torch.long:
-        raise ValueError(f"batch['input_ids'] must be long (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
-    if mask.dtype != torch.bool or mask.shape != ids.shape:
-        raise ValueError(f"batch['attention_mask'] must be bool {tuple(ids.shape)} (True = real token), "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-    return ids, mask
-
-
 def _region_inputs(batch: Mapping[str, Any], config: UniterConfig, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    feats, loc, mask = (_get(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
+    feats, loc, mask = (get_tensor(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
     if feats.dim() != 3 or feats.shape[0] != batch_size or feats.shape[-1] != config.region_dim:
         raise ValueError(f"batch['region_feats'] must be ({batch_size}, regions, {config.region_dim}) "
                          f"(batch size of input_ids, region_dim of the config), got {tuple(feats.shape)}")
@@ -260,7 +240,7 @@ def _region_inputs(batch: Mapping[str, Any], config: UniterConfig, batch_size: i
 def _optional_bool(batch: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> Tensor | None:
     if key not in batch or batch[key] is None:
         return None
-    value = _get(batch, key)
+    value = get_tensor(batch, key)
     if value.dtype != torch.bool or tuple(value.shape) != shape:
         raise ValueError(f"batch[{key!r}] must be bool {shape}, got {value.dtype} {tuple(value.shape)}")
     return value
@@ -398,7 +378,7 @@ class UniterModel(PretrainedModel):
         return UniterOutput(x, pooled, mask, input_ids.shape[1], maps if need_weights else None)
 
     def forward(self, batch: Mapping[str, Any], need_weights: bool = False) -> UniterOutput:
-        ids, text_mask = _text_inputs(batch)
+        ids, text_mask = text_inputs(batch)
         feats, loc, region_mask = _region_inputs(batch, self.config, ids.shape[0])
         zeroed = _optional_bool(batch, "region_zeroed", tuple(region_mask.shape))
         return self.encode(ids, text_mask, feats, loc, region_mask, zeroed, need_weights=need_weights)
@@ -542,7 +522,7 @@ class UniterForPretraining(PretrainedModel):
             raise ValueError(f"task must be one of {PRETRAINING_TASKS}, got {task!r}")
         out = self.uniter(batch)
         if task == "mlm":
-            labels = _get(batch, "mlm_labels", " (prepare the batch with prepare_pretraining_batch)")
+            labels = get_tensor(batch, "mlm_labels", " (prepare the batch with prepare_pretraining_batch)")
             if labels.shape != out.text.shape[:2]:
                 raise ValueError(f"batch['mlm_labels'] must have shape {tuple(out.text.shape[:2])}, "
                                  f"got {tuple(labels.shape)}")
@@ -554,14 +534,14 @@ class UniterForPretraining(PretrainedModel):
             hits = (logits.detach().argmax(-1) == labels) & scored
             return {"loss": loss, "mlm_accuracy": hits.sum() / scored.sum().clamp(min=1)}
         if task == "itm":
-            labels = _get(batch, "itm_labels", " (prepare the batch with prepare_pretraining_batch)")
+            labels = get_tensor(batch, "itm_labels", " (prepare the batch with prepare_pretraining_batch)")
             logits = self.itm_head(out.pooled)
             itm = losses.itm_loss(logits, labels)
             result = {"itm_loss": itm.detach(),
                       "itm_accuracy": (logits.detach().argmax(-1) == labels).float().mean()}
             loss = itm
             if self.config.use_wra:
-                distance, _ = word_region_alignment(out, _get(batch, "attention_mask"), _get(batch, "region_mask"),
+                distance, _ = word_region_alignment(out, get_tensor(batch, "attention_mask"), get_tensor(batch, "region_mask"),
                                                     self.config.ot_beta, self.config.ot_iterations)
                 wra = losses.wra_loss(distance, labels)
                 loss = itm + self.config.wra_weight * wra.to(itm.dtype)
@@ -573,9 +553,9 @@ class UniterForPretraining(PretrainedModel):
             raise ValueError(f"batch has no 'region_masked' for task {task!r} (prepare the batch with "
                              f"prepare_pretraining_batch); it has {sorted(batch)}")
         if task == "mrfr":
-            target = _get(batch, "region_feats")
+            target = get_tensor(batch, "region_feats")
             return {"loss": losses.mrfr_loss(self.mrfr_head(out.regions), target, masked)}
-        soft_labels = _get(batch, "region_soft_labels", f" (task {task!r} needs the detector's class distribution)")
+        soft_labels = get_tensor(batch, "region_soft_labels", f" (task {task!r} needs the detector's class distribution)")
         expected = (*out.regions.shape[:2], self.config.num_region_classes)
         if tuple(soft_labels.shape) != expected:
             raise ValueError(f"batch['region_soft_labels'] must have shape {expected} (num_region_classes of the "
@@ -665,7 +645,7 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
     generator = _draw_generator() if generator is None else generator
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    ids, text_mask = _text_inputs(batch)
+    ids, text_mask = text_inputs(batch)
     feats, _, region_mask = _region_inputs(batch, config, ids.shape[0])
     out = dict(batch)
     B, R = region_mask.shape
@@ -674,7 +654,7 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
     nobody = torch.zeros(B, dtype=torch.bool, device=ids.device)
 
     if task == "itm":
-        group_ids = _get(batch, "image_index", " (ITM negatives must never be the same image)")
+        group_ids = get_tensor(batch, "image_index", " (ITM negatives must never be the same image)")
         negatives = losses.random_negatives(B, generator, p=config.itm_negative_probability, group_ids=group_ids)
         partner = negatives.partner.to(feats.device)
         for key in ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
@@ -757,7 +737,7 @@ def vqa_step(model: nn.Module, batch: Mapping[str, Any], task: str = "vqa") -> d
     """A ``step_fn`` for :func:`fusionlib.train.train`: cross-entropy of ``model(batch)`` against
     ``batch["answer"]``; returns ``{"loss", "accuracy"}``."""
     logits = model(batch)
-    answer = _get(batch, "answer")
+    answer = get_tensor(batch, "answer")
     if answer.dtype != torch.long or tuple(answer.shape) != (logits.shape[0],):
         raise ValueError(f"batch['answer'] must be long ({logits.shape[0]},), got {answer.dtype} {tuple(answer.shape)}")
     loss = F.cross_entropy(logits.float(), answer)
@@ -786,8 +766,8 @@ def itm_similarity(model: UniterForPretraining, images: Mapping[str, Tensor], ca
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     config = model.config
-    ids, text_mask = _text_inputs(captions)
-    num_images = _get(images, "region_feats").shape[0]
+    ids, text_mask = text_inputs(captions)
+    num_images = get_tensor(images, "region_feats").shape[0]
     feats, loc, region_mask = _region_inputs(images, config, num_images)
     device = next(model.parameters()).device
     num_captions = ids.shape[0]

@@ -74,6 +74,7 @@ from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, CoAttentionLayer, TransformerLayer, masked_mean
 from fusionlib.losses import IGNORE_INDEX, itm_loss, mlm_loss, mrc_kl_loss, random_negatives
 from fusionlib.masking import apply_region_mask, mask_regions, mask_tokens, maskable_tokens
+from fusionlib.models.batch import get_tensor
 from fusionlib.models.io import ModelConfig, PretrainedModel, load_pretrained, register_model
 
 __all__ = [
@@ -266,17 +267,6 @@ def layer_schedule(config: ViLBERTConfig) -> list[tuple[str, int]]:
 # ---------------------------------------------------------------------------
 
 
-def _get(batch: Any, key: str, what: str = "batch") -> Tensor:
-    if not isinstance(batch, dict):
-        raise TypeError(f"{what} must be a dict of tensors, got {type(batch).__name__}")
-    if key not in batch:
-        raise ValueError(f"{what} has no {key!r}; it has {sorted(batch)}")
-    value = batch[key]
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{what}[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _shape_error(key: str, expected: str, got: Tensor) -> ValueError:
     return ValueError(f"batch[{key!r}] must be {expected}, got {got.dtype} {tuple(got.shape)}")
 
@@ -292,7 +282,7 @@ class _Inputs(NamedTuple):
 
 
 def _read_batch(batch: dict[str, Tensor], config: ViLBERTConfig) -> _Inputs:
-    ids, mask = _get(batch, "input_ids"), _get(batch, "attention_mask")
+    ids, mask = get_tensor(batch, "input_ids"), get_tensor(batch, "attention_mask")
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise _shape_error("input_ids", "long of shape (batch, seq)", ids)
     B, T = ids.shape
@@ -301,7 +291,7 @@ def _read_batch(batch: dict[str, Tensor], config: ViLBERTConfig) -> _Inputs:
     types = batch.get("token_type_ids")
     if types is not None and (not isinstance(types, Tensor) or tuple(types.shape) != (B, T)):
         raise ValueError(f"batch['token_type_ids'] must have shape ({B}, {T}) like input_ids")
-    feats, loc, rmask, image = (_get(batch, k) for k in ("region_feats", "region_loc5", "region_mask", "image_feats"))
+    feats, loc, rmask, image = (get_tensor(batch, k) for k in ("region_feats", "region_loc5", "region_mask", "image_feats"))
     D = config.region_dim
     if feats.dim() != 3 or feats.shape[0] != B or feats.shape[2] != D or not feats.is_floating_point():
         raise _shape_error("region_feats", f"float of shape ({B}, regions, {D}) = (batch, regions, region_dim)", feats)
@@ -664,7 +654,7 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
     B, T = x.input_ids.shape
     device = x.input_ids.device
     if "mrm" in tasks:
-        soft = _get(batch, "region_soft_labels")
+        soft = get_tensor(batch, "region_soft_labels")
         expected = (B, x.region_feats.shape[1], config.num_region_classes)
         if tuple(soft.shape) != expected:
             raise _shape_error("region_soft_labels", f"of shape {expected} = (batch, regions, num_region_classes)",
@@ -672,7 +662,7 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
 
     # 1. ITM negatives: swap in the caption of a sample showing another image.
     if "itm" in tasks:
-        image_index = _get(batch, "image_index")
+        image_index = get_tensor(batch, "image_index")
         if tuple(image_index.shape) != (B,) or image_index.is_floating_point():
             raise _shape_error("image_index", f"integer of shape ({B},)", image_index)
         negatives = random_negatives(B, generator, p=itm_probability, group_ids=image_index.cpu())
@@ -824,7 +814,7 @@ class ViLBERTForVQA(PretrainedModel):
 def vqa_step(model: nn.Module, batch: dict[str, Tensor], task: str | None = None) -> dict[str, Tensor]:
     """A ``step_fn`` for VQA fine-tuning: cross-entropy over the answers, and the batch accuracy."""
     logits = model(batch)
-    answer = _get(batch, "answer")
+    answer = get_tensor(batch, "answer")
     if tuple(answer.shape) != (logits.shape[0],) or answer.dtype != torch.long:
         raise _shape_error("answer", f"long of shape ({logits.shape[0]},)", answer)
     loss = F.cross_entropy(logits, answer)
@@ -855,7 +845,7 @@ def pair_scores(model: ViLBERTForPretraining, images: dict[str, Tensor], texts: 
                         f"got {type(scorer).__name__}")
     for name, d, keys in (("images", images, IMAGE_KEYS), ("texts", texts, TEXT_KEYS)):
         for key in keys:
-            _get(d, key, name)
+            get_tensor(d, key, what=name)
     ni, nt = images["region_feats"].shape[0], texts["input_ids"].shape[0]
     device = next(scorer.parameters()).device
     was_training = scorer.training
