@@ -16,10 +16,15 @@ vector carries:
 Why location gets its own projection: appended raw to 64 standardised CNN
 features, four numbers in [0, 1] are drowned out and "is it on the left?"
 stays at chance for minutes (``shared/notes/calibration.md``). Projected on
-their own to the full width and summed before the LayerNorm, they weigh as
-much as the feature does. ``location_layers=2`` replaces the linear location
-projection by a small MLP: a linear embedding makes attention scores linear in
-position, which favours extreme objects over *nearby* ones ("closest to X").
+their own to the full width and summed before the LayerNorm, they can weigh
+as much as the feature does, provided both inputs are on one scale
+(chapter 3 standardises features and locations with training statistics;
+raw detector features have a mean and spread of about 6). ``location_layers=2``
+replaces the linear location projection by a small MLP. A linear embedding
+makes attention scores linear in position, which favours extreme objects over
+*nearby* ones ("closest to X"), but in chapter 3's runs the MLP made even
+"is it on the left?" stall far longer; relations between boxes are handed to
+the attention directly by :mod:`fusionlib.geometry`.
 
 :class:`UniterImageEmbeddings` (UNITER, chapter 6)
     ``LayerNorm(LN(Linear(feat)) + LN(Linear(loc7)) + type)``, then dropout:

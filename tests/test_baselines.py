@@ -62,6 +62,8 @@ def perturb_padding(batch, seed=1):
     for key in ("region_feats", "region_loc5", "region_loc7"):
         noise = 50 * torch.randn(batch[key].shape, generator=g)
         out[key] = torch.where(pad_r[..., None], noise, batch[key])
+    junk_boxes = torch.rand(batch["region_boxes"].shape, generator=g).sort(dim=-1).values * 75
+    out["region_boxes"] = torch.where(pad_r[..., None], junk_boxes, batch["region_boxes"])
     return out
 
 
@@ -129,7 +131,9 @@ def test_save_load_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("changes", [dict(norm_first=True), dict(text_pooling="mean", location_layers=2),
-                                     dict(region_layers=1, text_layers=0), dict(location_dim=7)])
+                                     dict(region_layers=1, text_layers=0), dict(location_dim=7),
+                                     dict(region_layers=2, geometry_bias=True),
+                                     dict(region_layers=1, geometry_bias=True, location_dim=7)])
 def test_cross_attention_variants_respect_padding(changes):
     model = build("cross_attention", **changes)
     batch = random_batch()

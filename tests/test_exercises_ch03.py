@@ -112,3 +112,50 @@ def test_cross_attention_step_check(capsys):
             (not_written, "not implemented yet")]:
         with pytest.raises(ExerciseFailure, match=message):
             ch03.check_cross_attention_step(wrong)
+
+
+# -- exercise 4: batched IoU --------------------------------------------------------------
+
+
+def iou_right(boxes):
+    from fusionlib.geometry import pairwise_iou
+    return pairwise_iou(boxes)
+
+
+def _iou_parts(boxes, plus_one=False, clamp=True, by_min=False):
+    tl = torch.maximum(boxes[..., :, None, :2], boxes[..., None, :, :2])
+    br = torch.minimum(boxes[..., :, None, 2:], boxes[..., None, :, 2:])
+    wh = br - tl + (1 if plus_one else 0)
+    inter = (wh.clamp(min=0) if clamp else wh).prod(-1)
+    area = (boxes[..., 2:] - boxes[..., :2] + (1 if plus_one else 0)).prod(-1)
+    if by_min:
+        return inter / torch.minimum(area[..., :, None], area[..., None, :])
+    return inter / (area[..., :, None] + area[..., None, :] - inter)
+
+
+def iou_nan_for_padding(boxes):
+    return _iou_parts(boxes)
+
+
+def iou_no_clamp(boxes):
+    return torch.nan_to_num(_iou_parts(boxes, clamp=False))
+
+
+def iou_by_smaller_area(boxes):
+    return torch.nan_to_num(_iou_parts(boxes, by_min=True))
+
+
+@pytest.mark.parametrize("fn, message", [
+    (not_written, "not implemented yet"),
+    (iou_nan_for_padding, "NaN"),
+    (iou_no_clamp, "negative"),
+    (iou_by_smaller_area, "union"),
+])
+def test_pairwise_iou_check_explains_mistakes(fn, message):
+    with pytest.raises(ExerciseFailure, match=message):
+        ch03.check_pairwise_iou(fn)
+
+
+def test_pairwise_iou_check_passes_the_library(capsys):
+    ch03.check_pairwise_iou(iou_right)
+    assert "torchvision" in capsys.readouterr().out

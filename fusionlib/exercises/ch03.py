@@ -184,3 +184,48 @@ def check_cross_attention_step(fn: Callable) -> None:
              "values projected with w_v")
     fail("the weights differ from softmax((tokens @ w_q) (regions @ w_k)^T / sqrt(d)) with padded regions "
          "masked; check which side each projection is applied to")
+
+
+# --------------------------------------------------------------------------- exercise 4: box overlap
+
+
+def _overlap_cases() -> torch.Tensor:
+    """Three images of four boxes (pixels): overlapping, disjoint, touching, nested and padding boxes."""
+    return torch.tensor([
+        [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 15.0], [20.0, 0.0, 30.0, 10.0], [10.0, 0.0, 20.0, 10.0]],
+        [[0.0, 0.0, 20.0, 20.0], [5.0, 5.0, 10.0, 10.0], [40.0, 40.0, 50.0, 60.0], [0.0, 0.0, 0.0, 0.0]],
+        [[3.0, 4.0, 13.0, 14.0], [4.0, 4.0, 14.0, 15.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+    ])
+
+
+def check_pairwise_iou(fn: Callable) -> None:
+    """Exercise 4: ``fn(boxes (B, R, 4) xyxy) -> (B, R, R)`` IoU of every pair, 0 for padding (zero-area) boxes."""
+    from torchvision.ops import box_iou
+
+    boxes = _overlap_cases()
+    B, R, _ = boxes.shape
+    got = expect_tensor("your IoU", call_student(fn, boxes.clone()), (B, R, R))
+    real = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])          # (B, R)
+    want = torch.zeros(B, R, R)
+    for b in range(B):
+        n = int(real[b].sum())
+        want[b, :n, :n] = box_iou(boxes[b, :n], boxes[b, :n])
+    if not torch.isfinite(got).all():
+        fail("two padding boxes (all zeros) have union 0 and gave 0 / 0 = NaN: where the union is 0 the "
+             "IoU must be 0 (torch.where(union > 0, inter / union, 0))")
+    if torch.allclose(got, want, atol=1e-5):
+        passed("your batched IoU matches torchvision.ops.box_iou, image by image")
+        return
+    if torch.allclose(got[0, 0, 3], torch.tensor(1 / 19), atol=1e-5) or got[0, 0, 3] > 1e-6:
+        fail("boxes [0, 0, 10, 10] and [10, 0, 20, 10] only touch: their intersection has width 0, so their "
+             "IoU is 0. Clamp the intersection's width and height at 0, and do not add 1 to widths "
+             "(continuous coordinates, as torchvision uses)")
+    if (got < -1e-6).any():
+        fail("a negative IoU: two disjoint boxes give a negative width or height for the intersection; "
+             "clamp each at 0 before multiplying")
+    inter_over_min = got[1, 0, 1]
+    if torch.allclose(inter_over_min, torch.tensor(1.0), atol=1e-5):
+        fail("the small box inside the big one got IoU 1: divide the intersection by the union "
+             "(area_i + area_j - intersection), not by the smaller area")
+    fail(f"for boxes {boxes[0, 0].tolist()} and {boxes[0, 1].tolist()} expected IoU "
+         f"{want[0, 0, 1].item():.4f}, got {got[0, 0, 1].item():.4f}")

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
+from fusionlib.geometry import GEOMETRY_INITS, GeometryBias
 from fusionlib.layers import CrossAttentionLayer, TransformerLayer, masked_max, masked_mean
 from fusionlib.models.batch import get_tensor, text_inputs
 from fusionlib.models.io import ModelConfig, PretrainedModel, register_model
@@ -85,6 +86,10 @@ class VQAConfig(ModelConfig):
     location_layers: int = 1          # 1: ViLBERT's Linear(loc); 2: an MLP (see fusionlib.embeddings)
     text_layers: int = 1              # text self-attention layers before the cross-attention layers
     region_layers: int = 0            # region self-attention layers before fusion (any model)
+    geometry_bias: bool = False       # region self-attention gets a pairwise-geometry bias (fusionlib.geometry)
+    geometry_hidden: int = 32         # width of that bias's MLP
+    geometry_self_logit: float = 4.0  # initial extra logit of a region for itself (start near the identity)
+    geometry_init: str = "identity"   # "zero" | "identity" | "prior" (fusionlib.geometry.GeometryBias)
     question_encoder: str = "gru"     # QuestionOnly / LateFusion / RelationNetwork: "gru" | "transformer"
     text_pooling: str = "cls"         # transformer text encoders: "cls" ([CLS] output) | "mean"
     image_pooling: str = "mean_max"   # ImageOnly / LateFusion: "mean" | "max" | "mean_max"
@@ -102,6 +107,14 @@ class VQAConfig(ModelConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not isinstance(self.geometry_bias, bool):
+            raise ValueError(f"geometry_bias must be a bool, got {self.geometry_bias!r}")
+        if self.geometry_bias and self.region_layers == 0:
+            raise ValueError("geometry_bias=True biases the region self-attention layers: set region_layers >= 1")
+        if not isinstance(self.geometry_hidden, int) or self.geometry_hidden <= 0:
+            raise ValueError(f"geometry_hidden must be a positive int, got {self.geometry_hidden!r}")
+        if self.geometry_init not in GEOMETRY_INITS:
+            raise ValueError(f"geometry_init must be one of {GEOMETRY_INITS}, got {self.geometry_init!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
         if self.location_dim not in LOCATION_KEYS:
@@ -126,7 +139,8 @@ class VQAConfig(ModelConfig):
 # ---------------------------------------------------------------------------
 
 
-def _region_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Tensor, Tensor]:
+def _region_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``region_feats, region_loc, region_mask`` and, with ``geometry_bias``, ``region_boxes`` (else None)."""
     feats, loc, mask = (get_tensor(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
     if feats.dim() != 3 or feats.shape[-1] != config.region_dim:
         raise ValueError(f"batch['region_feats'] must be (batch, regions, {config.region_dim}), "
@@ -138,7 +152,13 @@ def _region_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Te
     if mask.dtype != torch.bool or tuple(mask.shape) != (B, R):
         raise ValueError(f"batch['region_mask'] must be bool ({B}, {R}) (True = real region), "
                          f"got {mask.dtype} {tuple(mask.shape)}")
-    return feats, loc, mask
+    boxes = None
+    if config.geometry_bias:
+        boxes = get_tensor(batch, "region_boxes")
+        if tuple(boxes.shape) != (B, R, 4):
+            raise ValueError(f"batch['region_boxes'] must be ({B}, {R}, 4) xyxy (geometry_bias=True reads it), "
+                             f"got {tuple(boxes.shape)}")
+    return feats, loc, mask, boxes
 
 
 def _same_batch(question: Tensor, regions: Tensor) -> None:
@@ -232,7 +252,10 @@ class QuestionEncoder(nn.Module):
 class RegionEncoder(nn.Module):
     """Regions on their own: :class:`RegionEmbeddings` (+ ``region_layers`` self-attention layers).
 
-    ``(region_feats (B, R, D), region_loc (B, R, 5), region_mask (B, R)) -> (B, R, H)``.
+    ``(region_feats (B, R, D), region_loc (B, R, 5), region_mask (B, R)[, region_boxes (B, R, 4)])
+    -> (B, R, H)``. With ``geometry_bias=True`` every region self-attention layer adds
+    :class:`fusionlib.geometry.GeometryBias` (computed once from the raw boxes) to
+    its logits, so a region can gather its nearest or furthest neighbours.
     """
 
     def __init__(self, config: VQAConfig):
@@ -240,12 +263,20 @@ class RegionEncoder(nn.Module):
         self.embeddings = RegionEmbeddings(config.region_dim, config.hidden_size, config.location_dim,
                                            dropout=config.dropout, location_layers=config.location_layers)
         self.layers = _transformer_layers(config, config.region_layers)
+        self.geometry = GeometryBias(config.num_heads, config.geometry_hidden, config.geometry_self_logit,
+                                                  config.geometry_init) if config.geometry_bias else None
         self.final_norm = _final_norm(config, config.region_layers)
 
-    def forward(self, region_feats: Tensor, region_loc: Tensor, region_mask: Tensor) -> Tensor:
+    def forward(self, region_feats: Tensor, region_loc: Tensor, region_mask: Tensor,
+                region_boxes: Tensor | None = None) -> Tensor:
         x = self.embeddings(region_feats, region_loc)
+        bias = None
+        if self.geometry is not None:
+            if region_boxes is None:
+                raise ValueError("geometry_bias=True needs region_boxes (B, R, 4), the raw xyxy boxes")
+            bias = self.geometry(region_boxes.to(x.dtype))                 # (B, heads, R, R)
         for layer in self.layers:
-            x, _ = layer(x, region_mask)
+            x, _ = layer(x, region_mask, attn_mask=bias)
         return self.final_norm(x)
 
 
@@ -288,8 +319,8 @@ class ImageOnly(PretrainedModel):
                                config.dropout)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        feats, loc, mask = _region_inputs(batch, self.config)
-        return self.classifier(_pool_regions(self.regions(feats, loc, mask), mask, self.config.image_pooling))
+        feats, loc, mask, boxes = _region_inputs(batch, self.config)
+        return self.classifier(_pool_regions(self.regions(feats, loc, mask, boxes), mask, self.config.image_pooling))
 
 
 @register_model("late_fusion")
@@ -314,10 +345,10 @@ class LateFusion(PretrainedModel):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids, text_mask = text_inputs(batch)
-        feats, loc, region_mask = _region_inputs(batch, self.config)
+        feats, loc, region_mask, boxes = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         _, q = self.question(ids, text_mask)
-        image = _pool_regions(self.regions(feats, loc, region_mask), region_mask, self.config.image_pooling)
+        image = _pool_regions(self.regions(feats, loc, region_mask, boxes), region_mask, self.config.image_pooling)
         return self.classifier(torch.cat([image, q], dim=-1))
 
 
@@ -350,10 +381,10 @@ class RelationNetwork(PretrainedModel):
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids, text_mask = text_inputs(batch)
-        feats, loc, region_mask = _region_inputs(batch, self.config)
+        feats, loc, region_mask, boxes = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         _, q = self.question(ids, text_mask)                           # (B, H)
-        o = self.regions(feats, loc, region_mask)                      # (B, R, H)
+        o = self.regions(feats, loc, region_mask, boxes)                      # (B, R, H)
         B, R, H = o.shape
         pairs = torch.cat([o.unsqueeze(2).expand(B, R, R, H),          # o_i
                            o.unsqueeze(1).expand(B, R, R, H),          # o_j
@@ -398,12 +429,12 @@ class CrossAttentionFusion(PretrainedModel):
 
     def forward(self, batch: dict[str, Tensor], need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         ids, text_mask = text_inputs(batch)
-        feats, loc, region_mask = _region_inputs(batch, self.config)
+        feats, loc, region_mask, boxes = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         x = self.text_embeddings(ids)
         for layer in self.text_layers:
             x, _ = layer(x, text_mask)
-        regions = self.regions(feats, loc, region_mask)
+        regions = self.regions(feats, loc, region_mask, boxes)
         maps: list[Tensor] = []
         for layer in self.cross_layers:
             x, weights = layer(x, regions, text_mask, region_mask, need_weights=need_weights)
