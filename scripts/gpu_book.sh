@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Execute chapters with the gpu profile on an offline GPU machine, keeping whatever finishes.
+#
+#   scripts/gpu_book.sh [BUDGET_SECONDS] [NOTEBOOK ...]
+#
+# Run from the repository root on a machine that has Python 3 with torch,
+# torchvision, transformers, tokenizers and matplotlib but no Jupyter and no
+# `datasets`, and no network. Before, where a package index is reachable:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   ../shared/tools/offline-gpu/fetch-wheels.sh .whl
+#   cp ../shared/tools/offline-gpu/execute-notebooks.py .whl/
+#
+# and send along .whl/ and the feature/tokenizer cache (.cache/features,
+# .cache/tokenizer-*), which chapter 2 otherwise rebuilds. Notebooks run in the
+# order given (default: every chapter of _toc.yml); each one gets what is left
+# of BUDGET_SECONDS (default 480) and is skipped when under a minute is left.
+# After each notebook the executed copy and its results file go to $OUT
+# (default: _build/gpu-run), so a time-out loses only the notebook it stopped.
+# Back on the authoring machine, tidy the progress bars of the returned
+# notebooks with `scripts/execute_notebooks.py --tidy-only NOTEBOOK ...`.
+set -uo pipefail
+
+budget=${1:-480}
+shift || true
+if [ $# -gt 0 ]; then
+    notebooks=("$@")
+else
+    mapfile -t notebooks < <(python3 - <<'EOF'
+import re
+for line in open("_toc.yml"):
+    m = re.search(r"file:\s*(notebooks/\S+)", line)
+    if m:
+        print(m.group(1) + ".ipynb")
+EOF
+)
+fi
+out=${OUT:-_build/gpu-run}
+mkdir -p "$out/notebooks" "$out/results"
+
+if python3 -c "import nbclient, ipykernel, datasets" 2>/dev/null; then
+    export PYTHONPATH=$PWD                  # Jupyter is already there (e.g. trying this script out locally)
+else
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "gpu_book: could not install the wheels in .whl/" >&2; exit 2; }
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export FUSIONLIB_PROFILE=${FUSIONLIB_PROFILE:-gpu} FUSIONLIB_CACHE=${FUSIONLIB_CACHE:-$PWD/.cache}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+start=$(date +%s)
+status=0
+for nb in "${notebooks[@]}"; do
+    left=$(( budget - ($(date +%s) - start) ))
+    if [ "$left" -lt 60 ]; then
+        echo "gpu_book: SKIPPED $nb (${left}s of the budget left)"
+        status=1
+        continue
+    fi
+    t0=$(date +%s)
+    timeout "$left" python3 .whl/execute-notebooks.py --timeout "$left" "$nb"
+    rc=$?
+    echo "gpu_book: $nb rc=$rc in $(( $(date +%s) - t0 ))s"
+    [ "$rc" -eq 0 ] || status=1
+    cp "$nb" "$out/notebooks/"
+    stem=$(basename "$nb" .ipynb)
+    [ -f "results/$stem.json" ] && cp "results/$stem.json" "$out/results/"
+done
+cp results/bench_*.json "$out/results/" 2>/dev/null || true
+echo "gpu_book: done in $(( $(date +%s) - start ))s, status $status"
+exit $status
