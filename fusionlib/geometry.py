@@ -17,7 +17,7 @@ per-head bias with a small MLP from relative coordinates (its "continuous
 position bias"). :class:`GeometryBias` does the same for regions::
 
     g_ij  = (dx_ij, dy_ij, |c_i - c_j|, IoU(box_i, box_j), [i == j])   # (B, R, R, 5)
-    bias  = MLP(g_ij)                                                  # (B, R, R, heads)
+    bias  = Linear(g_ij) + MLP(g_ij)                                   # (B, R, R, heads)
     score_ij = q_i . k_j / sqrt(d) + bias_ij[head]
 
 where ``c_i`` is the centre of box ``i`` and offsets are in units of box
