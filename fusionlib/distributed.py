@@ -380,20 +380,7 @@ def contrastive_loss_across_ranks(image_emb: Tensor, text_emb: Tensor, logit_sca
     """
     if not is_distributed():
         return losses.contrastive_loss(image_emb, text_emb, logit_scale, group_ids, max_logit_scale)
-    for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a float tensor of shape (batch, dim), got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-    if text_emb.shape != image_emb.shape:
-        raise ValueError(f"text_emb must have the shape of image_emb {tuple(image_emb.shape)}, got "
-                         f"{tuple(text_emb.shape)}")
-    if not isinstance(logit_scale, Tensor):
-        logit_scale = torch.tensor(float(logit_scale), dtype=image_emb.dtype, device=image_emb.device)
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
-    scale = logit_scale.reshape(()).clamp(0.0, math.log(max_logit_scale)).exp()
-    image_emb = F.normalize(image_emb, dim=-1)
-    text_emb = F.normalize(text_emb, dim=-1)
+    image_emb, text_emb, scale = losses.contrastive_inputs(image_emb, text_emb, logit_scale, max_logit_scale)
     all_images = all_gather_with_grad(image_emb)                        # (W b, d)
     all_texts = all_gather_with_grad(text_emb)
     b = image_emb.shape[0]
@@ -401,11 +388,7 @@ def contrastive_loss_across_ranks(image_emb: Tensor, text_emb: Tensor, logit_sca
     image_logits = scale * image_emb @ all_texts.t()                    # (b, W b): my images x every caption
     text_logits = scale * text_emb @ all_images.t()                     # (b, W b): my captions x every image
     if group_ids is not None:
-        if not isinstance(group_ids, Tensor) or group_ids.shape != (b,) or group_ids.dtype.is_floating_point:
-            raise ValueError(f"group_ids must be an integer tensor of shape ({b},), got "
-                             f"{group_ids.dtype if isinstance(group_ids, Tensor) else type(group_ids).__name__} "
-                             f"{tuple(group_ids.shape) if isinstance(group_ids, Tensor) else ''}")
-        group_ids = group_ids.to(image_emb.device)
+        group_ids = losses.check_group_ids(group_ids, b, image_emb.device)
         parts = [torch.empty_like(group_ids) for _ in range(get_world_size())]
         dist.all_gather(parts, group_ids.contiguous())
         all_groups = torch.cat(parts)

@@ -275,11 +275,7 @@ def _allowed_partners(batch_size: int, group_ids: Tensor | None, device: torch.d
     Never i itself, never a j with the same group id (a duplicate image or caption)."""
     allowed = ~torch.eye(batch_size, dtype=torch.bool, device=device)
     if group_ids is not None:
-        _expect("group_ids", group_ids, ndim=1)
-        _expect_shape("group_ids", group_ids, (batch_size,), "(batch,)")
-        if group_ids.dtype.is_floating_point:
-            raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-        group_ids = group_ids.to(device)
+        group_ids = check_group_ids(group_ids, batch_size, device)
         allowed &= group_ids[:, None] != group_ids[None, :]
     return allowed
 
@@ -395,6 +391,35 @@ def hard_negatives(sim: Tensor, generator: torch.Generator, group_ids: Tensor | 
 # ----------------------------------------------------------------------------
 
 
+def contrastive_inputs(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
+                       max_logit_scale: float = MAX_LOGIT_SCALE) -> tuple[Tensor, Tensor, Tensor]:
+    """Check and prepare the inputs of a contrastive loss: ``(image_emb, text_emb, scale)``.
+
+    Both embeddings ``(batch, dim)`` come back L2-normalised, and ``scale`` is
+    ``exp(clamp(logit_scale, 0, log max_logit_scale))`` as a 0-d tensor. Shared
+    by :func:`contrastive_loss` and the all-gather version in
+    :mod:`fusionlib.distributed`, so both check and scale the same way.
+    """
+    _expect("image_emb", image_emb, ndim=2, floating=True)
+    _expect("text_emb", text_emb, ndim=2, floating=True)
+    _expect_shape("text_emb", text_emb, tuple(image_emb.shape), "the shape of image_emb")
+    if not isinstance(logit_scale, Tensor):
+        logit_scale = torch.tensor(float(logit_scale), dtype=image_emb.dtype, device=image_emb.device)
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+    scale = logit_scale.reshape(()).clamp(0.0, math.log(max_logit_scale)).exp()
+    return F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1), scale
+
+
+def check_group_ids(group_ids: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """``group_ids (batch,)`` integer ids of duplicates, checked and moved to ``device``."""
+    _expect("group_ids", group_ids, ndim=1)
+    _expect_shape("group_ids", group_ids, (batch_size,), "(batch,)")
+    if group_ids.dtype.is_floating_point:
+        raise TypeError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
+    return group_ids.to(device)
+
+
 def contrastive_loss(
     image_emb: Tensor,
     text_emb: Tensor,
@@ -432,16 +457,7 @@ def contrastive_loss(
     Returns:
         A scalar.
     """
-    _expect("image_emb", image_emb, ndim=2, floating=True)
-    _expect("text_emb", text_emb, ndim=2, floating=True)
-    _expect_shape("text_emb", text_emb, tuple(image_emb.shape), "the shape of image_emb")
-    if not isinstance(logit_scale, Tensor):
-        logit_scale = torch.tensor(float(logit_scale), dtype=image_emb.dtype, device=image_emb.device)
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
-    scale = logit_scale.reshape(()).clamp(0.0, math.log(max_logit_scale)).exp()
-    image_emb = F.normalize(image_emb, dim=-1)
-    text_emb = F.normalize(text_emb, dim=-1)
+    image_emb, text_emb, scale = contrastive_inputs(image_emb, text_emb, logit_scale, max_logit_scale)
     logits = scale * image_emb @ text_emb.t()  # (batch, batch): row = image, column = text
     batch = logits.shape[0]
     if group_ids is not None:

@@ -52,3 +52,11 @@ def expect_tensor(name: str, got: Any, shape: tuple[int, ...] | None = None) -> 
 
 def passed(message: str) -> None:
     print(f"Correct: {message}")
+
+
+def random_boxes(n: int, image_size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """``(n, 4)`` xyxy pixel boxes, at least 1 pixel wide and high, inside an ``(H, W)`` image."""
+    H, W = image_size
+    xy1 = torch.rand(n, 2, generator=generator) * torch.tensor([W / 2, H / 2])
+    wh = 1 + torch.rand(n, 2, generator=generator) * torch.tensor([W / 2 - 1, H / 2 - 1])
+    return torch.cat([xy1, xy1 + wh], dim=1)

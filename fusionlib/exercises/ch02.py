@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import box_iou
 
 from fusionlib.data.shapes import Question, SceneObject, WorldConfig, generate_split
-from fusionlib.exercises import call_student, expect_tensor, fail, passed
+from fusionlib.exercises import call_student, expect_tensor, fail, passed, random_boxes
 from fusionlib.vision import loc5
 
 # Small worlds for the checks: generated in well under a second.
@@ -26,9 +26,7 @@ def check_loc5(fn: Callable) -> None:
     g = torch.Generator().manual_seed(0)
     # A non-square image, so that swapping W and H shows.
     for H, W in [(60, 80), (75, 75), (30, 120)]:
-        xy1 = torch.rand(6, 2, generator=g) * torch.tensor([W / 2, H / 2])
-        wh = 1 + torch.rand(6, 2, generator=g) * torch.tensor([W / 2 - 1, H / 2 - 1])
-        boxes = torch.cat([xy1, xy1 + wh], dim=1)
+        boxes = random_boxes(6, (H, W), g)
         got = expect_tensor("your loc5", call_student(fn, boxes.clone(), (H, W)), (6, 5))
         want = loc5(boxes, (H, W))
         if torch.allclose(got, want, atol=1e-5):
