@@ -28,6 +28,7 @@ Conventions shared by every loss here:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -498,6 +499,20 @@ class ContrastiveLoss(nn.Module):
 # ----------------------------------------------------------------------------
 
 
+def without_autocast(device: torch.device | str):
+    """A context with autocast switched off on ``device`` (a no-op on devices without autocast, e.g. meta).
+
+    Under bf16 autocast (``TrainConfig.amp``, the default on CUDA) every matrix product runs in bf16
+    whatever its inputs' dtype; in IPOT's loop that moves the plan by most of its own size (an entry of
+    about 0.01 was off by 0.008). The optimal-transport code below runs in the dtype it is given instead,
+    float32 as UNITER runs it.
+    """
+    device_type = torch.device(device).type
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-5) -> Tensor:
     """Cosine distance ``1 - cos(x_i, y_j)`` for every pair: ``(batch, n, dim)``,
     ``(batch, m, dim)`` -> ``(batch, n, m)`` in [0, 2] (UNITER's ``cost_matrix_cosine``; chapter 4)."""
@@ -536,7 +551,8 @@ def ipot(
     unchanged by that (the row's mass is fixed) but ``exp`` cannot underflow a
     whole row. Costs whose spread *within* a row exceeds about 80·beta (float32)
     still underflow at the far entries; cosine costs lie in [0, 2], far inside.
-    Runs without gradient: the plan is treated as a constant.
+    Runs without gradient: the plan is treated as a constant. Runs in ``cost``'s dtype (float32 for
+    bf16 / fp16) even under autocast (:func:`without_autocast`).
 
     Args:
         cost: ``(batch, n, m)`` transport cost, e.g. :func:`cosine_cost`.
@@ -566,22 +582,23 @@ def ipot(
         raise ValueError("cost must be finite at real (unpadded) positions")
 
     dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
-    cost = cost.detach().to(dtype).masked_fill(~joint, 0.0)
-    tiny = torch.finfo(dtype).tiny
-    row_min = cost.masked_fill(~joint, math.inf).amin(dim=2, keepdim=True)
-    row_min = torch.where(torch.isfinite(row_min), row_min, torch.zeros_like(row_min))
-    kernel = torch.exp(-(cost - row_min) / beta) * joint  # (batch, n, m), zero on padding
+    with without_autocast(cost.device):     # bf16 autocast would run the products below in bf16
+        cost = cost.detach().to(dtype).masked_fill(~joint, 0.0)
+        tiny = torch.finfo(dtype).tiny
+        row_min = cost.masked_fill(~joint, math.inf).amin(dim=2, keepdim=True)
+        row_min = torch.where(torch.isfinite(row_min), row_min, torch.zeros_like(row_min))
+        kernel = torch.exp(-(cost - row_min) / beta) * joint  # (batch, n, m), zero on padding
 
-    mu = x_mask.to(dtype) / x_mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)  # (batch, n)
-    nu = y_mask.to(dtype) / y_mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)  # (batch, m)
-    plan = joint.to(dtype)
-    b = nu.clone()
-    for _ in range(iterations):
-        q = kernel * plan
-        for _ in range(inner_steps):
-            a = mu / (q @ b[:, :, None]).squeeze(2).clamp(min=tiny)  # padded rows: 0 / tiny = 0
-            b = nu / (q.transpose(1, 2) @ a[:, :, None]).squeeze(2).clamp(min=tiny)
-        plan = a[:, :, None] * q * b[:, None, :]
+        mu = x_mask.to(dtype) / x_mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)  # (batch, n)
+        nu = y_mask.to(dtype) / y_mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)  # (batch, m)
+        plan = joint.to(dtype)
+        b = nu.clone()
+        for _ in range(iterations):
+            q = kernel * plan
+            for _ in range(inner_steps):
+                a = mu / (q @ b[:, :, None]).squeeze(2).clamp(min=tiny)  # padded rows: 0 / tiny = 0
+                b = nu / (q.transpose(1, 2) @ a[:, :, None]).squeeze(2).clamp(min=tiny)
+            plan = a[:, :, None] * q * b[:, None, :]
     return plan
 
 
@@ -618,7 +635,8 @@ def ot_distance(
     Returns:
         ``(batch,)`` distances.
     """
-    cost = cosine_cost(text_h, region_h)
+    with without_autocast(text_h.device):   # the cost in the inputs' dtype, not autocast's bf16
+        cost = cosine_cost(text_h, region_h)
     _expect("text_mask", text_mask, ndim=2, dtype=torch.bool)
     _expect("region_mask", region_mask, ndim=2, dtype=torch.bool)
     _expect_shape("text_mask", text_mask, tuple(text_h.shape[:2]), "(batch, words) of text_h")

@@ -15,6 +15,7 @@ end-to-end run that writes the JSON the chapter reads.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -247,3 +248,31 @@ def test_the_benchmark_runs_end_to_end_and_writes_its_json(tmp_path, capsys):
         assert m["parameters"] > 0 and m["gflop_per_step"] > 0 and m["memory_bytes"] > 0 and m["median_ms"] > 0
     assert report["models"]["uniter"]["parameters"] == saved["models"]["uniter"]["parameters"]
     assert "fusionlib UNITER vs transformers VisualBertModel" in printed and "params" in printed
+
+
+def test_cuda_extras_record_unsupported_backends_and_failed_compiles(monkeypatch):
+    """The CUDA-only part of the benchmark (run here on the CPU): a backend that refuses the inputs
+    and a ``torch.compile`` that cannot build (no triton, no C compiler) are noted, never raised,
+    so chapter 7's one GPU run keeps its other numbers."""
+    size = bench.MatchedSize(hidden_size=16, num_heads=2, ffn_size=32, batch_size=2, text_len=4, num_regions=3,
+                             vocab_size=50, region_dim=12)
+    contenders = bench.build_contenders(size, "cpu", names=("vilbert", "uniter"))
+
+    @functools.wraps(torch.compile)          # torch._dynamo reads torch.compile.__wrapped__
+    def cannot_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("compile failed: no C compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", cannot_compile)
+
+    out = bench._cuda_extras(contenders, torch.device("cpu"), repeats=1, warmup=0, compile=("uniter",),
+                             say=lambda *a, **k: None)
+    assert set(out["sdpa_backends"]) == {"flash", "efficient", "math"}
+    for name in ("vilbert", "uniter"):
+        # The CPU has no memory-efficient kernel: the same refusal as flash with a mask on a GPU.
+        efficient = out["sdpa_backends"]["efficient"][name]
+        assert efficient["ms"] is None and efficient["error"]
+        assert out["sdpa_backends"]["math"][name]["ms"] > 0
+    assert out["compile"] == {}
+    assert out["compile_errors"] == {"uniter": "compile failed: no C compiler found"}

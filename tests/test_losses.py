@@ -450,6 +450,26 @@ def test_ot_distance_is_trace_of_cost_times_plan_and_gradient_is_the_plan():
     assert (text_h.grad[1, 3:] == 0).all() and (region_h.grad[1, 2:] == 0).all()
 
 
+def test_ipot_and_ot_distance_run_in_float32_under_bf16_autocast():
+    """TrainConfig.amp trains under bf16 autocast on CUDA, which runs every matrix product in bf16:
+    IPOT's plan moved by most of its own size there. CPU autocast casts the same products."""
+    g = rng(17)
+    text_h, region_h = torch.randn(6, 9, 32, generator=g), torch.randn(6, 7, 32, generator=g)
+    text_mask = torch.arange(9)[None] < torch.tensor([9, 7, 5, 9, 3, 8])[:, None]
+    region_mask = torch.arange(7)[None] < torch.tensor([7, 6, 2, 5, 7, 1])[:, None]
+    cost = L.cosine_cost(text_h, region_h)
+    plan, distance = L.ipot(cost, text_mask, region_mask), L.ot_distance(text_h, region_h, text_mask, region_mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan_amp = L.ipot(cost, text_mask, region_mask)
+        distance_amp = L.ot_distance(text_h, region_h, text_mask, region_mask)
+    assert plan_amp.dtype == distance_amp.dtype == torch.float32
+    torch.testing.assert_close(plan_amp, plan, rtol=0, atol=1e-7)
+    torch.testing.assert_close(distance_amp, distance, rtol=0, atol=1e-6)
+    # without_autocast is a plain context where there is no autocast to switch off
+    with L.without_autocast("meta"):
+        pass
+
+
 def test_wra_loss_matches_uniter_formula_and_edge_cases():
     distance = torch.tensor([0.3, 0.9, 0.2, 0.7, 0.5], dtype=F64, requires_grad=True)
     labels = torch.tensor([1, 0, 1, 0, IGNORE])

@@ -387,6 +387,21 @@ def test_wra_ignores_padding_and_matched_pairs_pull_unmatched_push():
     torch.testing.assert_close(plain["loss"], result["itm_loss"])
 
 
+def test_wra_is_float32_under_bf16_autocast():
+    """ITM steps run under bf16 autocast on CUDA (TrainConfig.amp); WRA stays in float32, as in UNITER."""
+    model = build()
+    b = random_batch()
+    out = model.uniter(b)
+    distance, plan = word_region_alignment(out, b["attention_mask"], b["region_mask"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance_amp, plan_amp = word_region_alignment(out, b["attention_mask"], b["region_mask"])
+        p = prepare_pretraining_batch(b, "itm", model.config, gen(0))
+        result = model(p, "itm")
+    assert distance_amp.dtype == plan_amp.dtype == result["wra_loss"].dtype == torch.float32
+    torch.testing.assert_close(plan_amp, plan, rtol=0, atol=1e-6)
+    torch.testing.assert_close(distance_amp, distance, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------
 # Degenerate inputs and errors
 # ---------------------------------------------------------------------------

@@ -683,15 +683,22 @@ def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: i
 
     to_compile = tuple(ours) if compile is True else tuple(compile or ())
     if to_compile:
-        compiled = {}
+        compiled, failed = {}, {}
         for name, c in ours.items():
             if name not in to_compile:
                 continue
             started = time.perf_counter()
             fast = Contender(name, c.model, torch.compile(c.forward))
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                fast.step()
-                fast.step()
+            try:
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    fast.step()
+                    fast.step()
+            except Exception as error:      # noqa: BLE001 - inductor needs triton and a C compiler
+                # A machine that cannot compile gets a note in the report, not a failed benchmark
+                # (the measurements above are already taken). ``compile`` keeps only complete rows.
+                failed[name] = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                torch._dynamo.reset()
+                continue
             runtime.synchronize(dev)
             compile_s = time.perf_counter() - started
             samples = _race({name: c, name + "_compiled": fast}, dev, repeats, warmup, bf16=True)
@@ -699,6 +706,9 @@ def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: i
                               "compiled_ms": 1e3 * statistics.median(samples[name + "_compiled"]),
                               "compile_seconds": compile_s}
         out["compile"] = compiled
+        if failed:
+            out["compile_errors"] = failed
+            say("\ntorch.compile failed: " + ", ".join(f"{n}: {e}" for n, e in failed.items()))
         say("\ntorch.compile (bf16, median ms): " + ", ".join(
             f"{n} eager {v['eager_ms']:.2f} -> compiled {v['compiled_ms']:.2f} (compiling took {v['compile_seconds']:.0f} s)"
             for n, v in compiled.items()))
