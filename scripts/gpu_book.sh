@@ -15,10 +15,13 @@
 # .cache/tokenizer-*), which chapter 2 otherwise rebuilds. Notebooks run in the
 # order given (default: every chapter of _toc.yml); each one gets what is left
 # of BUDGET_SECONDS (default 480) and is skipped when under a minute is left.
-# After each notebook the executed copy and its results file go to $OUT
-# (default: _build/gpu-run), so a time-out loses only the notebook it stopped.
-# Back on the authoring machine, tidy the progress bars of the returned
-# notebooks with `scripts/execute_notebooks.py --tidy-only NOTEBOOK ...`.
+# After each notebook the executed copy, its results file and every
+# results/bench_*.json are packed again into one archive, $OUT/gpu-run.tgz
+# (default: _build/gpu-run/), so a time-out loses only the notebook it stopped
+# and the device tool, which returns at most eight files, returns them all.
+# Back on the authoring machine: `tar xzf gpu-run.tgz` in the repository root,
+# then tidy the progress bars of the returned notebooks with
+# `scripts/execute_notebooks.py --tidy-only NOTEBOOK ...`.
 set -uo pipefail
 
 budget=${1:-480}
@@ -36,7 +39,9 @@ EOF
 )
 fi
 out=${OUT:-_build/gpu-run}
-mkdir -p "$out/notebooks" "$out/results"
+stage=_build/gpu-run-stage                 # what the archive holds, laid out as in the repository
+rm -rf "$stage"
+mkdir -p "$out" "$stage/notebooks" "$stage/results"
 
 if python3 -c "import nbclient, ipykernel, datasets" 2>/dev/null; then
     export PYTHONPATH=$PWD                  # Jupyter is already there (e.g. trying this script out locally)
@@ -63,10 +68,11 @@ for nb in "${notebooks[@]}"; do
     rc=$?
     echo "gpu_book: $nb rc=$rc in $(( $(date +%s) - t0 ))s"
     [ "$rc" -eq 0 ] || status=1
-    cp "$nb" "$out/notebooks/"
+    cp "$nb" "$stage/notebooks/"
     stem=$(basename "$nb" .ipynb)
-    [ -f "results/$stem.json" ] && cp "results/$stem.json" "$out/results/"
+    [ -f "results/$stem.json" ] && cp "results/$stem.json" "$stage/results/"
+    cp results/bench_*.json "$stage/results/" 2>/dev/null || true
+    tar czf "$out/gpu-run.tgz" -C "$stage" notebooks results
 done
-cp results/bench_*.json "$out/results/" 2>/dev/null || true
 echo "gpu_book: done in $(( $(date +%s) - start ))s, status $status"
 exit $status
