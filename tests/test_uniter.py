@@ -570,3 +570,23 @@ def test_tiny_pretraining_run_overfits_every_task_through_train():
     h = train(vqa, make_loader(Questions(), 8), TrainConfig(steps=60, lr=3e-3, weight_decay=0.0), vqa_step,
               device="cpu", progress=False)
     assert h.train["accuracy"][-1] == 1.0 and h.train["loss"][-1] < 0.2 * h.train["loss"][0]
+
+
+def test_vqa_mean_pooling_reads_the_mean_of_the_real_words():
+    """vqa_pooling="mean": the head reads the masked mean of the words' outputs, blind to padding."""
+    b = random_batch()
+    vqa = build(UniterForVQA, num_answers=ANSWERS, vqa_pooling="mean").eval()
+    with torch.no_grad():
+        logits, out = vqa(b, need_weights=True)
+        words = b["attention_mask"]
+        by_hand = torch.stack([out.text[i][words[i]].mean(0) if words[i].any() else out.text.new_zeros(out.text.shape[-1])
+                               for i in range(len(words))])
+        torch.testing.assert_close(logits, vqa.vqa_head(by_hand))
+        torch.testing.assert_close(vqa(perturb_padding(b)), logits)
+        cls_head = UniterForVQA(vqa.config.replace(vqa_pooling="cls")).eval()
+        cls_head.load_state_dict(vqa.state_dict())
+        assert not torch.allclose(cls_head(b), logits)              # the same weights, another input to the head
+    from_encoder = UniterForVQA.from_pretrained_encoder(build(), ANSWERS, vqa_pooling="mean").eval()
+    assert from_encoder.config.vqa_pooling == "mean" and torch.isfinite(from_encoder(b)).all()
+    with pytest.raises(ValueError, match="vqa_pooling"):
+        tiny_config(vqa_pooling="max")

@@ -669,3 +669,25 @@ def test_tiny_pretraining_run_reduces_the_loss():
     assert mean("loss", last) < 0.75 * mean("loss", first)
     assert mean("mlm", last) < 0.75 * mean("mlm", first) and mean("mrm", last) < mean("mrm", first)
     assert all(math.isfinite(v) for v in history.train["loss"])
+
+
+def test_vqa_mean_pooling_reads_the_mean_of_the_real_words(tmp_path):
+    """vqa_pooling="mean": the classifier reads the masked mean of the text stream, blind to padding."""
+    b = random_batch()
+    model = build(ViLBERTForVQA, vqa_pooling="mean")
+    assert model.classifier[0].in_features == model.config.text_hidden_size
+    with torch.no_grad():
+        logits = model(b)
+        text = model.vilbert(b).text_hidden                                    # (B, T, text_hidden)
+        words = b["attention_mask"]
+        by_hand = torch.stack([text[i][words[i]].mean(0) for i in range(len(words))])
+        torch.testing.assert_close(logits, model.classifier(by_hand))
+        torch.testing.assert_close(model(perturb_padding(b)), logits)
+    pretrained = build()
+    vqa = ViLBERTForVQA.from_pretraining(pretrained, num_answers=ANSWERS, vqa_pooling="mean")
+    assert vqa.config.vqa_pooling == "mean" and vqa.classifier[0].in_features == vqa.config.text_hidden_size
+    vqa.save_pretrained(tmp_path / "vqa")
+    again = load_pretrained(tmp_path / "vqa").eval()
+    torch.testing.assert_close(again(b), vqa.eval()(b))
+    with pytest.raises(ValueError, match="vqa_pooling"):
+        small_config(vqa_pooling="cls")

@@ -23,6 +23,7 @@ MRC / MRC-kl head                   ``Linear -> GELU -> LN -> Linear(num_region_
 ITM head                            ``Linear(hidden, 2)`` on the pooled ``[CLS]``; WRA adds
                                     ``0.1 * wra_loss`` (optimal transport, IPOT) on ITM steps
 VQA head (:class:`UniterForVQA`)    ``Linear(H, 2H) -> GELU -> LN -> Linear(num_answers)`` on the pooled ``[CLS]``
+                                    (or, ``vqa_pooling="mean"``, on the mean of the words: chapter 3)
 ==================================  =====================================================================
 
 Pretraining (:func:`pretraining_step`) follows UNITER's ``pretrain.py``: each
@@ -62,7 +63,7 @@ from torch import Tensor, nn
 from fusionlib import losses, masking
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import TextEmbeddings, UniterImageEmbeddings
-from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer
+from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer, masked_mean
 from fusionlib.models.batch import get_tensor, text_inputs
 from fusionlib.models.io import ModelConfig, PretrainedModel, load_pretrained, register_model
 
@@ -89,6 +90,7 @@ __all__ = [
 UNITER_TASK_MIX: Mapping[str, float] = types.MappingProxyType({"itm": 2, "mlm": 2, "mrfr": 1, "mrc_kl": 1})
 PRETRAINING_TASKS = ("mlm", "mrfr", "mrc", "mrc_kl", "itm")
 MASKINGS = ("conditional", "joint")
+VQA_POOLINGS = ("cls", "mean")
 LOCATION_KEYS = {5: "region_loc5", 7: "region_loc7"}
 
 
@@ -137,6 +139,7 @@ class UniterConfig(ModelConfig):
     mrc_background_class: int | None = None  # MRC never targets this class (fusionlib's detector: the last)
     # Downstream:
     num_answers: int | None = None         # UniterForVQA: size of the answer vocabulary
+    vqa_pooling: str = "cls"               # UniterForVQA reads "cls" (the pooled [CLS], UNITER) | "mean" (of the words)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_region_classes", "region_dim", "hidden_size", "num_layers", "num_heads",
@@ -185,6 +188,8 @@ class UniterConfig(ModelConfig):
                              f"{self.num_region_classes}), got {self.mrc_background_class!r}")
         if self.num_answers is not None and (not isinstance(self.num_answers, int) or self.num_answers <= 0):
             raise ValueError(f"num_answers must be None or a positive int, got {self.num_answers!r}")
+        if self.vqa_pooling not in VQA_POOLINGS:
+            raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
 
     @property
     def location_key(self) -> str:
@@ -570,7 +575,11 @@ class UniterForPretraining(PretrainedModel):
 @register_model("uniter_vqa")
 class UniterForVQA(PretrainedModel):
     """UNITER fine-tuned for VQA: ``Linear(H, 2H) -> GELU -> LN -> Linear(num_answers)`` on the pooled
-    ``[CLS]`` (UNITER's ``vqa_output``; chapter 6).
+    ``[CLS]`` (UNITER's ``vqa_output``; chapter 6), or, with ``config.vqa_pooling="mean"``, on the mean
+    of the real words' outputs.
+
+    The mean is chapter 3's pooling: a word that found its region carries it straight to the answer
+    instead of first handing it to ``[CLS]``; chapter 6 says what that changed on our world.
 
     ``forward(batch, need_weights=False)`` -> ``logits (batch, num_answers)``, or
     ``(logits, UniterOutput)`` with ``need_weights=True`` (attention maps in it).
@@ -594,17 +603,22 @@ class UniterForVQA(PretrainedModel):
 
     @classmethod
     def from_pretrained_encoder(cls, source: PretrainedModel | str | os.PathLike,
-                                num_answers: int) -> "UniterForVQA":
+                                num_answers: int, **config_changes: Any) -> "UniterForVQA":
         """A VQA model whose encoder is a copy of ``source``'s (a :class:`UniterForPretraining`, a
-        :class:`UniterModel`, or a directory either was saved to); the VQA head starts fresh."""
+        :class:`UniterModel`, or a directory either was saved to); the VQA head starts fresh.
+        ``config_changes`` may change what does not shape the encoder (``vqa_pooling``, ``dropout``...)."""
         encoder = _encoder_of(source)
-        model = cls(encoder.config.replace(num_answers=num_answers))
+        model = cls(encoder.config.replace(num_answers=num_answers, **config_changes))
         model.uniter.load_state_dict(encoder.state_dict())
         return model.to(next(encoder.parameters()).device)
 
     def forward(self, batch: Mapping[str, Any], need_weights: bool = False) -> Tensor | tuple[Tensor, UniterOutput]:
         out = self.uniter(batch, need_weights=need_weights)
-        logits = self.vqa_head(out.pooled)
+        if self.config.vqa_pooling == "mean":
+            pooled = masked_mean(out.text, out.mask[:, : out.num_text])              # (batch, H)
+        else:
+            pooled = out.pooled                                                      # (batch, H)
+        logits = self.vqa_head(pooled)
         return (logits, out) if need_weights else logits
 
 

@@ -100,7 +100,8 @@ __all__ = [
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)   # the [IMG] token's box: the whole image, area 1
 PRETRAINING_TASKS = ("mlm", "mrm", "itm")
-_ALL_TASKS = (None, "train", "all", "pretrain")  # task names meaning "all three losses, summed"
+_ALL_TASKS = (None, "train", "all", "pretrain")
+VQA_POOLINGS = ("product", "mean")  # task names meaning "all three losses, summed"
 
 
 # ---------------------------------------------------------------------------
@@ -160,6 +161,8 @@ class ViLBERTConfig(ModelConfig):
     initializer_range: float = 0.02          # BERT's N(0, 0.02) initialisation
     num_answers: int = 0                     # ViLBERTForVQA's answer vocabulary (0: no VQA head)
     classifier_dropout: float = 0.5          # inside the VQA classifier, as ViLBERT's SimpleClassifier
+    vqa_pooling: str = "product"             # ViLBERTForVQA reads "product" (pooled [CLS] * pooled [IMG], the
+                                             # paper) | "mean" (of the words' outputs, chapter 3's pooling)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_region_classes", "region_dim", "text_hidden_size", "text_num_layers",
@@ -210,6 +213,8 @@ class ViLBERTConfig(ModelConfig):
             raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}")
         if not isinstance(self.num_answers, int) or isinstance(self.num_answers, bool) or self.num_answers < 0:
             raise ValueError(f"num_answers must be an int >= 0 (0: no VQA head), got {self.num_answers!r}")
+        if self.vqa_pooling not in VQA_POOLINGS:
+            raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
 
     @property
     def num_co_layers(self) -> int:
@@ -773,6 +778,9 @@ class ViLBERTForVQA(PretrainedModel):
     outputs, dropout, then ``SimpleClassifier``:
     ``Linear(bi, 2 bi) -> ReLU -> Dropout(classifier_dropout) -> Linear(2 bi, num_answers)``
     (the original wraps both linears in weight normalisation; left out here).
+    With ``config.vqa_pooling="mean"`` the classifier reads the mean of the
+    real words' final states ``(B, text_hidden)`` instead of the product
+    (chapter 3's pooling; chapter 6 compares the models with it).
     With ``need_weights=True`` returns ``(logits, ViLBERTAttentions)``.
     Start from pretraining with :meth:`from_pretraining`.
     """
@@ -787,14 +795,19 @@ class ViLBERTForVQA(PretrainedModel):
         self.vilbert = ViLBERT(config)
         self.dropout = nn.Dropout(config.dropout)
         B = config.bi_hidden_size
-        self.classifier = nn.Sequential(nn.Linear(B, 2 * B), nn.ReLU(), nn.Dropout(config.classifier_dropout),
+        width = config.text_hidden_size if config.vqa_pooling == "mean" else B
+        self.classifier = nn.Sequential(nn.Linear(width, 2 * B), nn.ReLU(), nn.Dropout(config.classifier_dropout),
                                         nn.Linear(2 * B, config.num_answers))
         _init_weights(self.classifier, config)
 
     def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False
                 ) -> Tensor | tuple[Tensor, ViLBERTAttentions]:
         out = self.vilbert(batch, need_weights=need_weights)
-        logits = self.classifier(self.dropout(out.pooled_text * out.pooled_visual))
+        if self.config.vqa_pooling == "mean":
+            pooled = masked_mean(out.text_hidden, batch["attention_mask"])         # (B, text_hidden)
+        else:
+            pooled = out.pooled_text * out.pooled_visual                           # (B, bi_hidden)
+        logits = self.classifier(self.dropout(pooled))
         return (logits, out.attentions) if need_weights else logits
 
     @classmethod
@@ -883,7 +896,7 @@ def load_encoder(model: nn.Module, source: nn.Module | str | os.PathLike) -> nn.
     """
     target, src = _encoder_of(model), _source_encoder(source)
     shape_fields = [f.name for f in dataclasses.fields(ViLBERTConfig)
-                    if f.name not in ("dropout", "attention_dropout", "classifier_dropout", "num_answers",
+                    if f.name not in ("dropout", "attention_dropout", "classifier_dropout", "num_answers", "vqa_pooling",
                                       "initializer_range", "pad_token_id", "mask_token_id", "special_token_ids")]
     differ = {f: (getattr(src.config, f), getattr(target.config, f)) for f in shape_fields
               if getattr(src.config, f) != getattr(target.config, f)}
