@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fusionlib.data.datasets import (CAPTION_KEYS, QUESTION_KEYS, CaptionDataset, QuestionDataset, TensorBatches,
-                                     collate, make_loader, make_tensor_loader)
+                                     collate, make_loader, make_tensor_loader, standardise_batch)
 from fusionlib.data.shapes import WorldConfig, answer_vocab, generate_split
 from fusionlib.data.tokenizer import train_tokenizer
 from fusionlib.train import TrainConfig, train
@@ -182,3 +182,25 @@ def test_standardise_scale_is_carried_by_the_statistics(data):
         TensorBatches(ds).standardise(scale={"answer": 2.0})
     with pytest.raises(ValueError, match="when measuring"):
         TensorBatches(ds).standardise(stats, scale={"region_loc5": 3.0})
+
+
+def test_standardise_batch_gives_a_collated_batch_what_tensor_batches_give(data):
+    """A batch built by collate and standardised on its own equals the standardised TensorBatches batch."""
+    ds = data["captions"]
+    tb = TensorBatches(ds)
+    stats = tb.standardise()
+    items = [0, 3, 5, len(ds) - 1]
+    ours = standardise_batch(collate([ds[i] for i in items]), stats)
+    theirs = tb.__getitems__(items)
+    for key in ("region_feats", "region_loc5", "region_loc7", "image_feats", "input_ids", "region_mask"):
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)
+    padded = collate([ds[i] for i in items])
+    padded["region_mask"] = padded["region_mask"].clone()
+    padded["region_mask"][:, -1] = False
+    assert torch.all(standardise_batch(padded, stats)["region_feats"][:, -1] == 0)
+    with pytest.raises(ValueError, match="region_mask"):
+        standardise_batch({"region_feats": theirs["region_feats"]}, stats)
+    with pytest.raises(ValueError, match="must be among"):
+        standardise_batch(theirs, {"answer": stats["region_feats"]})
+    with pytest.raises(ValueError, match=r"statistics\['region_loc5'\]"):
+        standardise_batch(theirs, {"region_loc5": stats["region_loc7"]})

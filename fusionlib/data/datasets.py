@@ -312,6 +312,40 @@ def to_hf_dataset(scenes: Sequence[Any], kind: str = "captions") -> "datasets.Da
 STANDARDISED_KEYS = ("region_feats", "region_loc5", "region_loc7")
 
 
+def standardise_batch(batch: dict[str, Tensor], statistics: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """A copy of ``batch`` with its region features and locations z-scored by ``statistics`` (chapter 3).
+
+    ``statistics`` is what :meth:`TensorBatches.standardise` returned on the
+    training split: ``{key: (mean (dim,), std (dim,))}``. Use this for batches
+    built outside a :class:`TensorBatches` (``collate`` of a few items, a set
+    of retrieval images), so that a model trained on standardised inputs sees
+    the same scale there. Keys of ``statistics`` that ``batch`` lacks are
+    skipped; padded regions (``region_mask`` False) stay exactly zero, and
+    ``image_feats`` moves with ``region_feats``. Other keys are passed on as they are.
+    """
+    if "region_mask" not in batch:
+        raise ValueError("standardise_batch needs batch['region_mask'] to tell real regions from padding")
+    out = dict(batch)
+    mask = batch["region_mask"]
+    for key, (mean, std) in statistics.items():
+        if key not in STANDARDISED_KEYS:
+            raise ValueError(f"statistics keys must be among {list(STANDARDISED_KEYS)}, got {key!r}")
+        if key not in batch:
+            continue
+        x = batch[key]
+        if tuple(mean.shape) != (x.shape[-1],) or tuple(std.shape) != (x.shape[-1],):
+            raise ValueError(f"statistics[{key!r}] must be two ({x.shape[-1]},) tensors for batch[{key!r}] "
+                             f"{tuple(x.shape)}, got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"batch['region_mask'] must be {tuple(x.shape[:-1])} like batch[{key!r}], "
+                             f"got {tuple(mask.shape)}")
+        mean, std = mean.to(x.device), std.to(x.device)
+        out[key] = ((x - mean) / std).masked_fill(~mask[..., None], 0.0)
+        if key == "region_feats" and "image_feats" in batch:
+            out["image_feats"] = (batch["image_feats"] - mean) / std
+    return out
+
+
 def _batch_as_is(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """``collate_fn`` of :func:`make_tensor_loader`: :meth:`TensorBatches.__getitems__` already built the batch."""
     return batch
@@ -421,16 +455,9 @@ class TensorBatches(Dataset):
         missing = [k for k in present if k not in statistics]
         if missing:
             raise ValueError(f"statistics has no entry for {missing}; it has {sorted(statistics)}")
-        for key in present:
-            mean, std = (t.to(self.device) for t in statistics[key])
-            width = self.per_image[key].shape[-1]
-            if tuple(mean.shape) != (width,) or tuple(std.shape) != (width,):
-                raise ValueError(f"statistics[{key!r}] must be two ({width},) tensors, got "
-                                 f"{tuple(mean.shape)} and {tuple(std.shape)}")
-            self.per_image[key] = ((self.per_image[key] - mean) / std).masked_fill(~mask[..., None], 0.0)
-            if key == "region_feats" and "image_feats" in self.per_image:
-                self.per_image["image_feats"] = (self.per_image["image_feats"] - mean) / std
-        return {k: statistics[k] for k in present}
+        used = {k: statistics[k] for k in present}
+        self.per_image = standardise_batch(self.per_image, used)
+        return used
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
         if self.device.type == "cpu":
