@@ -691,3 +691,30 @@ def test_vqa_mean_pooling_reads_the_mean_of_the_real_words(tmp_path):
     torch.testing.assert_close(again(b), vqa.eval()(b))
     with pytest.raises(ValueError, match="vqa_pooling"):
         small_config(vqa_pooling="cls")
+
+
+def test_img_location_follows_the_region_locations_units(tmp_path):
+    """With standardised region_loc5, the [IMG] box must be standardised the same way (config.img_location)."""
+    from fusionlib.models.vilbert import IMG_LOCATION, standardised_img_location
+
+    mean, std = torch.tensor([0.4, 0.4, 0.6, 0.6, 0.05]), torch.tensor([0.2, 0.2, 0.2, 0.2, 0.03])
+    box = standardised_img_location({"region_loc5": (mean, std)})
+    torch.testing.assert_close(torch.tensor(box), (torch.tensor(IMG_LOCATION) - mean) / std)
+    b = random_batch()
+    raw, moved = build(ViLBERTForVQA), build(ViLBERTForVQA, img_location=box)
+    with torch.no_grad():
+        visual_raw, _ = raw.vilbert.embed_visual(b["region_feats"], b["region_loc5"], b["region_mask"], b["image_feats"])
+        visual_moved, _ = moved.vilbert.embed_visual(b["region_feats"], b["region_loc5"], b["region_mask"],
+                                                     b["image_feats"])
+        by_hand = moved.vilbert.region_embeddings(b["image_feats"][:, None], torch.tensor(box).expand(4, 1, 5))
+    torch.testing.assert_close(visual_moved[:, 1:], visual_raw[:, 1:])          # the regions do not move
+    torch.testing.assert_close(visual_moved[:, :1], by_hand)                     # [IMG] sits at the given box
+    assert not torch.allclose(visual_moved[:, 0], visual_raw[:, 0])
+    moved.save_pretrained(tmp_path / "m")
+    again = load_pretrained(tmp_path / "m")
+    assert again.config.img_location == box
+    torch.testing.assert_close(again.eval()(b), moved(b))
+    with pytest.raises(ValueError, match="img_location"):
+        small_config(img_location=(0.0, 0.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="region_loc5"):
+        standardised_img_location({"region_feats": (mean, std)})

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -96,6 +97,7 @@ __all__ = [
     "load_text_stream_from_bert",
     "IMG_LOCATION",
     "PRETRAINING_TASKS",
+    "standardised_img_location",
 ]
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)   # the [IMG] token's box: the whole image, area 1
@@ -157,6 +159,8 @@ class ViLBERTConfig(ModelConfig):
     mask_token_id: int = 4
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never masked, never a random replacement
     location_layers: int = 1                 # 1: ViLBERT's Linear(loc5); 2: an MLP (fusionlib.embeddings)
+    img_location: tuple[float, ...] = IMG_LOCATION  # the [IMG] token's loc5, in the units of region_loc5
+                                             # (standardised inputs: standardised_img_location(statistics))
     layer_norm_eps: float = LAYER_NORM_EPS   # BERT's 1e-12
     initializer_range: float = 0.02          # BERT's N(0, 0.02) initialisation
     num_answers: int = 0                     # ViLBERTForVQA's answer vocabulary (0: no VQA head)
@@ -204,6 +208,11 @@ class ViLBERTConfig(ModelConfig):
         if any(not 0 <= i < self.vocab_size for i in self.special_token_ids):
             raise ValueError(f"special_token_ids must lie in [0, vocab_size={self.vocab_size}), "
                              f"got {list(self.special_token_ids)}")
+        box = self.img_location
+        if (not isinstance(box, (tuple, list)) or len(box) != 5
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise ValueError(f"img_location must be 5 finite floats (a loc5 box), got {box!r}")
+        object.__setattr__(self, "img_location", tuple(float(v) for v in box))   # a JSON list comes back a tuple
         if self.location_layers not in (1, 2):
             raise ValueError(f"location_layers must be 1 (ViLBERT's Linear) or 2 (an MLP), "
                              f"got {self.location_layers!r}")
@@ -243,6 +252,24 @@ class ViLBERTConfig(ModelConfig):
             T0 T1 C0 | T2 V0 C1 | V1 T3
         """
         return cls(vocab_size=vocab_size, num_region_classes=num_region_classes, **changes)
+
+
+def standardised_img_location(statistics: dict[str, tuple[Tensor, Tensor]]) -> tuple[float, ...]:
+    """The ``[IMG]`` box ``(0, 0, 1, 1, 1)`` in the units of standardised ``region_loc5`` (chapter 5).
+
+    ``statistics`` is what :meth:`fusionlib.data.datasets.TensorBatches.standardise`
+    returned. Pass the result as ``ViLBERTConfig(img_location=...)``: the
+    ``[IMG]`` token's location goes through the same linear embedding as the
+    regions', so it must be on their scale. Left raw among z-scored boxes it
+    is just another box near the middle of the image, and in our runs a
+    model trained from scratch then never learned "is it on the left?".
+    """
+    if "region_loc5" not in statistics:
+        raise ValueError(f"statistics must hold 'region_loc5' (from TensorBatches.standardise), "
+                         f"got keys {sorted(statistics)}")
+    mean, std = statistics["region_loc5"]
+    box = (torch.tensor(IMG_LOCATION, dtype=mean.dtype, device=mean.device) - mean) / std
+    return tuple(float(v) for v in box.cpu())
 
 
 def layer_schedule(config: ViLBERTConfig) -> list[tuple[str, int]]:
@@ -409,7 +436,7 @@ class ViLBERT(PretrainedModel):
         self.text_pooler = nn.Sequential(nn.Linear(c.text_hidden_size, c.bi_hidden_size), nn.ReLU())
         self.visual_pooler = nn.Sequential(nn.Linear(c.visual_hidden_size, c.bi_hidden_size), nn.ReLU())
         self.schedule = layer_schedule(c)
-        self.register_buffer("img_location", torch.tensor(IMG_LOCATION), persistent=False)
+        self.register_buffer("img_location", torch.tensor(c.img_location, dtype=torch.float32), persistent=False)
         _init_weights(self, c)
 
     def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False) -> ViLBERTOutput:
