@@ -515,12 +515,16 @@ def without_autocast(device: torch.device | str):
 
 def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-5) -> Tensor:
     """Cosine distance ``1 - cos(x_i, y_j)`` for every pair: ``(batch, n, dim)``,
-    ``(batch, m, dim)`` -> ``(batch, n, m)`` in [0, 2] (UNITER's ``cost_matrix_cosine``; chapter 4)."""
+    ``(batch, m, dim)`` -> ``(batch, n, m)`` in [0, 2] (UNITER's ``cost_matrix_cosine``; chapter 4).
+
+    In the inputs' dtype even under autocast (:func:`without_autocast`), so
+    that float32 outputs give a float32 cost, as UNITER computes it."""
     _expect("x", x, ndim=3, floating=True)
     _expect("y", y, ndim=3, floating=True)
     if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
         raise ValueError(f"x and y must share batch and dim, got {tuple(x.shape)} and {tuple(y.shape)}")
-    return 1 - F.normalize(x, dim=-1, eps=eps) @ F.normalize(y, dim=-1, eps=eps).transpose(1, 2)
+    with without_autocast(x.device):
+        return 1 - F.normalize(x, dim=-1, eps=eps) @ F.normalize(y, dim=-1, eps=eps).transpose(1, 2)
 
 
 @torch.no_grad()
@@ -635,8 +639,7 @@ def ot_distance(
     Returns:
         ``(batch,)`` distances.
     """
-    with without_autocast(text_h.device):   # the cost in the inputs' dtype, not autocast's bf16
-        cost = cosine_cost(text_h, region_h)
+    cost = cosine_cost(text_h, region_h)
     _expect("text_mask", text_mask, ndim=2, dtype=torch.bool)
     _expect("region_mask", region_mask, ndim=2, dtype=torch.bool)
     _expect_shape("text_mask", text_mask, tuple(text_h.shape[:2]), "(batch, words) of text_h")

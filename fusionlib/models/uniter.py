@@ -478,9 +478,8 @@ def word_region_alignment(output: UniterOutput, attention_mask: Tensor, region_m
         # Nothing to transport (IPOT cannot reduce over an empty axis); keep the graph for backward.
         plan = text.new_zeros(text.shape[0], text.shape[1], regions.shape[1])
         return (text.sum(dim=(1, 2)) + regions.sum(dim=(1, 2))) * 0.0, plan
-    with losses.without_autocast(text.device):     # float32 under bf16 autocast too (TrainConfig.amp)
-        cost = losses.cosine_cost(text, regions).masked_fill(
-            ~(attention_mask[:, :, None] & region_mask[:, None, :]), 0.0)
+    cost = losses.cosine_cost(text, regions).masked_fill(
+        ~(attention_mask[:, :, None] & region_mask[:, None, :]), 0.0)
     plan = losses.ipot(cost, attention_mask, region_mask, beta=beta, iterations=iterations)
     distance = losses.ot_distance(text, regions, attention_mask, region_mask, plan=plan)
     return distance, plan

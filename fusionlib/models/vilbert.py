@@ -102,8 +102,8 @@ __all__ = [
 
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)   # the [IMG] token's box: the whole image, area 1
 PRETRAINING_TASKS = ("mlm", "mrm", "itm")
-_ALL_TASKS = (None, "train", "all", "pretrain")
-VQA_POOLINGS = ("product", "mean")  # task names meaning "all three losses, summed"
+_ALL_TASKS = (None, "train", "all", "pretrain")  # task names meaning "all three losses, summed"
+VQA_POOLINGS = ("product", "mean")
 
 
 # ---------------------------------------------------------------------------
@@ -209,8 +209,8 @@ class ViLBERTConfig(ModelConfig):
             raise ValueError(f"special_token_ids must lie in [0, vocab_size={self.vocab_size}), "
                              f"got {list(self.special_token_ids)}")
         box = self.img_location
-        if (not isinstance(box, (tuple, list)) or len(box) != 5
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        if (not isinstance(box, (tuple, list)) or len(box) != 5 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
             raise ValueError(f"img_location must be 5 finite floats (a loc5 box), got {box!r}")
         object.__setattr__(self, "img_location", tuple(float(v) for v in box))   # a JSON list comes back a tuple
         if self.location_layers not in (1, 2):
@@ -923,8 +923,9 @@ def load_encoder(model: nn.Module, source: nn.Module | str | os.PathLike) -> nn.
     """
     target, src = _encoder_of(model), _source_encoder(source)
     shape_fields = [f.name for f in dataclasses.fields(ViLBERTConfig)
-                    if f.name not in ("dropout", "attention_dropout", "classifier_dropout", "num_answers", "vqa_pooling",
-                                      "initializer_range", "pad_token_id", "mask_token_id", "special_token_ids")]
+                    if f.name not in ("dropout", "attention_dropout", "classifier_dropout", "num_answers",
+                                      "vqa_pooling", "initializer_range", "pad_token_id", "mask_token_id",
+                                      "special_token_ids")]
     differ = {f: (getattr(src.config, f), getattr(target.config, f)) for f in shape_fields
               if getattr(src.config, f) != getattr(target.config, f)}
     if differ:
