@@ -693,13 +693,12 @@ def test_vqa_mean_pooling_reads_the_mean_of_the_real_words(tmp_path):
         small_config(vqa_pooling="cls")
 
 
-def test_img_location_follows_the_region_locations_units(tmp_path):
-    """With standardised region_loc5, the [IMG] box must be standardised the same way (config.img_location)."""
-    from fusionlib.models.vilbert import IMG_LOCATION, standardised_img_location
+def test_img_location_moves_only_the_img_token(tmp_path):
+    """config.img_location moves the [IMG] token's box (and only its); it survives save/load."""
+    from fusionlib.models.vilbert import IMG_LOCATION, STANDARDISED_IMG_LOCATION
 
-    mean, std = torch.tensor([0.4, 0.4, 0.6, 0.6, 0.05]), torch.tensor([0.2, 0.2, 0.2, 0.2, 0.03])
-    box = standardised_img_location({"region_loc5": (mean, std)})
-    torch.testing.assert_close(torch.tensor(box), (torch.tensor(IMG_LOCATION) - mean) / std)
+    box = STANDARDISED_IMG_LOCATION
+    assert box != IMG_LOCATION and len(box) == len(IMG_LOCATION)
     b = random_batch()
     raw, moved = build(ViLBERTForVQA), build(ViLBERTForVQA, img_location=box)
     with torch.no_grad():
@@ -716,5 +715,3 @@ def test_img_location_follows_the_region_locations_units(tmp_path):
     torch.testing.assert_close(again.eval()(b), moved(b))
     with pytest.raises(ValueError, match="img_location"):
         small_config(img_location=(0.0, 0.0, 1.0, 1.0))
-    with pytest.raises(ValueError, match="region_loc5"):
-        standardised_img_location({"region_feats": (mean, std)})
