@@ -103,7 +103,7 @@ __all__ = [
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)   # the [IMG] token's box: the whole image, area 1
 # With z-scored region_loc5 (chapter 5) [IMG] sits at the origin, the mean region's box. The whole image's box
 # cannot simply be z-scored with the regions' statistics: objects all have about the same size, so its area
-# lands hundreds of standard deviations out (about 450 on the book's world) and swamps the embedding. Left
+# lands hundreds of standard deviations out (479 in chapter 5) and swamps the embedding. Left
 # raw among z-scored boxes it is one more box near the middle, and a ViLBERT trained from scratch then never
 # learned "is it on the left?" (left/top 0.49-0.52); at the origin it did (0.82 / 0.67 after 1,200 steps of 128).
 STANDARDISED_IMG_LOCATION = (0.0, 0.0, 0.0, 0.0, 0.0)
