@@ -715,3 +715,11 @@ def test_img_location_moves_only_the_img_token(tmp_path):
     torch.testing.assert_close(again.eval()(b), moved(b))
     with pytest.raises(ValueError, match="img_location"):
         small_config(img_location=(0.0, 0.0, 1.0, 1.0))
+
+
+def test_co_attention_first_preset_is_small_with_the_streams_meeting_first():
+    """The book's preset: small()'s widths, schedule C0 | T0 V0 C1 | T1; other changes pass through."""
+    config = ViLBERTConfig.co_attention_first(VOCAB, CLASSES, region_dim=D, text_hidden_size=32)
+    assert config == ViLBERTConfig.small(VOCAB, CLASSES, region_dim=D, text_hidden_size=32, text_num_layers=2,
+                                         text_layer_ids=(0, 1), visual_num_layers=1, visual_layer_ids=(0, 1))
+    assert layer_schedule(config) == [("co", 0), ("text", 0), ("visual", 0), ("co", 1), ("text", 1)]

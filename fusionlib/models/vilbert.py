@@ -252,12 +252,24 @@ class ViLBERTConfig(ModelConfig):
 
     @classmethod
     def small(cls, vocab_size: int, num_region_classes: int, **changes: Any) -> "ViLBERTConfig":
-        """The book's model: text 128 x 4 layers x 4 heads, visual 128 x 2 layers, co-attention 128 x 4 heads,
-        2 co-TRM layers on the base model's pattern (two text layers alone, then (text, visual, co-TRM) blocks)::
+        """A small model on the base model's pattern: text 128 x 4 layers x 4 heads, visual 128 x 2 layers,
+        co-attention 128 x 4 heads, 2 co-TRM layers (two text layers alone, then (text, visual, co-TRM) blocks)::
 
             T0 T1 C0 | T2 V0 C1 | V1 T3
         """
         return cls(vocab_size=vocab_size, num_region_classes=num_region_classes, **changes)
+
+    @classmethod
+    def co_attention_first(cls, vocab_size: int, num_region_classes: int, **changes: Any) -> "ViLBERTConfig":
+        """The book's model (chapters 5 and 6): :meth:`small`'s widths with the streams meeting first,
+        2 text layers, 1 visual layer and 2 co-TRMs::
+
+            C0 | T0 V0 C1 | T1
+
+        Trained from scratch, the paper's pattern at this size learned far more slowly (chapter 5, section 5.2).
+        """
+        schedule = dict(text_num_layers=2, text_layer_ids=(0, 1), visual_num_layers=1, visual_layer_ids=(0, 1))
+        return cls.small(vocab_size, num_region_classes, **{**schedule, **changes})
 
 
 def layer_schedule(config: ViLBERTConfig) -> list[tuple[str, int]]:
