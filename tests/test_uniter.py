@@ -21,7 +21,8 @@ from fusionlib.losses import WRA_WEIGHT
 from fusionlib.masking import IGNORE_INDEX
 from fusionlib.models import available_models, build_model, load_pretrained
 from fusionlib.models.uniter import (PRETRAINING_TASKS, UNITER_TASK_MIX, UniterConfig, UniterForPretraining,
-                                     UniterForVQA, UniterModel, itm_similarity, prepare_pretraining_batch,
+                                     UniterForVQA, UniterModel, itm_similarity, masked_word_accuracy,
+                                     prepare_pretraining_batch,
                                      pretraining_loaders, pretraining_step, vqa_step, word_region_alignment)
 from fusionlib.train import TrainConfig, train
 
@@ -509,6 +510,53 @@ def test_retrieval_scores_are_the_itm_match_logit():
     swapped = {**captions, **{k: v[[1, 0, 3, 2]] for k, v in images.items()}}
     torch.testing.assert_close(sim[[1, 0, 3, 2], torch.arange(4)], model.itm_logits(swapped)[:, 1].detach(),
                                atol=1e-5, rtol=1e-5)
+
+
+class _ConstantWord(nn.Module):
+    """An MLM head that always predicts `word`."""
+
+    def __init__(self, word):
+        super().__init__()
+        self.word = word
+
+    def forward(self, hidden):
+        return F.one_hot(torch.full(hidden.shape[:2], self.word), VOCAB).float()
+
+
+def test_masked_word_accuracy_masks_every_probe_word_and_scores_only_them():
+    model = build()
+    b = random_batch()
+    words, counts = b["input_ids"][b["attention_mask"] & (b["input_ids"] > 4)].unique(return_counts=True)
+    probe = tuple(words[counts.argsort(descending=True)[:3]].tolist())      # the batch's three commonest words
+    where = torch.isin(b["input_ids"], torch.tensor(probe)) & b["attention_mask"]
+    assert where.sum() > 3 and (b["input_ids"][where] == probe[0]).any() and (b["input_ids"][where] != probe[0]).any()
+    seen = {}
+    model.uniter.register_forward_hook(lambda m, args, out: seen.update(ids=args[0]["input_ids"].clone()))
+    model.mlm_head = _ConstantWord(probe[0])
+    model.train()
+    accuracy = masked_word_accuracy(model, b, list(probe))
+    # Every probe word (and nothing else) went in as [MASK]; the score is the share of them that are 9.
+    torch.testing.assert_close(seen["ids"], b["input_ids"].masked_fill(where, 4))
+    assert accuracy == pytest.approx(float((b["input_ids"][where] == probe[0]).float().mean()))
+    assert 0 < accuracy < 1
+    assert model.training, "the model's mode is restored"
+    model.mlm_head = _ConstantWord(next(w for w in range(5, VOCAB) if w not in probe))   # nothing right
+    assert masked_word_accuracy(model, b, torch.tensor(probe)) == 0.0
+
+
+def test_masked_word_accuracy_refuses_bad_probes():
+    model, b = build(), random_batch()
+    absent = sorted(set(range(5, VOCAB)) - set(b["input_ids"][b["attention_mask"]].tolist()))[0]
+    with pytest.raises(ValueError, match="no word of word_ids"):
+        masked_word_accuracy(model, b, [absent])
+    with pytest.raises(ValueError, match="special tokens"):
+        masked_word_accuracy(model, b, [CLS, 7])
+    with pytest.raises(ValueError, match="vocab_size=40"):
+        masked_word_accuracy(model, b, [VOCAB])
+    with pytest.raises(ValueError, match="non-empty"):
+        masked_word_accuracy(model, b, [])
+    with pytest.raises(TypeError, match="UniterForPretraining"):
+        masked_word_accuracy(build(UniterForVQA, num_answers=ANSWERS), b, [7])
 
 
 def test_paper_base_parameter_count():

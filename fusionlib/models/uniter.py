@@ -54,7 +54,7 @@ import functools
 import math
 import os
 import types
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,7 @@ __all__ = [
     "word_region_alignment",
     "vqa_step",
     "itm_similarity",
+    "masked_word_accuracy",
 ]
 
 # UNITER's default mix (config/pretrain-*.json: mix_ratio of itm, mlm, mrfr, mrckl); read-only, dict() it to edit.
@@ -799,3 +800,49 @@ def itm_similarity(model: UniterForPretraining, images: Mapping[str, Tensor], ca
     finally:
         model.train(was_training)
     return scores.view(num_images, num_captions)
+
+
+@torch.no_grad()
+def masked_word_accuracy(model: UniterForPretraining, batch: Mapping[str, Any],
+                         word_ids: Sequence[int] | Tensor) -> float:
+    """MLM accuracy with *every* occurrence of ``word_ids`` masked at once: chapter 6's grounding probe.
+
+    Masking all the shape words of a caption ("the red [MASK] is left of the
+    blue [MASK]") leaves the image as the only place the answers are: a model
+    completes them only once its words have found their regions. The regions
+    stay intact and nothing else is masked (unlike :func:`prepare_pretraining_batch`,
+    which masks 15% at random), so the same batch gives the same probe at
+    every call and across models.
+
+    Args:
+        model: a :class:`UniterForPretraining` (evaluated in eval mode, restored after).
+        batch: ``input_ids (B, T)``, ``attention_mask (B, T)`` and the region keys, matched pairs.
+        word_ids: the token ids to mask (not special tokens), e.g. the ids of "square" and "circle".
+
+    Returns the share of masked positions whose most likely word is the original one.
+    """
+    if not isinstance(model, UniterForPretraining):
+        raise TypeError(f"model must be a UniterForPretraining (it has the MLM head), got {type(model).__name__}")
+    config = model.config
+    words = torch.as_tensor(word_ids).flatten()
+    if words.numel() == 0 or words.is_floating_point() or words.dtype == torch.bool:
+        raise ValueError(f"word_ids must be a non-empty sequence of int token ids, got {word_ids!r}")
+    bad = [int(w) for w in words if not 0 <= int(w) < config.vocab_size or int(w) in config.special_token_ids]
+    if bad:
+        raise ValueError(f"word_ids must be ids in [0, vocab_size={config.vocab_size}) that are not special tokens "
+                         f"{config.special_token_ids}, got {bad}")
+    ids, text_mask = text_inputs(batch)
+    where = torch.isin(ids, words.to(ids.device)) & text_mask                # (B, T)
+    if not where.any():
+        raise ValueError(f"no word of word_ids={words.tolist()} occurs at a real position of batch['input_ids']")
+    device = next(model.parameters()).device
+    masked = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    masked["input_ids"] = ids.masked_fill(where, config.mask_token_id).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        predicted = model.mlm_head(model.uniter(masked).text).argmax(-1).cpu()   # (B, T)
+    finally:
+        model.train(was_training)
+    where = where.cpu()
+    return float((predicted[where] == ids.cpu()[where]).float().mean())

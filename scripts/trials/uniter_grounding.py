@@ -51,13 +51,10 @@ def held_out_metrics(model: uniter.UniterForPretraining, pairs: dict, captions: 
     model.eval()
     with torch.no_grad():
         logits = model.itm_logits(pairs)
-        result = {"itm_val": float((logits.argmax(-1) == pairs["itm_labels"]).float().mean())}
-        for kind, ids in word_ids.items():
-            where = torch.isin(captions["input_ids"], ids)
-            masked = dict(captions, input_ids=captions["input_ids"].masked_fill(where, model.config.mask_token_id))
-            predicted = model.mlm_head(model.uniter(masked).text).argmax(-1)
-            result[f"{kind}_mlm"] = float((predicted[where] == captions["input_ids"][where]).float().mean())
     model.train()
+    result = {"itm_val": float((logits.argmax(-1) == pairs["itm_labels"]).float().mean())}
+    for kind, ids in word_ids.items():
+        result[f"{kind}_mlm"] = uniter.masked_word_accuracy(model, captions, ids)
     return result
 
 
