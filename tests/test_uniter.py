@@ -535,7 +535,7 @@ def test_masked_word_accuracy_masks_every_probe_word_and_scores_only_them():
     model.mlm_head = _ConstantWord(probe[0])
     model.train()
     accuracy = masked_word_accuracy(model, b, list(probe))
-    # Every probe word (and nothing else) went in as [MASK]; the score is the share of them that are 9.
+    # Every probe word (and nothing else) went in as [MASK]; the score is the share of them that are probe[0].
     torch.testing.assert_close(seen["ids"], b["input_ids"].masked_fill(where, 4))
     assert accuracy == pytest.approx(float((b["input_ids"][where] == probe[0]).float().mean()))
     assert 0 < accuracy < 1

@@ -835,14 +835,14 @@ def masked_word_accuracy(model: UniterForPretraining, batch: Mapping[str, Any],
     where = torch.isin(ids, words.to(ids.device)) & text_mask                # (B, T)
     if not where.any():
         raise ValueError(f"no word of word_ids={words.tolist()} occurs at a real position of batch['input_ids']")
+    # The MLM task's own forward scores it: labels are the original ids at the masked words only.
+    masked = dict(batch, input_ids=ids.masked_fill(where, config.mask_token_id),
+                  mlm_labels=ids.masked_fill(~where, masking.IGNORE_INDEX))
     device = next(model.parameters()).device
-    masked = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-    masked["input_ids"] = ids.masked_fill(where, config.mask_token_id).to(device)
+    masked = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in masked.items()}
     was_training = model.training
     model.eval()
     try:
-        predicted = model.mlm_head(model.uniter(masked).text).argmax(-1).cpu()   # (B, T)
+        return float(model(masked, "mlm")["mlm_accuracy"])
     finally:
         model.train(was_training)
-    where = where.cpu()
-    return float((predicted[where] == ids.cpu()[where]).float().mean())
