@@ -41,8 +41,13 @@ MIXES = {
     "mlm": {"mlm": 1},
     "itm": {"itm": 1},
     "mlm+itm": {"mlm": 1, "itm": 1},
+    "mlm+itm+mrc-kl": {"mlm": 2, "itm": 2, "mrc_kl": 1},   # chapter 6's ablation rows
     "uniter": dict(uniter.UNITER_TASK_MIX),          # itm 2, mlm 2, mrfr 1, mrc-kl 1
 }
+
+
+class Grounded(Exception):
+    """Raised by the probe to end a run early once it has grounded (``--stop-at``)."""
 
 
 def held_out_metrics(model: uniter.UniterForPretraining, pairs: dict, captions: dict,
@@ -68,6 +73,12 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--init", type=float, default=0.05, help="initializer_range (chapter 6 uses 0.05)")
     parser.add_argument("--mask-probability", type=float, default=0.15)
+    parser.add_argument("--wra", action=argparse.BooleanOptionalAction, default=True,
+                        help="add WRA to ITM steps (UNITER's code does; --no-wra for the ablation's rows before +WRA)")
+    parser.add_argument("--masking", choices=("conditional", "joint"), default="conditional")
+    parser.add_argument("--eval-every", type=int, default=None, help="probe every this many steps (default: steps / 10)")
+    parser.add_argument("--stop-at", type=float, default=None,
+                        help="stop once the shape-word accuracy reaches this (the run counts as grounded)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(runtime.repo_root(), "results", "trials",
@@ -87,7 +98,8 @@ def main() -> None:
     captions = next(iter(make_tensor_loader(test_captions, 512, seed=5, drop_last=True)))
     config = uniter.UniterConfig.small(len(tok), feats["train"].num_classes, initializer_range=args.init,
                                        dropout=args.dropout, num_layers=args.layers,
-                                       mask_probability=args.mask_probability)
+                                       mask_probability=args.mask_probability, use_wra=args.wra,
+                                       masking=args.masking)
     pairs = uniter.prepare_pretraining_batch(captions, "itm", config, torch.Generator().manual_seed(1))
     word_ids = {"shape": torch.tensor(tok.convert_tokens_to_ids(["square", "circle", "squares", "circles"])),
                 "colour": torch.tensor(tok.convert_tokens_to_ids(list(world.colors)))}
@@ -96,21 +108,37 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = uniter.UniterForPretraining(config)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 10, betas=(0.9, 0.98),
-                               grad_clip=5.0, seed=args.seed, amp=False, eval_every=max(1, args.steps // 10))
+                               grad_clip=5.0, seed=args.seed, amp=False,
+                               eval_every=args.eval_every or max(1, args.steps // 10))
     loaders = {task: make_tensor_loader(train_captions, args.batch, seed=args.seed, drop_last=True) for task in mix}
+    probes: list[tuple[int, dict[str, float]]] = []
+
+    def probe(m: uniter.UniterForPretraining) -> dict[str, float]:
+        # train() does not pass the step; evaluations come every eval_every steps (and at the last one).
+        metrics = held_out_metrics(m, pairs, captions, word_ids)
+        probes.append((min(train_config.steps, (len(probes) + 1) * train_config.eval_every), metrics))
+        if args.stop_at is not None and metrics["shape_mlm"] >= args.stop_at:
+            raise Grounded
+        return metrics
+
     start = time.perf_counter()
-    history = train(model, loaders, train_config, uniter.pretraining_step, task_mix=mix,
-                    eval_fn=lambda m: held_out_metrics(m, pairs, captions, word_ids), progress=False)
+    history = None
+    try:
+        history = train(model, loaders, train_config, uniter.pretraining_step, task_mix=mix, eval_fn=probe,
+                        progress=False)
+    except Grounded:
+        pass                                           # the history is lost with the exception; probes has it
     record = {
         "options": vars(args) | {"out": None}, "mix_weights": mix, "seconds": time.perf_counter() - start,
-        "held_out": {k: [[s, round(v, 4)] for s, v in zip(*history.series(k))]
-                     for k in ("itm_val", "shape_mlm", "colour_mlm")},
-        "updates_per_task": {t: len(v[0]) for t, v in history.task_losses().items()},
+        "held_out": {k: [[s, round(m[k], 4)] for s, m in probes] for k in ("itm_val", "shape_mlm", "colour_mlm")},
+        "stopped_grounded_at": probes[-1][0] if history is None else None,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=runtime.repo_root()).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
     }
-    if "itm" in mix:
+    if history is not None:
+        record["updates_per_task"] = {t: len(v[0]) for t, v in history.task_losses().items()}
+    if history is not None and "itm" in mix:
         steps, accuracy = history.series("itm_accuracy", "train")
         n = max(1, len(accuracy) // 10)
         record["itm_train"] = [[steps[min(i + n, len(steps)) - 1], round(sum(accuracy[i:i + n]) / len(accuracy[i:i + n]), 4)]
