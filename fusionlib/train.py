@@ -111,7 +111,10 @@ class TrainConfig:
     compile: bool = False              # torch.compile the model on CUDA; ignored on CPU
     checkpoint_dir: str | None = None  # None: no checkpoints
     keep_best_by: str | None = None    # an eval_fn metric, e.g. "val_accuracy"
-    best_mode: str = "max"             # "max" (accuracy) or "min" (a loss)
+    best_mode: str = "max"             # "max" (accuracy) or "min" (a loss); also stop_when's direction
+    # (eval_fn metric, value): stop after the first evaluation at which the metric reaches the value,
+    # e.g. ("shape_accuracy", 0.95) to pretrain until grounded (chapter 6). The schedule keeps its length.
+    stop_when: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every"):
@@ -141,6 +144,12 @@ class TrainConfig:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if self.best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
+        if self.stop_when is not None:
+            stop = tuple(self.stop_when)
+            if (len(stop) != 2 or not isinstance(stop[0], str) or isinstance(stop[1], bool)
+                    or not isinstance(stop[1], (int, float)) or not math.isfinite(stop[1])):
+                raise ValueError(f"stop_when must be (eval metric name, finite number), got {self.stop_when!r}")
+            self.stop_when = (stop[0], float(stop[1]))
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
 
@@ -210,6 +219,8 @@ class History:
     ``step_fn`` returned (NaN in rows that did not report it).
     ``val``: one row per evaluation with ``step``, ``seconds`` and
     ``eval_fn``'s metrics. ``pandas.DataFrame(history.train)`` works as is.
+    ``stopped_at``: the step at which ``config.stop_when`` was met (``None``
+    if the run went on to ``config.steps``).
     """
 
     train: dict[str, list] = dataclasses.field(default_factory=lambda: {c: [] for c in _TRAIN_COLUMNS})
@@ -218,6 +229,7 @@ class History:
     best_step: int | None = None
     best_value: float | None = None
     seconds: float = 0.0              # total wall time, training and evaluation
+    stopped_at: int | None = None
 
     @property
     def step(self) -> int:
@@ -254,13 +266,14 @@ class History:
         return {"train": {k: list(v) for k, v in self.train.items()},
                 "val": {k: list(v) for k, v in self.val.items()},
                 "best_metric": self.best_metric, "best_step": self.best_step, "best_value": self.best_value,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "stopped_at": self.stopped_at}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "History":
         return cls(train={k: list(v) for k, v in d["train"].items()}, val={k: list(v) for k, v in d["val"].items()},
                    best_metric=d.get("best_metric"), best_step=d.get("best_step"),
-                   best_value=d.get("best_value"), seconds=float(d.get("seconds", 0.0)))
+                   best_value=d.get("best_value"), seconds=float(d.get("seconds", 0.0)),
+                   stopped_at=d.get("stopped_at"))
 
     def _append(self, table: dict[str, list], row: Mapping[str, Any]) -> None:
         n = len(table["step"])
@@ -523,7 +536,8 @@ def train(
         device: defaults to :func:`fusionlib.runtime.device`.
         progress: show a tqdm progress bar with the loss and learning rate.
         resume: continue from ``checkpoint_dir/last`` if it exists (otherwise
-            start afresh). A finished run returns its history at once.
+            start afresh). A finished run (or one stopped by
+            ``config.stop_when``) returns its history at once.
 
     Raises:
         FloatingPointError: a loss or gradient norm is NaN/inf; the message
@@ -535,8 +549,9 @@ def train(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if resume and config.checkpoint_dir is None:
         raise ValueError("resume=True needs config.checkpoint_dir to find the checkpoint in")
-    if config.keep_best_by is not None and eval_fn is None:
-        raise ValueError(f"keep_best_by={config.keep_best_by!r} needs an eval_fn that returns it")
+    for field in ("keep_best_by", "stop_when"):
+        if getattr(config, field) is not None and eval_fn is None:
+            raise ValueError(f"{field}={getattr(config, field)!r} needs an eval_fn that returns the metric")
     loaders = _as_tasks(train_data)
     tasks = list(loaders)
     weights = _task_weights(tasks, task_mix)
@@ -597,6 +612,15 @@ def train(
         metrics = _evaluate(model, eval_fn, step)
         metrics["eval_seconds"] = time.perf_counter() - started
         history._append(history.val, {"step": step, "seconds": elapsed(), **metrics})
+        if config.stop_when is not None:
+            name, target = config.stop_when
+            if name not in metrics:
+                raise ValueError(f"stop_when={config.stop_when!r}: {name!r} is not among eval_fn's metrics "
+                                 f"{sorted(metrics)}")
+            reached = metrics[name] >= target if config.best_mode == "max" else metrics[name] <= target
+            # Under DDP every rank must leave the loop at the same step: stop when any rank's metric got there.
+            if distributed.all_reduce_mean(torch.tensor([float(reached)], device=device)).item() > 0:
+                history.stopped_at = step
         if config.keep_best_by is None:
             return
         if config.keep_best_by not in metrics:
@@ -630,8 +654,9 @@ def train(
     bar = runtime.progress(total=config.steps, initial=start, disable=not progress or not main_process, desc="train",
                            unit="step")
     recent: list[float] = []
+    end = config.steps if history.stopped_at is None else start      # a resumed run that had stopped is done
     try:
-        for step in range(start + 1, config.steps + 1):
+        for step in range(start + 1, end + 1):
             task = tasks[0] if len(tasks) == 1 else tasks[int(torch.multinomial(weights, 1, generator=task_generator))]
             batch = to_device(streams[task].next(), device)
             lr = optimizer.param_groups[0]["lr"]
@@ -672,7 +697,7 @@ def train(
             if config.checkpoint_dir is not None:
                 every = config.save_every or config.eval_every
                 if step == config.steps or (every and step % every == 0) or last_eval == step:
-                    save_last(step)
+                    save_last(step)     # a stop follows an evaluation, so the stopped run is saved
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 postfix = {"loss": f"{sum(recent) / len(recent):.4f}", "lr": f"{lr:.2e}"}
@@ -682,6 +707,8 @@ def train(
                     postfix[config.keep_best_by] = f"{history.val[config.keep_best_by][-1]:.4f}"
                 bar.set_postfix(postfix, refresh=False)
                 recent.clear()
+            if history.stopped_at is not None:
+                break
     finally:
         bar.close()
     history.seconds = elapsed()

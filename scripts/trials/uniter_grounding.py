@@ -46,10 +46,6 @@ MIXES = {
 }
 
 
-class Grounded(Exception):
-    """Raised by the probe to end a run early once it has grounded (``--stop-at``)."""
-
-
 def held_out_metrics(model: uniter.UniterForPretraining, pairs: dict, captions: dict,
                      word_ids: dict[str, torch.Tensor]) -> dict[str, float]:
     """ITM accuracy on ``pairs`` (prepared for ITM) and MLM accuracy with every word of a kind masked."""
@@ -109,36 +105,23 @@ def main() -> None:
     model = uniter.UniterForPretraining(config)
     train_config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.steps // 10, betas=(0.9, 0.98),
                                grad_clip=5.0, seed=args.seed, amp=False,
-                               eval_every=args.eval_every or max(1, args.steps // 10))
+                               eval_every=args.eval_every or max(1, args.steps // 10),
+                               stop_when=None if args.stop_at is None else ("shape_mlm", args.stop_at))
     loaders = {task: make_tensor_loader(train_captions, args.batch, seed=args.seed, drop_last=True) for task in mix}
-    probes: list[tuple[int, dict[str, float]]] = []
-
-    def probe(m: uniter.UniterForPretraining) -> dict[str, float]:
-        # train() does not pass the step; evaluations come every eval_every steps (and at the last one).
-        metrics = held_out_metrics(m, pairs, captions, word_ids)
-        probes.append((min(train_config.steps, (len(probes) + 1) * train_config.eval_every), metrics))
-        if args.stop_at is not None and metrics["shape_mlm"] >= args.stop_at:
-            raise Grounded
-        return metrics
-
     start = time.perf_counter()
-    history = None
-    try:
-        history = train(model, loaders, train_config, uniter.pretraining_step, task_mix=mix, eval_fn=probe,
-                        progress=False)
-    except Grounded:
-        pass                                           # the history is lost with the exception; probes has it
+    history = train(model, loaders, train_config, uniter.pretraining_step, task_mix=mix,
+                    eval_fn=lambda m: held_out_metrics(m, pairs, captions, word_ids), progress=False)
     record = {
         "options": vars(args) | {"out": None}, "mix_weights": mix, "seconds": time.perf_counter() - start,
-        "held_out": {k: [[s, round(m[k], 4)] for s, m in probes] for k in ("itm_val", "shape_mlm", "colour_mlm")},
-        "stopped_grounded_at": probes[-1][0] if history is None else None,
+        "held_out": {k: [[s, round(v, 4)] for s, v in zip(*history.series(k))]
+                     for k in ("itm_val", "shape_mlm", "colour_mlm")},
+        "stopped_grounded_at": history.stopped_at,
+        "updates_per_task": {t: len(v[0]) for t, v in history.task_losses().items()},
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=runtime.repo_root()).stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
     }
-    if history is not None:
-        record["updates_per_task"] = {t: len(v[0]) for t, v in history.task_losses().items()}
-    if history is not None and "itm" in mix:
+    if "itm" in mix:
         steps, accuracy = history.series("itm_accuracy", "train")
         n = max(1, len(accuracy) // 10)
         record["itm_train"] = [[steps[min(i + n, len(steps)) - 1], round(sum(accuracy[i:i + n]) / len(accuracy[i:i + n]), 4)]
