@@ -111,10 +111,11 @@ class TrainConfig:
     compile: bool = False              # torch.compile the model on CUDA; ignored on CPU
     checkpoint_dir: str | None = None  # None: no checkpoints
     keep_best_by: str | None = None    # an eval_fn metric, e.g. "val_accuracy"
-    best_mode: str = "max"             # "max" (accuracy) or "min" (a loss); also stop_when's direction
+    best_mode: str = "max"             # "max" (accuracy) or "min" (a loss)
     # (eval_fn metric, value): stop after the first evaluation at which the metric reaches the value,
-    # e.g. ("shape_accuracy", 0.95) to pretrain until grounded (chapter 6). The schedule keeps its length.
+    # e.g. ("shape_accuracy", 0.95) to pretrain until grounded (chapter 6b). The schedule keeps its length.
     stop_when: tuple[str, float] | None = None
+    stop_mode: str = "max"             # "max": stop once metric >= value; "min": once metric <= value
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every"):
@@ -142,14 +143,17 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {self.best_mode!r}")
+        for name in ("best_mode", "stop_mode"):
+            if getattr(self, name) not in ("max", "min"):
+                raise ValueError(f"{name} must be 'max' or 'min', got {getattr(self, name)!r}")
         if self.stop_when is not None:
             stop = tuple(self.stop_when)
             if (len(stop) != 2 or not isinstance(stop[0], str) or isinstance(stop[1], bool)
                     or not isinstance(stop[1], (int, float)) or not math.isfinite(stop[1])):
                 raise ValueError(f"stop_when must be (eval metric name, finite number), got {self.stop_when!r}")
             self.stop_when = (stop[0], float(stop[1]))
+            if self.eval_every is None:
+                raise ValueError(f"stop_when={self.stop_when!r} is checked at evaluations: set eval_every too")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
 
@@ -219,8 +223,8 @@ class History:
     ``step_fn`` returned (NaN in rows that did not report it).
     ``val``: one row per evaluation with ``step``, ``seconds`` and
     ``eval_fn``'s metrics. ``pandas.DataFrame(history.train)`` works as is.
-    ``stopped_at``: the step at which ``config.stop_when`` was met (``None``
-    if the run went on to ``config.steps``).
+    ``stopped_at``: the step of the evaluation at which ``config.stop_when``
+    was met (``None`` if it never was; ``config.steps`` if only the last one met it).
     """
 
     train: dict[str, list] = dataclasses.field(default_factory=lambda: {c: [] for c in _TRAIN_COLUMNS})
@@ -585,6 +589,12 @@ def train(
             streams[t].load_state_dict(s)
         task_generator.set_state(state["task_generator"])
         history = History.from_dict(state["history"])
+        stopped_under = state["train_config"].get("stop_when")
+        if history.stopped_at is not None and (tuple(stopped_under or ()) != tuple(config.stop_when or ())
+                                               or state["train_config"].get("stop_mode", "max") != config.stop_mode):
+            warnings.warn(f"{checkpoint} stopped at step {history.stopped_at} under stop_when={stopped_under!r}; "
+                          f"with stop_when={config.stop_when!r} training goes on", stacklevel=2)
+            history.stopped_at = None
         _set_rng_state(state["rng"])
         start = int(state["step"])
         if distributed.get_rank() > 0:      # the checkpoint holds rank 0's streams; the others re-derive theirs
@@ -617,9 +627,10 @@ def train(
             if name not in metrics:
                 raise ValueError(f"stop_when={config.stop_when!r}: {name!r} is not among eval_fn's metrics "
                                  f"{sorted(metrics)}")
-            reached = metrics[name] >= target if config.best_mode == "max" else metrics[name] <= target
-            # Under DDP every rank must leave the loop at the same step: stop when any rank's metric got there.
-            if distributed.all_reduce_mean(torch.tensor([float(reached)], device=device)).item() > 0:
+            value = float(metrics[name])
+            if distributed.is_distributed():     # every rank must leave the loop at the same step: all use the mean
+                value = distributed.all_reduce_mean(torch.tensor([value], dtype=torch.float64, device=device)).item()
+            if value >= target if config.stop_mode == "max" else value <= target:
                 history.stopped_at = step
         if config.keep_best_by is None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,12 +79,14 @@ def accuracy_right(logits, labels):
 def test_probe_accuracy_check(capsys):
     ch06b.check_probe_accuracy(accuracy_right)
     ch06b.check_probe_accuracy(lambda lo, la: torch.tensor(accuracy_right(lo, la)))     # a 0-d tensor will do
-    assert capsys.readouterr().out.count("Correct") == 2
+    ch06b.check_probe_accuracy(lambda lo, la: np.float32(accuracy_right(lo, la)))       # and a numpy float
+    assert capsys.readouterr().out.count("Correct") == 3
     for wrong, message in [(lambda lo, la: float((lo.argmax(-1) == la).float().mean()), "every position"),
                            (lambda lo, la: float(((lo.argmax(-1) == la) | (la == -100)).float().mean()),
                             "counted the -100 positions as right"),
                            (lambda lo, la: (lo.argmax(-1) == la).float(), "one number"),
-                           (lambda lo, la: "0.5", "return a float"),
+                           (lambda lo, la: "0.4", "return a float"),
+                           (lambda lo, la: 1 - accuracy_right(lo, la), "predicted \\*wrong\\*"),
                            (not_written, "not implemented yet")]:
         with pytest.raises(ExerciseFailure, match=message):
             ch06b.check_probe_accuracy(wrong)

@@ -316,7 +316,7 @@ def test_config_validation_names_the_field():
 
 
 def test_stop_when_ends_the_run_after_the_first_evaluation_that_reaches_the_value(tmp_path):
-    scores = iter([0.2, 0.6, 0.95, 0.99, 1.0])
+    scores = iter([0.2, 0.6, 0.9, 0.99, 1.0])           # the third evaluation equals the value: that counts
     cfg = TrainConfig(steps=10, eval_every=2, stop_when=("accuracy", 0.9), checkpoint_dir=str(tmp_path))
     history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"accuracy": next(scores)},
                     device="cpu", progress=False)
@@ -324,32 +324,63 @@ def test_stop_when_ends_the_run_after_the_first_evaluation_that_reaches_the_valu
     assert history.train["lr"] == lr_schedule(cfg)[:6]          # the schedule keeps the full run's length
     state = torch.load(tmp_path / "last" / "trainer_state.pt", map_location="cpu", weights_only=True)
     assert state["step"] == 6 and History.from_dict(state["history"]).stopped_at == 6
-    # Resuming a stopped run adds nothing (the scores iterator would raise if eval_fn were called again).
+    # Resuming a stopped run adds nothing (the scores iterator would move on if eval_fn were called again).
     again = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"accuracy": next(scores)},
                   device="cpu", progress=False, resume=True)
     assert again.step == 6 and again.stopped_at == 6 and next(scores) == 0.99
 
 
-def test_stop_when_follows_best_mode_and_runs_on_when_never_reached():
+def test_resuming_a_stopped_run_with_another_stop_when_goes_on(tmp_path):
+    scores = iter([0.5, 0.92, 0.95, 0.99])
+    cfg = TrainConfig(steps=10, eval_every=2, stop_when=("accuracy", 0.9), checkpoint_dir=str(tmp_path))
+    first = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"accuracy": next(scores)},
+                  device="cpu", progress=False)
+    assert first.stopped_at == 4
+    stricter = TrainConfig(steps=10, eval_every=2, stop_when=("accuracy", 0.99), checkpoint_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="stopped at step 4.*training goes on"):
+        again = train(DropoutNet(), loaders()["a"], stricter, mse_step,
+                      eval_fn=lambda m: {"accuracy": next(scores)}, device="cpu", progress=False, resume=True)
+    assert again.stopped_at == 8 and again.val["step"] == [2, 4, 6, 8]
+
+
+def test_stop_mode_min_and_a_stop_at_the_last_evaluation():
     losses = iter([3.0, 2.0, 1.5])
-    cfg = TrainConfig(steps=6, eval_every=2, stop_when=("loss", 1.0), best_mode="min")
+    cfg = TrainConfig(steps=6, eval_every=2, stop_when=("loss", 1.0), stop_mode="min")
     history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"loss": next(losses)},
                     device="cpu", progress=False)
     assert history.stopped_at is None and history.step == 6
-    cfg = TrainConfig(steps=6, eval_every=2, stop_when=("loss", 2.5), best_mode="min")
     losses = iter([3.0, 2.0, 1.5])
+    cfg = TrainConfig(steps=6, eval_every=2, stop_when=("loss", 2.5), stop_mode="min")
     history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"loss": next(losses)},
                     device="cpu", progress=False)
     assert history.stopped_at == 4 and len(history.train["step"]) == 4
+    losses = iter([3.0, 2.0, 1.5])
+    cfg = TrainConfig(steps=6, eval_every=2, stop_when=("loss", 1.5), stop_mode="min")
+    history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"loss": next(losses)},
+                    device="cpu", progress=False)
+    assert history.stopped_at == 6 and history.step == 6            # met at the last evaluation
+
+
+def test_stop_mode_is_not_best_mode():
+    """keep_best_by a loss (best_mode "min") must not turn an accuracy target around."""
+    values = iter([{"loss": 2.0, "accuracy": 0.3}, {"loss": 1.0, "accuracy": 0.95}, {"loss": 0.5, "accuracy": 1.0}])
+    cfg = TrainConfig(steps=6, eval_every=2, keep_best_by="loss", best_mode="min", stop_when=("accuracy", 0.9))
+    history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: next(values), device="cpu",
+                    progress=False)
+    assert history.stopped_at == 4 and history.best_step == 4
 
 
 def test_stop_when_is_checked():
     for bad in (("accuracy",), (0.9, "accuracy"), ("accuracy", float("nan")), ("accuracy", True)):
         with pytest.raises(ValueError, match="stop_when"):
-            TrainConfig(stop_when=bad)
+            TrainConfig(eval_every=1, stop_when=bad)
+    with pytest.raises(ValueError, match="set eval_every"):
+        TrainConfig(stop_when=("accuracy", 0.9))
+    with pytest.raises(ValueError, match="stop_mode"):
+        TrainConfig(eval_every=1, stop_when=("accuracy", 0.9), stop_mode="up")
     with pytest.raises(ValueError, match="stop_when.*eval_fn"):
-        train(DropoutNet(), loaders()["a"], TrainConfig(steps=2, stop_when=("accuracy", 0.9)), mse_step,
-              device="cpu", progress=False)
+        train(DropoutNet(), loaders()["a"], TrainConfig(steps=2, eval_every=1, stop_when=("accuracy", 0.9)),
+              mse_step, device="cpu", progress=False)
     with pytest.raises(ValueError, match="'accuracy' is not among eval_fn's metrics"):
         train(DropoutNet(), loaders()["a"], TrainConfig(steps=2, eval_every=1, stop_when=("accuracy", 0.9)),
               mse_step, eval_fn=lambda m: {"score": 1.0}, device="cpu", progress=False)
@@ -362,21 +393,19 @@ def _stop_on_one_rank(rank, store_path, out_dir):
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        evaluations = []
-
-        def eval_fn(model):               # only rank 1 reaches the value, at its second evaluation
-            evaluations.append(1)
-            return {"accuracy": 1.0 if rank == 1 and len(evaluations) == 2 else 0.0}
-
+        # Each rank scores its own shard: the mean over ranks is 0.5 at the first evaluation
+        # (rank 1 alone is above 0.9) and 0.95 at the second.
+        scores = iter([0.0, 0.9] if rank == 0 else [1.0, 1.0])
         cfg = TrainConfig(steps=10, eval_every=2, stop_when=("accuracy", 0.9))
-        history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=eval_fn, device="cpu", progress=False)
+        history = train(DropoutNet(), loaders()["a"], cfg, mse_step, eval_fn=lambda m: {"accuracy": next(scores)},
+                        device="cpu", progress=False)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"step": history.step, "stopped_at": history.stopped_at}, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_stop_when_stops_every_ddp_rank_at_the_same_step(tmp_path):
+def test_stop_when_stops_every_ddp_rank_at_the_same_step_on_the_mean_over_ranks(tmp_path):
     """Were one rank to stop alone, the other would wait for it in DDP's all-reduce for ever."""
     torch.multiprocessing.start_processes(_stop_on_one_rank, args=(str(tmp_path / "store"), str(tmp_path)),
                                           nprocs=2, start_method="fork")
