@@ -108,6 +108,11 @@ def main() -> None:
                                eval_every=args.eval_every or max(1, args.steps // 10),
                                stop_when=None if args.stop_at is None else ("shape_mlm", args.stop_at))
     loaders = {task: make_tensor_loader(train_captions, args.batch, seed=args.seed, drop_last=True) for task in mix}
+    # The code that runs is the code at the start: a commit made while the run trains must not be recorded.
+    git = ["git", "-C", runtime.repo_root()]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "fusionlib", "scripts/trials"],
+                                capture_output=True, text=True).stdout.strip())
     start = time.perf_counter()
     history = train(model, loaders, train_config, uniter.pretraining_step, task_mix=mix,
                     eval_fn=lambda m: held_out_metrics(m, pairs, captions, word_ids), progress=False)
@@ -117,8 +122,7 @@ def main() -> None:
                      for k in ("itm_val", "shape_mlm", "colour_mlm")},
         "stopped_grounded_at": history.stopped_at,
         "updates_per_task": {t: len(v[0]) for t, v in history.task_losses().items()},
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=runtime.repo_root()).stdout.strip(),
+        "commit": commit, "uncommitted_changes": dirty,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
     }
     if "itm" in mix:
