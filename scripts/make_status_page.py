@@ -65,8 +65,9 @@ def main() -> int:
         if results.exists():
             record = json.loads(results.read_text(encoding="utf-8"))
             recorded = f"`results/{results.name}` ({record.get('profile', '?')}, {record.get('date', '?')[:10]})"
-        title = path.stem.split("_", 1)
-        label = f"{int(title[0])}. {title[1].replace('_', ' ')}" if title[0].isdigit() else path.stem
+        number, _, name = path.stem.partition("_")
+        chapter = re.fullmatch(r"0*(\d+)([a-z]?)", number)          # "06b_uniter_ablation" -> "6b. uniter ablation"
+        label = f"{chapter[1]}{chapter[2]}. {name.replace('_', ' ')}" if chapter else path.stem
         rows.append(f"| {{doc}}`{label} <../{entry}>` | {status['profile']} | {status['device']} | {status['wall']} "
                     f"| {status['date']} | {recorded} |")
     page = "\n".join([
