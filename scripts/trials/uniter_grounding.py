@@ -48,11 +48,11 @@ MIXES = {
 
 def held_out_metrics(model: uniter.UniterForPretraining, pairs: dict, captions: dict,
                      word_ids: dict[str, torch.Tensor]) -> dict[str, float]:
-    """ITM accuracy on ``pairs`` (prepared for ITM) and MLM accuracy with every word of a kind masked."""
-    model.eval()
-    with torch.no_grad():
-        logits = model.itm_logits(pairs)
-    model.train()
+    """ITM accuracy on ``pairs`` (prepared for ITM) and MLM accuracy with every word of a kind masked.
+
+    The ``eval_fn`` of :func:`fusionlib.train.train`, which calls it in eval mode under ``torch.no_grad()``.
+    """
+    logits = model.itm_logits(pairs)
     result = {"itm_val": float((logits.argmax(-1) == pairs["itm_labels"]).float().mean())}
     for kind, ids in word_ids.items():
         result[f"{kind}_mlm"] = uniter.masked_word_accuracy(model, captions, ids)
