@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["vqa_accuracy", "evaluate_vqa", "recall_at_k", "image_text_recall", "itm_accuracy"]
+__all__ = ["vqa_accuracy", "evaluate_vqa", "recall_at_k", "image_text_recall", "retrieval_chance", "itm_accuracy"]
 
 
 def _as_predictions(logits_or_preds: Tensor) -> Tensor:
@@ -189,6 +189,26 @@ def image_text_recall(similarity: Tensor, caption_image: Tensor, ks: Sequence[in
     i2t = recall_at_k(similarity, torch.arange(ni, device=similarity.device)[:, None] == owner[None, :], ks)
     t2i = recall_at_k(similarity.t(), owner, ks)
     return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
+
+
+def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """The recall@K of a random ranking, for the keys of :func:`image_text_recall` (chapters 5, 6 and 6b).
+
+    Text to image: each caption has one right image among ``num_images``, so
+    ``K / num_images``. Image to text: an image has ``captions_per_image``
+    right captions among ``num_images * captions_per_image``, and a hit needs
+    any of them in the top K: ``1 - C(N_c - c, K) / C(N_c, K)``.
+    """
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    if not isinstance(captions_per_image, int) or captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
+    if not ks or any(not isinstance(k, int) or k <= 0 for k in ks):
+        raise ValueError(f"ks must be positive ints, got {ks}")
+    n_c = num_images * captions_per_image
+    chance = {f"i2t_R@{k}": 1 - math.comb(n_c - captions_per_image, k) / math.comb(n_c, k) for k in ks}
+    chance.update({f"t2i_R@{k}": min(1.0, k / num_images) for k in ks})
+    return chance
 
 
 def itm_accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> float:

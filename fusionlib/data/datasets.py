@@ -44,7 +44,7 @@ with an ``Image`` feature, the form real corpora arrive in (``fusionlib.data.hub
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -310,6 +310,44 @@ def to_hf_dataset(scenes: Sequence[Any], kind: str = "captions") -> "datasets.Da
 
 
 STANDARDISED_KEYS = ("region_feats", "region_loc5", "region_loc7")
+
+
+class RetrievalSet(NamedTuple):
+    """Images and captions for retrieval (chapters 5, 6 and 6b); see :func:`retrieval_set`."""
+
+    images: dict[str, Tensor]      # the region keys of a batch, (N_images, R, ...) and image_feats (N_images, D)
+    captions: dict[str, Tensor]    # input_ids and attention_mask, (N_captions, T)
+    caption_image: Tensor          # (N_captions,) long: the row of ``images`` each caption describes
+
+
+def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any,
+                  statistics: dict[str, tuple[Tensor, Tensor]] | None = None) -> RetrievalSet:
+    """Every caption of ``scenes`` against every one of their images, for recall@K.
+
+    The images are in the order of ``scenes``, once each; the captions follow
+    :class:`CaptionDataset` (scene by scene). With ``statistics`` (what
+    :meth:`TensorBatches.standardise` returned on the training split) the
+    region features and locations are z-scored as the model saw them in
+    training. Score a model on it with, e.g.,
+    ``image_text_recall(itm_similarity(model, s.images, s.captions), s.caption_image)``.
+    """
+    if len(scenes) == 0:
+        raise ValueError("scenes must hold at least one scene, got none")
+    silent = [s.index for s in scenes if not s.captions]
+    if silent:
+        raise ValueError(f"every scene needs a caption to be retrieved by; scenes {silent[:5]} have none")
+    items = CaptionDataset(scenes, features, tokenizer)
+    batch = collate([items[i] for i in range(len(items))], pad_token_id=tokenizer.pad_token_id)
+    position = {int(s.index): p for p, s in enumerate(scenes)}
+    if len(position) != len(scenes):
+        raise ValueError("scenes must not repeat a scene (two images with one index cannot be told apart)")
+    caption_image = torch.tensor([position[int(i)] for i in batch["image_index"]], dtype=torch.long)
+    first_caption = torch.searchsorted(caption_image, torch.arange(len(scenes)))      # captions come scene by scene
+    images = {k: batch[k][first_caption] for k in REGION_KEYS if k != "image_index"}
+    if statistics is not None:
+        images = standardise_batch(images, statistics)
+    captions = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    return RetrievalSet(images, captions, caption_image)
 
 
 def standardise_batch(batch: dict[str, Tensor], statistics: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
