@@ -11,8 +11,11 @@ from fusionlib.data.datasets import (
     QUESTION_KEYS,
     CaptionDataset,
     QuestionDataset,
+    TensorBatches,
     collate,
     make_loader,
+    retrieval_set,
+    standardise_batch,
     to_hf_dataset,
 )
 from fusionlib.data.shapes import QUESTION_FAMILIES, WorldConfig, answer_vocab, generate_split
@@ -160,3 +163,37 @@ def test_hf_dataset_has_an_image_feature_and_the_right_rows(scenes):
                                                                          src.relational)
     with pytest.raises(ValueError, match="kind"):
         to_hf_dataset(few, "images")
+
+
+def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, tokenizer, captions):
+    chosen = [scenes[5], scenes[2], scenes[9]]                     # not in index order: rows follow `chosen`
+    images, texts, caption_image = retrieval_set(chosen, features, tokenizer)
+    per_scene = [len(s.captions) for s in chosen]
+    assert caption_image.tolist() == [p for p, n in enumerate(per_scene) for _ in range(n)]
+    assert texts["input_ids"].shape[0] == sum(per_scene) and set(texts) == {"input_ids", "attention_mask"}
+    decoded = [tokenizer.decode(ids[mask], skip_special_tokens=True)
+               for ids, mask in zip(texts["input_ids"], texts["attention_mask"])]
+    assert decoded == [c for s in chosen for c in s.captions]
+    for p, scene in enumerate(chosen):
+        row = features.row(scene.index)
+        assert torch.equal(images["region_feats"][p], features.feats[row])
+        assert torch.equal(images["region_mask"][p], features.mask[row])
+        assert torch.equal(images["region_loc7"][p], features.loc7[row])
+    assert "image_index" not in images and images["image_feats"].shape == (3, features.feature_dim)
+
+
+def test_retrieval_set_standardises_like_standardise_batch(scenes, features, tokenizer):
+    stats = TensorBatches(CaptionDataset(scenes, features, tokenizer)).standardise()
+    plain = retrieval_set(scenes[:4], features, tokenizer)
+    scaled = retrieval_set(scenes[:4], features, tokenizer, stats)
+    expected = standardise_batch(plain.images, stats)
+    for key in expected:
+        assert torch.equal(scaled.images[key], expected[key]), key
+    assert not torch.equal(scaled.images["region_feats"], plain.images["region_feats"])
+
+
+def test_retrieval_set_rejects_no_scenes_and_repeated_scenes(scenes, features, tokenizer):
+    with pytest.raises(ValueError, match="at least one scene"):
+        retrieval_set([], features, tokenizer)
+    with pytest.raises(ValueError, match="repeat"):
+        retrieval_set([scenes[1], scenes[1]], features, tokenizer)

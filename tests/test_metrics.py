@@ -1,5 +1,6 @@
 """fusionlib.metrics against hand-computed cases (chapters 3-6)."""
 
+import itertools
 import math
 
 import pytest
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fusionlib.metrics import evaluate_vqa, image_text_recall, itm_accuracy, recall_at_k, vqa_accuracy
+from fusionlib.metrics import (evaluate_vqa, image_text_recall, itm_accuracy, recall_at_k, retrieval_chance,
+                               vqa_accuracy)
 
 FAMILIES = ("shape", "left", "top", "closest", "furthest", "count")
 
@@ -107,3 +109,28 @@ def test_itm_accuracy_hand_computed():
     assert math.isnan(itm_accuracy(torch.tensor([0.5]), torch.tensor([-100])))
     with pytest.raises(ValueError, match="labels"):
         itm_accuracy(torch.tensor([0.5]), torch.tensor([2]))
+
+
+def test_retrieval_chance_is_the_mean_recall_of_every_ranking():
+    # 3 images with 2 captions each: average the recall of image_text_recall over every ordering of
+    # the scores, which is what a random ranking draws from.
+    num_images, per_image, ks = 3, 2, (1, 2, 5)
+    caption_image = torch.arange(num_images).repeat_interleave(per_image)          # (6,)
+    totals: dict[str, float] = {}
+    orders = list(itertools.permutations(range(num_images * per_image)))
+    for n, order in enumerate(orders):
+        captions_first = torch.tensor(order, dtype=torch.float32)                  # one ranking of the captions
+        images_first = torch.tensor(orders[(7 * n) % len(orders)][:num_images], dtype=torch.float32)
+        sim = captions_first[None, :] + 100 * images_first[:, None]                # i2t by captions, t2i by images
+        for key, value in image_text_recall(sim, caption_image, ks).items():
+            totals[key] = totals.get(key, 0.0) + value
+    chance = retrieval_chance(num_images, per_image, ks)
+    assert chance == pytest.approx({k: v / len(orders) for k, v in totals.items()}, abs=1e-6)   # recall is a float32 mean
+    assert chance["t2i_R@5"] == 1.0 and chance["i2t_R@1"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("args, match", [((0, 5), "num_images"), ((40, 0), "captions_per_image"),
+                                         ((40, 5, (0,)), "ks"), ((2.5, 5), "num_images")])
+def test_retrieval_chance_rejects_bad_sizes(args, match):
+    with pytest.raises(ValueError, match=match):
+        retrieval_chance(*args)
