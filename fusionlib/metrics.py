@@ -9,6 +9,7 @@ questions in a batch) reports accuracy ``nan`` and count 0: undefined, not 0.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -192,21 +193,21 @@ def image_text_recall(similarity: Tensor, caption_image: Tensor, ks: Sequence[in
 
 
 def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """The recall@K of a random ranking, for the keys of :func:`image_text_recall` (chapters 5, 6 and 6b).
+    """The recall@K of a random ranking, for the keys of :func:`image_text_recall` (chapter 6b).
 
     Text to image: each caption has one right image among ``num_images``, so
     ``K / num_images``. Image to text: an image has ``captions_per_image``
     right captions among ``num_images * captions_per_image``, and a hit needs
     any of them in the top K: ``1 - C(N_c - c, K) / C(N_c, K)``.
     """
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-    if not isinstance(captions_per_image, int) or captions_per_image < 1:
-        raise ValueError(f"captions_per_image must be a positive int, got {captions_per_image!r}")
-    if not ks or any(not isinstance(k, int) or k <= 0 for k in ks):
+    for name, value in (("num_images", num_images), ("captions_per_image", captions_per_image)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 for k in ks):
         raise ValueError(f"ks must be positive ints, got {ks}")
-    n_c = num_images * captions_per_image
-    chance = {f"i2t_R@{k}": 1 - math.comb(n_c - captions_per_image, k) / math.comb(n_c, k) for k in ks}
+    n_c, c = int(num_images) * int(captions_per_image), int(captions_per_image)
+    # Once K exceeds the wrong captions, every top K holds a right one: C(n_c - c, K) is then 0.
+    chance = {f"i2t_R@{k}": 1 - math.comb(n_c - c, k) / math.comb(n_c, k) if k <= n_c else 1.0 for k in ks}
     chance.update({f"t2i_R@{k}": min(1.0, k / num_images) for k in ks})
     return chance
 

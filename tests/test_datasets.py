@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from fusionlib.data.datasets import (
     CAPTION_KEYS,
     QUESTION_KEYS,
+    REGION_KEYS,
     CaptionDataset,
     QuestionDataset,
     TensorBatches,
@@ -165,7 +167,7 @@ def test_hf_dataset_has_an_image_feature_and_the_right_rows(scenes):
         to_hf_dataset(few, "images")
 
 
-def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, tokenizer, captions):
+def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, tokenizer):
     chosen = [scenes[5], scenes[2], scenes[9]]                     # not in index order: rows follow `chosen`
     images, texts, caption_image = retrieval_set(chosen, features, tokenizer)
     per_scene = [len(s.captions) for s in chosen]
@@ -174,12 +176,15 @@ def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, token
     decoded = [tokenizer.decode(ids[mask], skip_special_tokens=True)
                for ids, mask in zip(texts["input_ids"], texts["attention_mask"])]
     assert decoded == [c for s in chosen for c in s.captions]
+    # Each image row is the batch a scene's first caption gives, region key by region key.
+    first_items = collate([CaptionDataset([scene], features, tokenizer)[0] for scene in chosen])
+    assert set(images) == set(REGION_KEYS) - {"image_index"}
+    for key in images:
+        assert torch.equal(images[key], first_items[key]), key
     for p, scene in enumerate(chosen):
         row = features.row(scene.index)
         assert torch.equal(images["region_feats"][p], features.feats[row])
-        assert torch.equal(images["region_mask"][p], features.mask[row])
-        assert torch.equal(images["region_loc7"][p], features.loc7[row])
-    assert "image_index" not in images and images["image_feats"].shape == (3, features.feature_dim)
+        assert torch.equal(images["region_loc5"][p], features.loc5[row])
 
 
 def test_retrieval_set_standardises_like_standardise_batch(scenes, features, tokenizer):
@@ -195,5 +200,7 @@ def test_retrieval_set_standardises_like_standardise_batch(scenes, features, tok
 def test_retrieval_set_rejects_no_scenes_and_repeated_scenes(scenes, features, tokenizer):
     with pytest.raises(ValueError, match="at least one scene"):
         retrieval_set([], features, tokenizer)
-    with pytest.raises(ValueError, match="repeat"):
-        retrieval_set([scenes[1], scenes[1]], features, tokenizer)
+    with pytest.raises(ValueError, match=rf"repeat.*\[{scenes[1].index}\]"):
+        retrieval_set([scenes[1], scenes[2], scenes[1]], features, tokenizer)
+    with pytest.raises(ValueError, match="needs a caption"):
+        retrieval_set([dataclasses.replace(scenes[1], captions=[])], features, tokenizer)

@@ -130,7 +130,18 @@ def test_retrieval_chance_is_the_mean_recall_of_every_ranking():
 
 
 @pytest.mark.parametrize("args, match", [((0, 5), "num_images"), ((40, 0), "captions_per_image"),
-                                         ((40, 5, (0,)), "ks"), ((2.5, 5), "num_images")])
+                                         ((40, 5, (0,)), "ks"), ((2.5, 5), "num_images"),
+                                         ((True, 5), "num_images")])
 def test_retrieval_chance_rejects_bad_sizes(args, match):
     with pytest.raises(ValueError, match=match):
         retrieval_chance(*args)
+
+
+def test_retrieval_chance_when_k_exceeds_the_captions():
+    # 2 images x 2 captions: from K = 3 on every top K holds one of an image's captions.
+    sim = torch.tensor([[0.1, 0.2, 0.9, 0.8], [0.1, 0.2, 0.9, 0.8]])
+    recall = image_text_recall(sim, torch.tensor([0, 0, 1, 1]), ks=(3, 4, 9))
+    chance = retrieval_chance(2, 2, ks=(3, 4, 9))
+    assert {k: v for k, v in chance.items() if k.startswith("i2t")} == {"i2t_R@3": 1.0, "i2t_R@4": 1.0, "i2t_R@9": 1.0}
+    assert all(recall[k] == 1.0 for k in chance if k.startswith("i2t"))
+    assert retrieval_chance(1, 5, ks=(1, 10)) == {"i2t_R@1": 1.0, "i2t_R@10": 1.0, "t2i_R@1": 1.0, "t2i_R@10": 1.0}

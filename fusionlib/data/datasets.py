@@ -43,6 +43,7 @@ with an ``Image`` feature, the form real corpora arrive in (``fusionlib.data.hub
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, NamedTuple, Sequence
 
@@ -313,7 +314,7 @@ STANDARDISED_KEYS = ("region_feats", "region_loc5", "region_loc7")
 
 
 class RetrievalSet(NamedTuple):
-    """Images and captions for retrieval (chapters 5, 6 and 6b); see :func:`retrieval_set`."""
+    """Images and captions for retrieval (chapter 6b); see :func:`retrieval_set`."""
 
     images: dict[str, Tensor]      # the region keys of a batch, (N_images, R, ...) and image_feats (N_images, D)
     captions: dict[str, Tensor]    # input_ids and attention_mask, (N_captions, T)
@@ -333,14 +334,17 @@ def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: An
     """
     if len(scenes) == 0:
         raise ValueError("scenes must hold at least one scene, got none")
+    indices = [int(s.index) for s in scenes]
+    repeated = sorted(i for i, n in collections.Counter(indices).items() if n > 1)
+    if repeated:
+        raise ValueError(f"scenes must not repeat a scene (one image would count as two); "
+                         f"scene indices {repeated[:5]} appear more than once")
     silent = [s.index for s in scenes if not s.captions]
     if silent:
         raise ValueError(f"every scene needs a caption to be retrieved by; scenes {silent[:5]} have none")
     items = CaptionDataset(scenes, features, tokenizer)
     batch = collate([items[i] for i in range(len(items))], pad_token_id=tokenizer.pad_token_id)
-    position = {int(s.index): p for p, s in enumerate(scenes)}
-    if len(position) != len(scenes):
-        raise ValueError("scenes must not repeat a scene (two images with one index cannot be told apart)")
+    position = {index: p for p, index in enumerate(indices)}
     caption_image = torch.tensor([position[int(i)] for i in batch["image_index"]], dtype=torch.long)
     first_caption = torch.searchsorted(caption_image, torch.arange(len(scenes)))      # captions come scene by scene
     images = {k: batch[k][first_caption] for k in REGION_KEYS if k != "image_index"}

@@ -20,10 +20,10 @@ With ``--finetune-steps N`` the pretrained encoder (or, with ``--mix none``, a
 fresh one) is then fine-tuned for N steps on chapter 6's low-label VQA set (the
 first 10% of the training scenes) and scored on the test questions, and its ITM
 head ranks the captions of the first ``--retrieval-images`` test images: chapter
-6b's fine-tuned ablation, run for every row and seed (section 6b.5), e.g.::
+6b's fine-tuned ablation, run for every row and seed (section 6b.6), e.g.::
 
     python scripts/trials/uniter_grounding.py --mix mlm+itm --no-wra --steps 4800 --eval-every 150 \
-        --stop-at 0.95 --finetune-steps 250
+        --stop-at 0.95 --finetune-steps 250 --out results/trials/06b_finetuned_ablation.jsonl
 
 Each run uses one CPU thread (2 cores run two trials side by side); a 4-layer
 run of 3,000 steps of 128 took 11 minutes that way, 1,200 steps of 512 18 minutes.
@@ -35,6 +35,7 @@ import json
 import os
 import subprocess
 import time
+from typing import Any
 
 import torch
 
@@ -72,12 +73,15 @@ def held_out_metrics(model: uniter.UniterForPretraining, pairs: dict, captions: 
 
 
 def finetune_and_retrieve(model: uniter.UniterForPretraining, args: argparse.Namespace, world: WorldConfig,
-                          scenes: dict, feats: dict, tok, stats: dict) -> dict:
+                          scenes: dict, feats: dict, tok: Any, stats: dict) -> dict:
     """Chapter 6b's evaluation of a pretrained encoder: low-label VQA fine-tuning and ITM retrieval.
 
     Fine-tunes a copy of the encoder (mean pooling, as chapter 6's VQA model) on
     the questions of the first 10% of the training scenes; the retrieval uses the
-    pretrained ITM head itself, as chapter 6b does.
+    pretrained ITM head itself, as chapter 6b does. Returns ``vqa`` (accuracy,
+    relational and non-relational accuracy on the test split), the two set
+    sizes, ``retrieval`` (``i2t_R@K``/``t2i_R@K``), its ``retrieval_chance``,
+    the ``retrieval_set`` sizes and the ``seconds`` all of it took.
     """
     answers = answer_vocab(world)
     low_label = TensorBatches(QuestionDataset(scenes["train"][: len(scenes["train"]) // 10], feats["train"], tok, answers))
@@ -92,14 +96,15 @@ def finetune_and_retrieve(model: uniter.UniterForPretraining, args: argparse.Nam
     train(vqa, make_tensor_loader(low_label, args.batch, seed=args.seed, drop_last=True), config, uniter.vqa_step,
           progress=False)
     scores = evaluate_vqa(vqa, make_tensor_loader(test, 1024, shuffle=False))
-    ret = retrieval_set(scenes["test"][: args.retrieval_images], feats["test"], tok, stats)
+    retrieval_scenes = scenes["test"][: args.retrieval_images]
+    ret = retrieval_set(retrieval_scenes, feats["test"], tok, stats)
     with torch.no_grad():
         similarity = uniter.itm_similarity(model.eval(), ret.images, ret.captions, batch_size=512)   # (N_i, N_c)
     return {"vqa": {k: scores[k] for k in ("accuracy", "relational_accuracy", "non_relational_accuracy")},
             "test_questions": len(test), "low_label_questions": len(low_label),
             "retrieval": image_text_recall(similarity, ret.caption_image),
-            "retrieval_chance": retrieval_chance(args.retrieval_images, world.num_captions),
-            "retrieval_set": {"images": args.retrieval_images, "captions": len(ret.caption_image)},
+            "retrieval_chance": retrieval_chance(len(retrieval_scenes), world.num_captions),
+            "retrieval_set": {"images": len(retrieval_scenes), "captions": len(ret.caption_image)},
             "seconds": time.perf_counter() - start}
 
 
@@ -128,6 +133,14 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(runtime.repo_root(), "results", "trials",
                                                       "06_uniter_grounding.jsonl"))
     args = parser.parse_args()
+    # Checked here, not hours later when pretraining is over and the record would be lost.
+    if args.finetune_steps < 0:
+        parser.error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.mix == "none" and not args.finetune_steps:
+        parser.error("--mix none pretrains nothing: it needs --finetune-steps > 0")
+    if args.finetune_steps and not 2 <= args.retrieval_images <= WorldConfig().num_test:
+        parser.error(f"--retrieval-images must be in [2, {WorldConfig().num_test}] (the test images), "
+                     f"got {args.retrieval_images}")
     torch.set_num_threads(args.threads)
 
     world, detector = WorldConfig(), DetectorConfig()
