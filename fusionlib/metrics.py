@@ -9,7 +9,6 @@ questions in a batch) reports accuracy ``nan`` and count 0: undefined, not 0.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Sequence
 
 import torch
@@ -201,12 +200,13 @@ def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int]
     any of them in the top K: ``1 - C(N_c - c, K) / C(N_c, K)``.
     """
     for name, value in (("num_images", num_images), ("captions_per_image", captions_per_image)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0 for k in ks):
+    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in ks):
         raise ValueError(f"ks must be positive ints, got {ks}")
-    n_c, c = int(num_images) * int(captions_per_image), int(captions_per_image)
-    # Once K exceeds the wrong captions, every top K holds a right one: C(n_c - c, K) is then 0.
+    n_c, c = num_images * captions_per_image, captions_per_image
+    # With K above the wrong captions C(n_c - c, K) is 0 and the formula gives 1; with K above all
+    # the captions C(n_c, K) is 0 too, and every caption is in the top K anyway.
     chance = {f"i2t_R@{k}": 1 - math.comb(n_c - c, k) / math.comb(n_c, k) if k <= n_c else 1.0 for k in ks}
     chance.update({f"t2i_R@{k}": min(1.0, k / num_images) for k in ks})
     return chance

@@ -98,8 +98,7 @@ def finetune_and_retrieve(model: uniter.UniterForPretraining, args: argparse.Nam
     scores = evaluate_vqa(vqa, make_tensor_loader(test, 1024, shuffle=False))
     retrieval_scenes = scenes["test"][: args.retrieval_images]
     ret = retrieval_set(retrieval_scenes, feats["test"], tok, stats)
-    with torch.no_grad():
-        similarity = uniter.itm_similarity(model.eval(), ret.images, ret.captions, batch_size=512)   # (N_i, N_c)
+    similarity = uniter.itm_similarity(model, ret.images, ret.captions, batch_size=512)   # (N_i, N_c)
     return {"vqa": {k: scores[k] for k in ("accuracy", "relational_accuracy", "non_relational_accuracy")},
             "test_questions": len(test), "low_label_questions": len(low_label),
             "retrieval": image_text_recall(similarity, ret.caption_image),
