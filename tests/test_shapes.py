@@ -142,11 +142,15 @@ def test_text_and_layout_of_scene_zero_are_pinned():
     # If generation changes on purpose, bump shapes.WORLD_VERSION (cache keys) and update this hash.
     scene = S.generate_scene(WorldConfig(), 0, "train")
     record = S.scene_to_dict(scene)
+    # Descriptions are drawn after everything else, so the rest of the scene kept its pin when they came.
+    description = record.pop("description")
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     assert digest == PINNED_SCENE_ZERO, (digest, S.describe(scene))
+    assert hashlib.sha256(description.encode()).hexdigest()[:16] == PINNED_DESCRIPTION_ZERO, description
 
 
 PINNED_SCENE_ZERO = "4a76aff60f91b4fe"
+PINNED_DESCRIPTION_ZERO = "9b35a5cc2a185b9a"
 
 
 # ----------------------------------------------------------------------------- splits and indices
@@ -411,6 +415,11 @@ def test_caption_checker_rejects_false_claims(small_scenes):
     (dict(seed=-1), "seed"),
     (dict(num_questions=3), "num_questions"),
     (dict(num_captions=2), "num_captions"),
+    (dict(description_facts=0), "description_facts"),
+    (dict(description_facts=13), "description_facts"),
+    (dict(description_kinds=()), "description_kinds"),
+    (dict(description_kinds=("relation", "relation")), "description_kinds"),
+    (dict(description_kinds="relation"), "description_kinds"),
 ])
 def test_impossible_configs_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"WorldConfig\.{field}\b"):
@@ -446,8 +455,9 @@ def test_answer_vocab_and_classes():
 def test_config_key_is_stable_and_sensitive():
     assert WorldConfig().key() == WorldConfig().key() and len(WorldConfig().key()) == 12
     keys = {WorldConfig().key(), WorldConfig(seed=1).key(), WorldConfig(num_train=10).key(),
-            WorldConfig(shapes=S.KNOWN_SHAPES).key(), WorldConfig(min_objects=3).key()}
-    assert len(keys) == 5
+            WorldConfig(shapes=S.KNOWN_SHAPES).key(), WorldConfig(min_objects=3).key(),
+            WorldConfig(description_facts=3).key()}
+    assert len(keys) == 6
 
 
 def test_scene_to_dict_is_json_and_describe_reads(small_scenes):
@@ -457,7 +467,8 @@ def test_scene_to_dict_is_json_and_describe_reads(small_scenes):
     assert record["questions"][0]["answer"] == scene.questions[0].answer
     assert len(record["objects"]) == 6 and record["objects"][0]["box"] == list(scene.objects[0].box)
     text = S.describe(scene)
-    assert scene.captions[0] in text and scene.questions[-1].text in text
+    assert scene.captions[0] in text and scene.questions[-1].text in text and scene.description in text
+    assert record["description"] == scene.description
 
 
 def test_render_rejects_a_box_outside_the_image():

@@ -10,7 +10,10 @@ world, following Sort-of-CLEVR (Santoro et al., 2017):
   (red, green, blue, orange, gray, yellow), each a square or a circle, with no
   two boxes touching;
 - for each scene, captions that describe objects and spatial relations in
-  several templates and word orders (for pretraining: MLM, ITM, contrastive);
+  several templates and word orders (for pretraining: MLM, ITM, contrastive),
+  each true of the scene by the rules of :mod:`fusionlib.data.truth`;
+- a description: several such facts joined by "and", enough to single out
+  the scene among the others (a short caption fits many scenes);
 - 20 questions in natural language, 10 non-relational (``shape``, ``left``,
   ``top``) and 10 relational (``closest``, ``furthest``, ``count``), each with
   an answer computed exactly from the geometry.
@@ -157,10 +160,12 @@ class WorldConfig:
     seed: int = 0
     num_questions: int = 20         # per scene; half non-relational, half relational
     num_captions: int = 5           # distinct captions per scene (>= 3)
+    description_facts: int = 5      # facts joined into each scene's description (one per object where possible)
+    description_kinds: tuple[str, ...] = ("relation", "location", "nearest", "farthest")  # kinds they take turns
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so the config stays hashable.
-        for name in ("shapes", "colors"):
+        for name in ("shapes", "colors", "description_kinds"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, (tuple, list)):
                 raise ValueError(f"WorldConfig.{name} must be a tuple of names, got {value!r}")
@@ -231,6 +236,18 @@ class WorldConfig:
         check_int("num_captions", 3)
         if self.num_captions > 12:
             raise ValueError(f"WorldConfig.num_captions must be <= 12, got {self.num_captions}")
+        check_int("description_facts", 1)
+        if self.description_facts > 12:
+            raise ValueError(f"WorldConfig.description_facts must be <= 12, got {self.description_facts}")
+        if not self.description_kinds:
+            raise ValueError("WorldConfig.description_kinds must name at least one caption kind, got ()")
+        unknown = [k for k in self.description_kinds if k not in CAPTION_KINDS]
+        if unknown or len(set(self.description_kinds)) != len(self.description_kinds):
+            raise ValueError(f"WorldConfig.description_kinds must be distinct kinds among {CAPTION_KINDS}, "
+                             f"got {self.description_kinds}")
+        if self.description_facts > 1 and self.description_kinds == ("count",):
+            raise ValueError("WorldConfig.description_kinds = ('count',) gives one fact only; "
+                             f"add another kind or set description_facts = 1, got {self.description_facts}")
 
     def key(self) -> str:
         """A short stable hash of every field (and the generator version), for cache names."""
@@ -281,6 +298,7 @@ class Scene:
     objects: list[SceneObject]
     captions: list[str]              # >= 3 distinct captions
     questions: list[Question]        # 20 per scene by default (non-relational first)
+    description: str = ""            # several facts joined by "and", enough to single out the scene
 
 
 # --------------------------------------------------------------------------- vocabularies
@@ -557,15 +575,16 @@ def _np(obj: SceneObject, stream: _Stream) -> str:
     return _the(obj) if stream.below(2) else _a(obj)
 
 
-def _relation_caption(objects: list[SceneObject], stream: _Stream) -> str:
+def _relation_caption(objects: list[SceneObject], stream: _Stream, i: int | None = None) -> str:
     """"a red circle is left of the blue square" and friends, true by box separation.
 
     The relation is said along an axis where the two boxes do not overlap at
     all (one always exists, as boxes never touch), so it is visibly true, not
-    just true of the centres.
+    just true of the centres. ``i`` picks the first object (random if None).
     """
     n = len(objects)
-    i = stream.below(n)
+    if i is None:
+        i = stream.below(n)
     j = (i + 1 + stream.below(n - 1)) % n
     a, b = objects[i], objects[j]
     ax1, ay1, ax2, ay2 = a.box
@@ -588,9 +607,9 @@ def _relation_caption(objects: list[SceneObject], stream: _Stream) -> str:
     return f"{rel} {_the(b)} is {_a(a)}"
 
 
-def _location_caption(objects: list[SceneObject], stream: _Stream, image_size: int) -> str:
-    """"there is a gray square at the top right": the quadrant of the centre."""
-    obj = objects[stream.below(len(objects))]
+def _location_caption(objects: list[SceneObject], stream: _Stream, image_size: int, i: int | None = None) -> str:
+    """"there is a gray square at the top right": the quadrant of the centre (of object ``i``, random if None)."""
+    obj = objects[stream.below(len(objects)) if i is None else i]
     vertical = "top" if obj.center[1] < image_size / 2 else "bottom"
     horizontal = "left" if obj.center[0] < image_size / 2 else "right"
     template = stream.below(3)
@@ -601,9 +620,11 @@ def _location_caption(objects: list[SceneObject], stream: _Stream, image_size: i
     return f"at the {vertical} {horizontal} there is {_a(obj)}"
 
 
-def _neighbour_caption(objects: list[SceneObject], neighbour: list[int], stream: _Stream, word: str) -> str:
-    """"the object closest to the yellow circle is a green square" (or furthest)."""
-    i = stream.below(len(objects))
+def _neighbour_caption(objects: list[SceneObject], neighbour: list[int], stream: _Stream, word: str,
+                       i: int | None = None) -> str:
+    """"the object closest to the yellow circle is a green square" (or furthest), about object ``i`` (random if None)."""
+    if i is None:
+        i = stream.below(len(objects))
     obj, other = objects[i], objects[neighbour[i]]
     near = word == "nearest"
     prep = "to" if near else "from"
@@ -663,6 +684,50 @@ def _captions(config: WorldConfig, objects: list[SceneObject], closest: list[int
     return captions
 
 
+def _description(config: WorldConfig, objects: list[SceneObject], closest: list[int], furthest: list[int],
+                 stream: _Stream) -> str:
+    """Several facts about one scene joined by "and": a text true of this scene and (nearly always) no other.
+
+    A short caption is true of many scenes (chapter 2 measures how many). A
+    description takes ``config.description_facts`` facts; their kinds take
+    turns in a random order of ``config.description_kinds``, and each fact is
+    about another object while there are objects left, so together they pin
+    down most of the layout. A count fact appears at most once.
+    """
+    kinds = list(config.description_kinds)
+    for k in range(len(kinds) - 1, 0, -1):               # Fisher-Yates
+        j = stream.below(k + 1)
+        kinds[k], kinds[j] = kinds[j], kinds[k]
+    anchors = list(range(len(objects)))
+    for k in range(len(anchors) - 1, 0, -1):
+        j = stream.below(k + 1)
+        anchors[k], anchors[j] = anchors[j], anchors[k]
+    facts: list[str] = []
+    counted = False
+    for turn in range(config.description_facts * 30):
+        if len(facts) == config.description_facts:
+            break
+        kind = kinds[turn % len(kinds)]
+        if kind == "count" and counted:
+            continue
+        # One object after another; if facts repeat (few objects), any object will do.
+        i = anchors[len(facts) % len(anchors)] if turn < config.description_facts * 2 else None
+        if kind == "relation":
+            text = _relation_caption(objects, stream, i)
+        elif kind == "location":
+            text = _location_caption(objects, stream, config.image_size, i)
+        elif kind == "nearest":
+            text = _neighbour_caption(objects, closest, stream, "nearest", i)
+        elif kind == "farthest":
+            text = _neighbour_caption(objects, furthest, stream, "farthest", i)
+        else:
+            text = _count_caption(objects, config.shapes, stream)
+            counted = True
+        if text not in facts:
+            facts.append(text)
+    return " and ".join(facts)
+
+
 # --------------------------------------------------------------------------- scenes
 
 
@@ -702,7 +767,9 @@ def generate_scene(config: WorldConfig, index: int, split: str) -> Scene:
     image = render(objects, config.image_size)
     captions = _captions(config, objects, closest, furthest, stream)
     questions = _questions(config, objects, closest, furthest, stream)
-    return Scene(config.split_offset(split) + index, split, image, objects, captions, questions)
+    # Drawn last, so the images, captions and questions of a world are what they were before descriptions.
+    description = _description(config, objects, closest, furthest, stream)
+    return Scene(config.split_offset(split) + index, split, image, objects, captions, questions, description)
 
 
 def iter_split(config: WorldConfig, split: str) -> Iterator[Scene]:
@@ -736,6 +803,7 @@ def scene_to_dict(scene: Scene, include_image: bool = False) -> dict[str, Any]:
         ],
         "captions": list(scene.captions),
         "questions": [asdict(q) for q in scene.questions],
+        "description": scene.description,
     }
     if include_image:
         out["image"] = scene.image.tolist()
@@ -749,6 +817,8 @@ def describe(scene: Scene) -> str:
         lines.append(f"  {o.color:>6} {o.shape:<8} center ({o.center[0]:.1f}, {o.center[1]:.1f}) box {o.box}")
     lines.append("captions:")
     lines += [f"  {c}" for c in scene.captions]
+    lines.append("description:")
+    lines.append(f"  {scene.description}")
     lines.append("questions:")
     for q in scene.questions:
         tag = "rel" if q.relational else "non-rel"
