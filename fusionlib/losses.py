@@ -297,6 +297,7 @@ def random_negatives(
     generator: torch.Generator,
     p: float = 0.5,
     group_ids: Tensor | None = None,
+    allowed: Tensor | None = None,
 ) -> Negatives:
     """Random ITM negatives (UNITER: swap in a random image with p = 0.5; ViLBERT: a random
     caption with p = 0.5; chapter 4).
@@ -312,6 +313,9 @@ def random_negatives(
         generator: a CPU ``torch.Generator`` for every draw.
         p: the chance that a sample becomes a negative.
         group_ids: optional ``(batch,)`` ints; equal ids mark the same image/caption.
+        allowed: optional ``(batch, batch)`` bool, False where j must never be
+            i's partner. :mod:`fusionlib.itm` passes the pairs the truth judge
+            calls false, so that no negative is secretly true (chapter 4).
 
     Returns:
         :class:`Negatives` ``(partner, labels)`` on the CPU (or ``group_ids``' device).
@@ -323,7 +327,13 @@ def random_negatives(
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"p must be a number in [0, 1], got {p!r}")
     device = generator.device
+    extra = allowed
     allowed = _allowed_partners(batch_size, group_ids, device)
+    if extra is not None:
+        if not isinstance(extra, Tensor) or extra.dtype != torch.bool or tuple(extra.shape) != (batch_size, batch_size):
+            got = f"{extra.dtype} {tuple(extra.shape)}" if isinstance(extra, Tensor) else type(extra).__name__
+            raise ValueError(f"allowed must be a bool ({batch_size}, {batch_size}) tensor, got {got}")
+        allowed = allowed & extra.to(device)
     has_partner = allowed.any(dim=1)
     negative = (torch.rand(batch_size, generator=generator, device=device) < p) & has_partner
     # Rows without a partner get uniform dummy weights so multinomial is valid; they stay positive.

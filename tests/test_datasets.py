@@ -11,6 +11,7 @@ from fusionlib.data.datasets import (
     CAPTION_KEYS,
     QUESTION_KEYS,
     REGION_KEYS,
+    TRUTH_KEYS,
     CaptionDataset,
     QuestionDataset,
     TensorBatches,
@@ -20,6 +21,7 @@ from fusionlib.data.datasets import (
     standardise_batch,
     to_hf_dataset,
 )
+from fusionlib.data import truth
 from fusionlib.data.shapes import QUESTION_FAMILIES, WorldConfig, answer_vocab, generate_split
 from fusionlib.data.tokenizer import train_tokenizer
 from fusionlib.vision import DetectorConfig, extract_region_features, train_detector
@@ -96,7 +98,7 @@ def test_question_items_and_batch(scenes, features, tokenizer, questions):
 
 def test_caption_items(scenes, captions, tokenizer):
     assert len(captions) == sum(len(s.captions) for s in scenes)
-    assert set(captions[0]) == set(CAPTION_KEYS)
+    assert set(captions[0]) == set(CAPTION_KEYS) | set(TRUTH_KEYS)
     batch = collate([captions[i] for i in range(5)], pad_token_id=tokenizer.pad_token_id)
     assert batch["caption_index"].tolist() == list(range(len(scenes[0].captions)))[:5] + \
         list(range(5 - len(scenes[0].captions)))
@@ -169,7 +171,10 @@ def test_hf_dataset_has_an_image_feature_and_the_right_rows(scenes):
 
 def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, tokenizer):
     chosen = [scenes[5], scenes[2], scenes[9]]                     # not in index order: rows follow `chosen`
-    images, texts, caption_image = retrieval_set(chosen, features, tokenizer)
+    images, texts, caption_image, strings, judged = retrieval_set(chosen, features, tokenizer)
+    assert strings == [c for s in chosen for c in s.captions]
+    assert torch.equal(judged, truth.truth_matrix(strings, chosen))
+    assert bool(judged[torch.arange(len(strings)), caption_image].all())
     per_scene = [len(s.captions) for s in chosen]
     assert caption_image.tolist() == [p for p, n in enumerate(per_scene) for _ in range(n)]
     assert texts["input_ids"].shape[0] == sum(per_scene) and set(texts) == {"input_ids", "attention_mask"}
@@ -185,6 +190,18 @@ def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, token
         row = features.row(scene.index)
         assert torch.equal(images["region_feats"][p], features.feats[row])
         assert torch.equal(images["region_loc5"][p], features.loc5[row])
+
+
+def test_retrieval_set_of_descriptions_pairs_one_text_with_each_image(scenes, features, tokenizer):
+    chosen = scenes[:6]
+    ret = retrieval_set(chosen, features, tokenizer, text="descriptions")
+    assert ret.texts == [s.description for s in chosen] and ret.caption_image.tolist() == list(range(6))
+    decoded = [tokenizer.decode(ids[mask], skip_special_tokens=True)
+               for ids, mask in zip(ret.captions["input_ids"], ret.captions["attention_mask"])]
+    assert decoded == ret.texts
+    assert torch.equal(ret.truth, truth.truth_matrix(ret.texts, chosen)) and bool(ret.truth.diagonal().all())
+    with pytest.raises(ValueError, match="text must be"):
+        retrieval_set(chosen, features, tokenizer, text="questions")
 
 
 def test_retrieval_set_standardises_like_standardise_batch(scenes, features, tokenizer):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib.data.datasets import (CAPTION_KEYS, QUESTION_KEYS, CaptionDataset, QuestionDataset, TensorBatches,
+from fusionlib.data.datasets import (CAPTION_KEYS, QUESTION_KEYS, TRUTH_KEYS, CaptionDataset, QuestionDataset, TensorBatches,
                                      collate, make_loader, make_tensor_loader, standardise_batch)
 from fusionlib.data.shapes import WorldConfig, answer_vocab, generate_split
 from fusionlib.data.tokenizer import train_tokenizer
@@ -42,7 +42,7 @@ def test_batches_equal_collate_of_the_same_items(data, kind):
     for indices in ([0], [3, 1, 4, 1, 5], list(range(len(ds)))[::-1], [-1, 2]):
         want = collate([ds[i] for i in indices], pad_token_id=ds.pad_token_id)
         got = tb.__getitems__(indices)
-        assert set(got) == set(QUESTION_KEYS if kind == "questions" else CAPTION_KEYS) | {"attention_mask"}
+        assert set(got) == set(QUESTION_KEYS if kind == "questions" else CAPTION_KEYS + TRUTH_KEYS) | {"attention_mask"}
         assert_same_batch({k: want[k] for k in got}, got)
     # Short texts only: input_ids are trimmed to the batch's longest, as collate pads them.
     lengths = ds.lengths[ds.text_id]

@@ -32,8 +32,10 @@ MASKING_TASKS = ("mlm", "mrfr", "mrc", "mrc_kl")
 
 
 def tiny_config(**changes):
+    # Random token ids say nothing the truth judge could read: these batches draw UNITER's random negatives.
     return UniterConfig(**{"vocab_size": VOCAB, "num_region_classes": CLASSES, "region_dim": D, "hidden_size": 16,
-                           "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_text_len": 12, **changes})
+                           "num_layers": 2, "num_heads": 2, "ffn_size": 32, "max_text_len": 12,
+                           "itm_negatives": "random", **changes})
 
 
 def build(cls=UniterForPretraining, **changes):
@@ -589,7 +591,7 @@ def test_tiny_pretraining_run_overfits_every_task_through_train():
     torch.manual_seed(0)
     config = UniterConfig(vocab_size=VOCAB, num_region_classes=CLASSES, region_dim=D, hidden_size=32,
                           num_layers=2, num_heads=2, ffn_size=64, max_text_len=12, dropout=0.0,
-                          initializer_range=None)
+                          initializer_range=None, itm_negatives="random")   # random ids: nothing to judge
     model = UniterForPretraining(config)
     mix = {**UNITER_TASK_MIX, "mrc": 1}
     loaders = pretraining_loaders(Pairs(n=8, images=4), batch_size=8, tasks=mix)

@@ -52,7 +52,7 @@ def small_config(**changes):
     base = ViLBERTConfig.small(vocab_size=VOCAB, num_region_classes=CLASSES, region_dim=D, text_hidden_size=32,
                                text_num_heads=2, text_ffn_size=64, visual_hidden_size=24, visual_num_heads=2,
                                visual_ffn_size=48, bi_hidden_size=16, bi_num_heads=2, max_text_len=10,
-                               num_answers=ANSWERS)
+                               num_answers=ANSWERS, itm_negatives="random")   # random ids: nothing to judge
     return dataclasses.replace(base, **changes)
 
 

@@ -29,7 +29,19 @@ image_index           (B,)         long    ``Scene.index`` of the image
 Questions add ``answer (B,) long`` (index into the ``answers`` list),
 ``family (B,) long`` (index into ``QUESTION_FAMILIES``), ``relational (B,)
 bool`` and ``question_index (B,) long`` (position in ``scene.questions``).
-Captions add ``caption_index (B,) long`` (position in ``scene.captions``).
+Captions add ``caption_index (B,) long`` (position in ``scene.captions``; -1
+for the scene's description). Captions of the synthetic world also carry what
+the truth judge (:mod:`fusionlib.data.truth`) needs to tell a true pair from a
+false one, so a model's ITM step can pick negatives that are certainly false:
+
+===================== ============ ======= ================================================
+text_facts            (B, K, F)    long    the text's facts, ``truth.encode_facts``
+image_objects         (B, P, O)    long    the image's objects, ``truth.encode_scenes``
+edit_input_ids        (B, E, Te)   long    token ids of minimal edits of the text, each false
+                                           of the image (``[PAD]`` rows where there are
+                                           fewer than E); only with ``edits=E``
+edit_kinds            (B, E)       long    index into ``truth.EDIT_KINDS``, -1 = no edit
+===================== ============ ======= ================================================
 
 The regions' ground-truth object index (``RegionFeatures.region_object``) is
 deliberately *not* in a batch: a model must find objects from features.
@@ -59,6 +71,9 @@ REGION_KEYS = ("region_feats", "region_boxes", "region_loc5", "region_loc7", "re
                "region_soft_labels", "image_feats", "image_index")
 QUESTION_KEYS = ("input_ids",) + REGION_KEYS + ("answer", "family", "relational", "question_index")
 CAPTION_KEYS = ("input_ids",) + REGION_KEYS + ("caption_index",)
+TRUTH_KEYS = ("text_facts", "image_objects")           # captions of a world the truth judge can read
+EDIT_KEYS = ("edit_input_ids", "edit_kinds")           # CaptionDataset(edits=E)
+CAPTION_TEXTS = ("captions", "descriptions", "both")
 PADDED_KEYS = ("input_ids",)   # variable length: padded by collate, which adds attention_mask
 
 
@@ -160,6 +175,7 @@ class QuestionDataset(_RegionTextDataset):
                 qpos.append(k)
         super().__init__(scenes, features, tokenizer, texts, scene_pos, max_length)
         self.answers = list(answers)
+        self.batch_keys = QUESTION_KEYS
         self.answer = torch.tensor(ans, dtype=torch.long)
         self.family = torch.tensor(fam, dtype=torch.long)
         self.relational = torch.tensor(rel, dtype=torch.bool)
@@ -176,23 +192,155 @@ class QuestionDataset(_RegionTextDataset):
 
 
 class CaptionDataset(_RegionTextDataset):
-    """One item per (scene, caption): the caption's tokens and the image's regions (pretraining)."""
+    """One item per (scene, text): the text's tokens and the image's regions (pretraining, retrieval).
 
-    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any, max_length: int = 40):
+    ``text`` chooses the texts: ``"captions"`` (the short captions, one item
+    each), ``"descriptions"`` (one item per scene: several facts that single
+    out the image, chapter 2) or ``"both"``. ``max_length`` defaults to 40
+    tokens for captions and 80 otherwise (descriptions run to about 60).
+
+    ``judge``: add the truth judge's ``text_facts`` and ``image_objects`` to
+    every item (see the module docstring), so ITM can draw negatives that are
+    false. ``None`` judges when every scene has objects (the synthetic world)
+    and skips real corpora, whose scenes have none. ``edits=E`` adds up to
+    ``E`` minimal edits of each text (``truth.minimal_edits``, every one false
+    of the image) as ``edit_input_ids``/``edit_kinds``: the hard negatives of
+    chapter 4. Which ``E`` are kept, when a text has more, is drawn per item
+    (seeded by the scene index), taking the edit kinds in turn so every kind
+    is represented. The world's colours and shapes come from the detector's
+    class names in ``features``.
+    """
+
+    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any, max_length: int | None = None,
+                 text: str = "captions", judge: bool | None = None, edits: int = 0):
+        if text not in CAPTION_TEXTS:
+            raise ValueError(f"text must be one of {CAPTION_TEXTS}, got {text!r}")
+        if isinstance(edits, bool) or not isinstance(edits, int) or edits < 0:
+            raise ValueError(f"edits must be an int >= 0 (how many minimal edits per text), got {edits!r}")
         texts, scene_pos, cpos = [], [], []
         for p, s in enumerate(scenes):
-            for k, c in enumerate(s.captions):
+            chosen = []
+            if text in ("captions", "both"):
+                chosen += list(enumerate(s.captions))
+            if text in ("descriptions", "both"):
+                if not getattr(s, "description", ""):
+                    raise ValueError(f"scene {s.index} has no description; text={text!r} needs one per scene")
+                chosen.append((-1, s.description))
+            for k, c in chosen:
                 texts.append(c)
                 scene_pos.append(p)
                 cpos.append(k)
+        if max_length is None:
+            max_length = 40 if text == "captions" else 80
         super().__init__(scenes, features, tokenizer, texts, scene_pos, max_length)
         self.caption_index = torch.tensor(cpos, dtype=torch.long)
+        self.batch_keys = CAPTION_KEYS
+        if judge is None:
+            judge = len(scenes) > 0 and all(getattr(s, "objects", None) for s in scenes)
+        if edits and not judge:
+            raise ValueError("edits need the truth judge (judge=True): an edit is kept only if it is false of the image")
+        if judge:
+            self._add_truth(scenes, texts, scene_pos)
+        if edits:
+            self._add_edits(scenes, texts, scene_pos, tokenizer, edits, max_length)
+
+    def _add_truth(self, scenes: Sequence[Any], texts: list[str], scene_pos: list[int]) -> None:
+        from . import truth
+
+        missing = [s.index for s in scenes if not getattr(s, "objects", None)]
+        if missing:
+            raise ValueError(f"judge=True needs the objects of every scene; scenes {missing[:5]} have none "
+                             "(a real corpus has no truth judge: use judge=False)")
+        distinct: dict[str, int] = {}
+        which = torch.tensor([distinct.setdefault(t, len(distinct)) for t in texts], dtype=torch.long)
+        self.text_facts = truth.encode_facts(list(distinct))[which]                 # (M, K, F)
+        objects = truth.encode_scenes(scenes)                                        # (scenes, P, O)
+        # Held per feature row, like the regions, so TensorBatches gathers it by the same row index.
+        self.image_objects = torch.zeros(len(self.features.feats), *objects.shape[1:], dtype=torch.long)
+        for p, s in enumerate(scenes):
+            self.image_objects[self.features.row(s.index)] = objects[p]
+        self.batch_keys = self.batch_keys + TRUTH_KEYS
+
+    def _add_edits(self, scenes: Sequence[Any], texts: list[str], scene_pos: list[int], tokenizer: Any,
+                   per_text: int, max_length: int) -> None:
+        import numpy as np
+
+        from . import truth
+
+        colors, shapes = _world_vocabulary(self.features)
+        chosen: list[list[truth.Edit]] = []
+        for n, (t, p) in enumerate(zip(texts, scene_pos)):
+            edits = truth.minimal_edits(t, scenes[p], colors, shapes)
+            if len(edits) > per_text:
+                rng = np.random.default_rng([int(scenes[p].index), int(self.caption_index[n]) + 1])
+                by_kind: dict[str, list[truth.Edit]] = {}
+                for e in edits:
+                    by_kind.setdefault(e.kind, []).append(e)
+                pools = [list(rng.permutation(len(v))) for v in by_kind.values()]
+                lists = list(by_kind.values())
+                order = rng.permutation(len(lists))
+                kept: list[truth.Edit] = []
+                while len(kept) < per_text:                     # the kinds in turn, each in a random order
+                    for k in order:
+                        if pools[k] and len(kept) < per_text:
+                            kept.append(lists[k][pools[k].pop()])
+                edits = kept
+            chosen.append(edits)
+        distinct: dict[str, int] = {}
+        for edits in chosen:
+            for e in edits:
+                distinct.setdefault(e.text, len(distinct))
+        pad = self.pad_token_id
+        index = torch.full((len(texts), per_text), len(distinct), dtype=torch.long)   # the last row: no edit
+        kinds = torch.full((len(texts), per_text), -1, dtype=torch.long)
+        for n, edits in enumerate(chosen):
+            for j, e in enumerate(edits):
+                index[n, j] = distinct[e.text]
+                kinds[n, j] = truth.EDIT_KINDS.index(e.kind)
+        if distinct:
+            enc = tokenizer(list(distinct), padding="longest", return_tensors="pt", return_token_type_ids=False)
+            longest = int(enc["attention_mask"].sum(dim=1).max())
+            if longest > max_length:
+                raise ValueError(f"max_length={max_length} is shorter than the longest edit ({longest} tokens); "
+                                 "raise max_length")
+            table = enc["input_ids"]
+        else:
+            table = torch.empty(0, 1, dtype=torch.long)
+        table = torch.cat([table, torch.full((1, table.shape[1]), pad, dtype=torch.long)])   # + an all-[PAD] row
+        ids = table[index]
+        self.edit_input_ids = ids                                                   # (M, E, Te)
+        self.edit_kinds = kinds                                                     # (M, E)
+        self.batch_keys = self.batch_keys + EDIT_KEYS
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         i = self._check_index(i)
         item = self._regions(i)
         item["caption_index"] = self.caption_index[i]
+        if "text_facts" in self.batch_keys:
+            item["text_facts"] = self.text_facts[i]
+            item["image_objects"] = self.image_objects[int(self.row[i])]
+        if "edit_input_ids" in self.batch_keys:
+            item["edit_input_ids"] = self.edit_input_ids[i]
+            item["edit_kinds"] = self.edit_kinds[i]
         return item
+
+
+def _world_vocabulary(features: RegionFeatures) -> tuple[list[str], list[str]]:
+    """The world's colours and shapes, in order, read off the detector's ``"<colour> <shape>"`` class names."""
+    colors: list[str] = []
+    shapes: list[str] = []
+    for name in features.class_names:
+        parts = name.split()
+        if len(parts) != 2:
+            continue                                   # "background"
+        if parts[0] not in colors:
+            colors.append(parts[0])
+        if parts[1] not in shapes:
+            shapes.append(parts[1])
+    if not colors or not shapes:
+        raise ValueError(f"features.class_names must name '<colour> <shape>' classes to edit texts with, "
+                         f"got {features.class_names!r}")
+    return colors, shapes
 
 
 def collate(items: Sequence[dict[str, Tensor]], pad_token_id: int = 0) -> dict[str, Tensor]:
@@ -314,24 +462,34 @@ STANDARDISED_KEYS = ("region_feats", "region_loc5", "region_loc7")
 
 
 class RetrievalSet(NamedTuple):
-    """Images and captions for retrieval (chapter 6b); see :func:`retrieval_set`."""
+    """Images and texts for retrieval (chapters 2, 5, 6); see :func:`retrieval_set`."""
 
     images: dict[str, Tensor]      # the region keys of a batch, (N_images, R, ...) and image_feats (N_images, D)
-    captions: dict[str, Tensor]    # input_ids and attention_mask, (N_captions, T)
-    caption_image: Tensor          # (N_captions,) long: the row of ``images`` each caption describes
+    captions: dict[str, Tensor]    # input_ids and attention_mask of the texts, (N_texts, T)
+    caption_image: Tensor          # (N_texts,) long: the row of ``images`` each text was written for
+    texts: list[str]               # the texts themselves
+    truth: Tensor | None           # (N_texts, N_images) bool from the truth judge; None for real corpora
 
 
 def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any,
-                  statistics: dict[str, tuple[Tensor, Tensor]] | None = None) -> RetrievalSet:
-    """Every caption of ``scenes`` against every one of their images, for recall@K.
+                  statistics: dict[str, tuple[Tensor, Tensor]] | None = None, text: str = "captions") -> RetrievalSet:
+    """Every text of ``scenes`` against every one of their images, for recall@K.
 
-    The images are in the order of ``scenes``, once each; the captions follow
-    :class:`CaptionDataset` (scene by scene). With ``statistics`` (what
-    :meth:`TensorBatches.standardise` returned on the training split) the
-    region features and locations are z-scored as the model saw them in
-    training. Score a model on it with, e.g.,
-    ``image_text_recall(itm_similarity(model, s.images, s.captions), s.caption_image)``.
+    ``text="captions"``: every short caption; a caption is true of many
+    images, so score it truth-aware (any image it is true of is a hit).
+    ``text="descriptions"``: one description per image, which singles its
+    image out: identification retrieval. The images are in the order of
+    ``scenes``, once each; the texts follow :class:`CaptionDataset` (scene by
+    scene). ``truth`` holds what the judge says of every (text, image) pair
+    (``None`` when the scenes have no objects, as in a real corpus). With
+    ``statistics`` (what :meth:`TensorBatches.standardise` returned on the
+    training split) the region features and locations are z-scored as the
+    model saw them in training. Score a model with
+    ``metrics.retrieval_scores(similarity, s.caption_image, s.truth)`` and read
+    chance and ceiling from ``metrics.retrieval_bounds(s.truth, s.caption_image)``.
     """
+    if text not in ("captions", "descriptions"):
+        raise ValueError(f"text must be 'captions' or 'descriptions', got {text!r}")
     if len(scenes) == 0:
         raise ValueError("scenes must hold at least one scene, got none")
     indices = [int(s.index) for s in scenes]
@@ -339,19 +497,26 @@ def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: An
     if repeated:
         raise ValueError(f"scenes must not repeat a scene (one image would count as two); "
                          f"scene indices {repeated[:5]} appear more than once")
-    silent = [s.index for s in scenes if not s.captions]
-    if silent:
-        raise ValueError(f"every scene needs a caption to be retrieved by; scenes {silent[:5]} have none")
-    items = CaptionDataset(scenes, features, tokenizer)
+    if text == "captions":
+        silent = [s.index for s in scenes if not s.captions]
+        if silent:
+            raise ValueError(f"every scene needs a caption to be retrieved by; scenes {silent[:5]} have none")
+    items = CaptionDataset(scenes, features, tokenizer, text=text)
     batch = collate([items[i] for i in range(len(items))], pad_token_id=tokenizer.pad_token_id)
     position = {index: p for p, index in enumerate(indices)}
     caption_image = torch.tensor([position[int(i)] for i in batch["image_index"]], dtype=torch.long)
-    first_caption = torch.searchsorted(caption_image, torch.arange(len(scenes)))      # captions come scene by scene
+    first_caption = torch.searchsorted(caption_image, torch.arange(len(scenes)))      # texts come scene by scene
     images = {k: batch[k][first_caption] for k in REGION_KEYS if k != "image_index"}
     if statistics is not None:
         images = standardise_batch(images, statistics)
     captions = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    return RetrievalSet(images, captions, caption_image)
+    texts = [c for s in scenes for c in (s.captions if text == "captions" else [s.description])]
+    judged = None
+    if "text_facts" in items.batch_keys:
+        from . import truth
+
+        judged = truth.truth_matrix(texts, scenes)
+    return RetrievalSet(images, captions, caption_image, texts, judged)
 
 
 def standardise_batch(batch: dict[str, Tensor], statistics: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
@@ -421,7 +586,7 @@ class TensorBatches(Dataset):
                  keys: Sequence[str] | None = None):
         if not isinstance(dataset, (QuestionDataset, CaptionDataset)):
             raise TypeError(f"dataset must be a QuestionDataset or CaptionDataset, got {type(dataset).__name__}")
-        all_keys = QUESTION_KEYS if isinstance(dataset, QuestionDataset) else CAPTION_KEYS
+        all_keys = dataset.batch_keys
         keys = tuple(all_keys) if keys is None else tuple(k for k in keys if k != "attention_mask")
         unknown = sorted(set(keys) - set(all_keys))
         if unknown:
@@ -435,11 +600,12 @@ class TensorBatches(Dataset):
         f = dataset.features
         on = {"region_feats": f.feats, "region_boxes": f.boxes, "region_loc5": dataset.loc5,
               "region_loc7": dataset.loc7, "region_mask": f.mask, "region_soft_labels": f.soft_labels,
-              "image_feats": f.image_feats}
+              "image_feats": f.image_feats, "image_objects": getattr(dataset, "image_objects", None)}
         # Per image: (images, R, ...) on the device, gathered by each item's row.
         self.per_image = {k: v.to(self.device) for k, v in on.items() if k in keys}
         per_item = {"image_index": dataset.image_index}
-        for name in ("answer", "family", "relational", "question_index", "caption_index"):
+        for name in ("answer", "family", "relational", "question_index", "caption_index", "text_facts",
+                     "edit_input_ids", "edit_kinds"):
             if hasattr(dataset, name):
                 per_item[name] = getattr(dataset, name)
         self.per_item = {k: v.to(self.device) for k, v in per_item.items() if k in keys}

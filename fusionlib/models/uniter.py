@@ -43,7 +43,9 @@ real positions are the same (tested: padding never changes them).
 
 Batch keys read: ``input_ids``, ``attention_mask`` (bool), ``region_feats``,
 ``region_loc7`` (``region_loc5`` when ``location_dim=5``), ``region_mask``;
-``region_soft_labels`` for MRC / MRC-kl; ``image_index`` for ITM negatives;
+``region_soft_labels`` for MRC / MRC-kl; ``image_index`` for ITM negatives, and
+``text_facts``, ``image_objects`` (and ``edit_*`` for hard negatives) with
+``itm_negatives="false"`` (:mod:`fusionlib.itm`);
 ``answer`` for VQA.
 """
 
@@ -60,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusionlib import losses, masking
+from fusionlib import itm, losses, masking
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import TextEmbeddings, UniterImageEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer, masked_mean
@@ -132,7 +134,11 @@ class UniterConfig(ModelConfig):
     masking: str = "conditional"           # "conditional" (UNITER: one modality per task) | "joint"
     mask_probability: float = 0.15         # of tokens (MLM) / regions (MRM), at least one always
     region_zero_fraction: float = 1.0      # of masked regions, the share zeroed (UNITER 1.0, ViLBERT 0.9)
-    itm_negative_probability: float = 0.5  # chance an ITM pair gets a random other image
+    itm_negative_probability: float = 0.5  # chance an ITM pair becomes a negative
+    itm_negatives: str = "false"           # "false": another image the caption is false of (fusionlib.itm, the
+                                           # synthetic world) | "random": any other image (UNITER)
+    hard_negative_share: float = 0.0       # of the negatives, the share that keep the image and get a minimal
+                                           # edit of the caption (needs CaptionDataset(edits=E))
     use_wra: bool = True                   # add word-region alignment to ITM steps
     wra_weight: float = losses.WRA_WEIGHT  # 0.1, UNITER's --itm_ot_lambda
     ot_beta: float = 0.5                   # IPOT step size
@@ -191,6 +197,7 @@ class UniterConfig(ModelConfig):
             raise ValueError(f"num_answers must be None or a positive int, got {self.num_answers!r}")
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
+        itm.check_settings(self.itm_negatives, self.hard_negative_share)
 
     @property
     def location_key(self) -> str:
@@ -669,14 +676,19 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
     nobody = torch.zeros(B, dtype=torch.bool, device=ids.device)
 
     if task == "itm":
-        group_ids = get_tensor(batch, "image_index", " (ITM negatives must never be the same image)")
-        negatives = losses.random_negatives(B, generator, p=config.itm_negative_probability, group_ids=group_ids)
-        partner = negatives.partner.to(feats.device)
+        get_tensor(batch, "image_index", " (ITM negatives must never be the same image)")
+        pairs = itm.draw_pairs(batch, generator, config.itm_negative_probability, config.itm_negatives,
+                               config.hard_negative_share, swap="image")
+        partner = pairs.partner.to(feats.device)
         for key in ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
-                    "region_soft_labels", "image_feats", "image_index"):
+                    "region_soft_labels", "image_feats", "image_index", "image_objects"):
             if key in batch and isinstance(batch[key], Tensor):
                 out[key] = batch[key].index_select(0, partner.to(batch[key].device))
-        out.update(itm_labels=negatives.labels.to(ids.device), mlm_labels=no_text, region_masked=no_regions,
+        if bool((pairs.edit >= 0).any()):          # hard negatives: same image, one thing of the caption changed
+            out["input_ids"], out["attention_mask"] = itm.edit_texts(ids, text_mask, batch, pairs.edit,
+                                                                     config.pad_token_id)
+            no_text = torch.full_like(out["input_ids"], masking.IGNORE_INDEX)
+        out.update(itm_labels=pairs.labels.to(ids.device), mlm_labels=no_text, region_masked=no_regions,
                    region_zeroed=no_regions, text_masked=nobody, image_masked=nobody)
         return out
 

@@ -73,7 +73,8 @@ from torch import Tensor, nn
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, CoAttentionLayer, TransformerLayer, masked_mean
-from fusionlib.losses import IGNORE_INDEX, itm_loss, mlm_loss, mrc_kl_loss, random_negatives
+from fusionlib import itm
+from fusionlib.losses import IGNORE_INDEX, itm_loss, mlm_loss, mrc_kl_loss
 from fusionlib.masking import apply_region_mask, mask_regions, mask_tokens, maskable_tokens
 from fusionlib.models.batch import get_tensor
 from fusionlib.models.io import ModelConfig, PretrainedModel, load_pretrained, register_model
@@ -173,6 +174,9 @@ class ViLBERTConfig(ModelConfig):
     classifier_dropout: float = 0.5          # inside the VQA classifier, as ViLBERT's SimpleClassifier
     vqa_pooling: str = "product"             # ViLBERTForVQA reads "product" (pooled [CLS] * pooled [IMG], the
                                              # paper) | "mean" (of the words' outputs, chapter 3's pooling)
+    itm_negatives: str = "false"             # ITM negatives (fusionlib.itm): "false" (judged false, the
+                                             # synthetic world) | "random" (any other caption, the paper)
+    hard_negative_share: float = 0.0         # of the negatives, the share that are minimal edits of the caption
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_region_classes", "region_dim", "text_hidden_size", "text_num_layers",
@@ -228,6 +232,7 @@ class ViLBERTConfig(ModelConfig):
             raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}")
         if not isinstance(self.num_answers, int) or isinstance(self.num_answers, bool) or self.num_answers < 0:
             raise ValueError(f"num_answers must be an int >= 0 (0: no VQA head), got {self.num_answers!r}")
+        itm.check_settings(self.itm_negatives, self.hard_negative_share)
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
 
@@ -661,10 +666,13 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
 
     1. **Negatives** (``"itm"`` in ``tasks``): each caption is replaced with
        probability ``itm_probability`` by the caption of another sample whose
-       ``image_index`` differs (:func:`fusionlib.losses.random_negatives`), so a
-       "negative" is never the image's own caption nor a caption of a duplicate
-       of it. (ViLBERT draws the random caption from the whole corpus; a
-       batch is a uniform sample of it.)
+       ``image_index`` differs, so a "negative" is never the image's own
+       caption nor a caption of a duplicate of it. (ViLBERT draws the random
+       caption from the whole corpus; a batch is a uniform sample of it.)
+       ``config.itm_negatives="false"`` takes only captions the truth judge
+       calls false of the image; ``config.hard_negative_share`` of the
+       negatives get a minimal edit of their own caption instead
+       (:func:`fusionlib.itm.draw_pairs`).
     2. **Tokens** (``"mlm"``): BERT masking of the paired caption, 15% of
        the non-special tokens, 80/10/10 (:func:`fusionlib.masking.mask_tokens`).
     3. **Regions** (``"mrm"``): each real region with p = 0.15; 90% of those
@@ -697,15 +705,23 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
         image_index = get_tensor(batch, "image_index")
         if tuple(image_index.shape) != (B,) or image_index.is_floating_point():
             raise _shape_error("image_index", f"integer of shape ({B},)", image_index)
-        negatives = random_negatives(B, generator, p=itm_probability, group_ids=image_index.cpu())
-        caption_index = negatives.partner.to(device)
-        itm_labels = negatives.labels.to(device)
+        pairs = itm.draw_pairs(batch, generator, itm_probability, config.itm_negatives, config.hard_negative_share,
+                               swap="text")
+        caption_index = pairs.partner.to(device)
+        itm_labels = pairs.labels.to(device)
     else:
+        pairs = None
         caption_index = torch.arange(B, device=device)
         itm_labels = torch.full((B,), IGNORE_INDEX, dtype=torch.long, device=device)
-    matched = caption_index == torch.arange(B, device=device)
+    matched = itm_labels != 0                      # a hard negative keeps its own row but is no match
     input_ids, attention_mask = x.input_ids[caption_index], x.attention_mask[caption_index]
     token_type_ids = None if x.token_type_ids is None else x.token_type_ids[caption_index]
+    if pairs is not None and bool((pairs.edit >= 0).any()):
+        input_ids, attention_mask = itm.edit_texts(input_ids, attention_mask, batch, pairs.edit, config.pad_token_id)
+        if token_type_ids is not None:             # one segment: an edited caption is all type 0
+            width = input_ids.shape[1]
+            token_type_ids = torch.nn.functional.pad(token_type_ids, (0, max(0, width - T)))[:, :width]
+            token_type_ids = token_type_ids.masked_fill((pairs.edit >= 0).to(device)[:, None], 0)
 
     # 2. Tokens.
     if "mlm" in tasks:
