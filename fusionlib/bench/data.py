@@ -7,8 +7,12 @@ that time splits between drawing the images and everything else (layout,
 captions, questions). Generation is single-threaded Python + PIL, so this is
 a one-core number; pin it to be sure: ``taskset -c 0 python -m fusionlib.bench data``.
 
-The budget from the issue: the whole default Sort-of-CLEVR (10,000 images with
-20 questions each) in under 10 s on one core.
+It also times the truth judge (:func:`fusionlib.data.truth.truth_matrix`):
+the 1,000 captions of the test split against 10,000 scenes, on one thread.
+
+The budgets: the whole default Sort-of-CLEVR (10,000 images with 20
+questions each) in under 10 s on one core, and the 1,000 x 10,000 truth
+matrix in under 2 s.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ import pstats
 import time
 from typing import Any
 
+from .. import runtime
+from ..data import truth
 from ..data.shapes import SPLITS, WorldConfig, generate_scene, render
 
 BUDGET_S = 10.0          # for the 10,000 Sort-of-CLEVR images
 SORT_OF_CLEVR_IMAGES = 10_000
+TRUTH_BUDGET_S = 2.0     # for 1,000 captions x 10,000 scenes
+TRUTH_CAPTIONS, TRUTH_SCENES = 1_000, 10_000
 
 
 def run(config: WorldConfig, max_scenes: int | None = None) -> dict[str, Any]:
@@ -43,6 +51,13 @@ def run(config: WorldConfig, max_scenes: int | None = None) -> dict[str, Any]:
     questions = sum(len(s.questions) for s in scenes)
     captions = sum(len(s.captions) for s in scenes)
     per_scene = total / len(scenes)
+    texts = [c for s in reversed(scenes) for c in s.captions][:TRUTH_CAPTIONS]     # the test split's first
+    judged = scenes[:TRUTH_SCENES]
+    with runtime.num_threads(1):
+        truth.truth_matrix(texts[:10], judged[:10])                                  # warm-up
+        start = time.perf_counter()
+        matrix = truth.truth_matrix(texts, judged)
+        truth_seconds = time.perf_counter() - start
     return {
         "scenes": len(scenes),
         "questions": questions,
@@ -51,6 +66,9 @@ def run(config: WorldConfig, max_scenes: int | None = None) -> dict[str, Any]:
         "scenes_per_s": len(scenes) / total,
         "render_seconds": drawing,
         "sort_of_clevr_seconds": per_scene * SORT_OF_CLEVR_IMAGES,
+        "truth_shape": tuple(matrix.shape),
+        "truth_seconds": truth_seconds,
+        "truth_true_share": float(matrix.float().mean()) if matrix.numel() else 0.0,
         "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
 
@@ -76,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"({result['render_seconds'] / result['seconds']:.0%})")
     print(f"Sort-of-CLEVR, {SORT_OF_CLEVR_IMAGES:,} images x {config.num_questions} questions: "
           f"{result['sort_of_clevr_seconds']:.2f} s (budget {BUDGET_S:.0f} s: {'ok' if budget_ok else 'OVER'})")
+    n_texts, n_scenes = result["truth_shape"]
+    truth_ok = result["truth_seconds"] < TRUTH_BUDGET_S
+    print(f"truth matrix, {n_texts:,} captions x {n_scenes:,} scenes on one thread: {result['truth_seconds']:.2f} s "
+          f"(budget {TRUTH_BUDGET_S:.0f} s for 1,000 x 10,000: {'ok' if truth_ok else 'OVER'}); "
+          f"{result['truth_true_share']:.1%} of the pairs are true")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.enable()
