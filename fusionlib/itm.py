@@ -22,7 +22,11 @@ hard negatives (``hard_share``)
     uniformly among the kinds the text has, then an edit of that kind.
 
 :func:`draw_pairs` makes the draw, :func:`edit_texts` builds the edited
-token ids. Real corpora have no judge: use ``"random"`` there.
+token ids (ViLBERT and UNITER call both); :func:`matching_step` trains any
+model with a match head the same way. :func:`edit_pairs` and
+:func:`edit_accuracy` measure, on held-out texts, whether a model prefers
+each text to its minimal edits, kind by kind. Real corpora have no judge:
+use ``"random"`` there.
 """
 
 from __future__ import annotations
@@ -160,3 +164,127 @@ def edit_texts(input_ids: Tensor, attention_mask: Tensor, batch: Mapping[str, Te
     mask = torch.where(use, chosen != pad_token_id, mask)
     longest = int(mask.sum(dim=1).max())
     return ids[:, :longest], mask[:, :longest]
+
+
+# ---------------------------------------------------------------------------
+# Training any pair scorer, and measuring it on minimal edits
+# ---------------------------------------------------------------------------
+
+
+def _step_generator() -> torch.Generator:
+    # Seeded by one draw from the global generator, which fusionlib.train.train seeds and checkpoints:
+    # every step gets its own negatives, the same on every run, and a resumed run draws what it would have.
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.long)))
+
+
+def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str = "itm", *,
+                  probability: float = 0.5, negatives: str = "false", hard_share: float = 0.0,
+                  pad_token_id: int = 0, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """ITM for any model that maps a batch to match logits ``(B, 2)``: a ``step_fn`` for :func:`fusionlib.train.train`.
+
+    The pairs come from :func:`draw_pairs` with ``swap="text"`` (each image
+    keeps its regions and gets another text, as in ViLBERT), the loss is the
+    2-way cross-entropy (class 1 = match). Chapter 4 trains chapter 3's
+    cross-attention model this way, with a 2-answer head, to compare kinds
+    of negatives. Returns ``{"loss", "accuracy", "hard_accuracy"}``
+    (``hard_accuracy``: on the minimal edits of the batch, NaN if none).
+    """
+    generator = _step_generator() if generator is None else generator
+    pairs = draw_pairs(batch, generator, probability, negatives, hard_share, swap="text")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    partner = pairs.partner.to(ids.device)
+    ids, mask = edit_texts(ids[partner], mask[partner], batch, pairs.edit, pad_token_id)
+    logits = model(dict(batch, input_ids=ids, attention_mask=mask))
+    if isinstance(logits, tuple):                      # (logits, attention maps)
+        logits = logits[0]
+    if logits.dim() != 2 or logits.shape[1] != 2:
+        raise ValueError(f"model must return match logits (batch, 2), got {tuple(logits.shape)}")
+    labels = pairs.labels.to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    correct = (logits.detach().argmax(-1) == labels).float()
+    hard = (pairs.edit >= 0).to(logits.device)
+    hard_accuracy = correct[hard].mean() if bool(hard.any()) else torch.tensor(float("nan"))
+    return {"loss": loss, "accuracy": correct.mean(), "hard_accuracy": hard_accuracy}
+
+
+class EditPairs(NamedTuple):
+    """Held-out pairs for measuring what a model checks (chapter 4); see :func:`edit_pairs`.
+
+    ``matched``: every item's own (image, text) pair, a batch dict with ``N``
+    rows. ``edited``: one row per minimal edit, ``M`` rows: the same image
+    with the edited text. ``owner (M,)``: the row of ``matched`` each edit
+    comes from. ``kind (M,)``: index into ``fusionlib.data.truth.EDIT_KINDS``.
+    """
+
+    matched: dict[str, Tensor]
+    edited: dict[str, Tensor]
+    owner: Tensor
+    kind: Tensor
+
+
+def edit_pairs(batch: Mapping[str, Tensor], pad_token_id: int = 0) -> EditPairs:
+    """Split a caption batch with ``edit_input_ids``/``edit_kinds`` into matched and edited pairs.
+
+    Typically ``batch`` holds a whole held-out split,
+    ``TensorBatches(CaptionDataset(test_scenes, ..., edits=E))`` gathered at
+    once. Keys other than the edit keys are kept, rows repeated for the edits.
+    """
+    kinds = _key(batch, "edit_kinds", "edit_pairs (build the CaptionDataset with edits=E)")
+    ids = _key(batch, "edit_input_ids", "edit_pairs")
+    owner, which = torch.nonzero(kinds >= 0, as_tuple=True)
+    if len(owner) == 0:
+        raise ValueError("the batch holds no minimal edits (every edit_kinds entry is -1)")
+    rows = {k: v for k, v in batch.items() if k not in ("edit_input_ids", "edit_kinds")}
+    edited = {k: v[owner.to(v.device)] for k, v in rows.items() if k not in ("input_ids", "attention_mask")}
+    edited_ids = ids[owner.to(ids.device), which.to(ids.device)]
+    real = edited_ids != pad_token_id
+    longest = int(real.sum(dim=1).max())
+    edited["input_ids"], edited["attention_mask"] = edited_ids[:, :longest], real[:, :longest]
+    return EditPairs(rows, edited, owner.cpu(), kinds[owner.to(kinds.device), which.to(kinds.device)].cpu())
+
+
+@torch.no_grad()
+def score_pairs(score_fn, batch: Mapping[str, Tensor], batch_size: int = 512) -> Tensor:
+    """``score_fn(chunk) -> (b,)`` over ``batch`` in chunks of ``batch_size`` rows; returns ``(N,)`` float on the CPU."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    n = batch["input_ids"].shape[0]
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start:start + batch_size] for k, v in batch.items()}
+        scores = score_fn(chunk)
+        if scores.shape != (min(batch_size, n - start),):
+            raise ValueError(f"score_fn must return one score per pair ({min(batch_size, n - start)},), "
+                             f"got {tuple(scores.shape)}")
+        out.append(scores.float().cpu())
+    return torch.cat(out)
+
+
+def edit_accuracy(matched_scores: Tensor, edited_scores: Tensor, pairs: EditPairs) -> dict[str, float]:
+    """How often a text scores above its minimal edit on the same image, overall and per edit kind (chapter 4).
+
+    Each (text, edit) pair is a two-way choice, as in Winoground's text score:
+    a win when the true text scores higher, half a win on a tie, so chance is
+    0.5 for any model and no threshold is needed. Returns ``all`` and one key
+    per edit kind present (``color``, ``relation``, ...), with ``n_<kind>``
+    counts.
+    """
+    from .data.truth import EDIT_KINDS
+
+    n, m = pairs.owner.max().item() + 1, len(pairs.owner)
+    if matched_scores.dim() != 1 or matched_scores.shape[0] < n:
+        raise ValueError(f"matched_scores must be (N,) with N >= {n}, got {tuple(matched_scores.shape)}")
+    if tuple(edited_scores.shape) != (m,):
+        raise ValueError(f"edited_scores must be ({m},), one per edit, got {tuple(edited_scores.shape)}")
+    if bool(torch.isnan(matched_scores).any() | torch.isnan(edited_scores).any()):
+        raise ValueError("scores must not be NaN")
+    own = matched_scores.cpu()[pairs.owner]
+    other = edited_scores.cpu()
+    win = (own > other).float() + 0.5 * (own == other).float()
+    out = {"all": float(win.mean())}
+    for k, name in enumerate(EDIT_KINDS):
+        chosen = pairs.kind == k
+        if bool(chosen.any()):
+            out[name] = float(win[chosen].mean())
+            out[f"n_{name}"] = int(chosen.sum())
+    return out

@@ -7,6 +7,7 @@ sampler itself read.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -228,3 +229,66 @@ def test_edits_are_drawn_kind_by_kind():
     assert bool((pairs.edit >= 0).all()) and bool((pairs.edit != 6).all())       # never the empty slot
     share = (pairs.edit_kind == 2).float().mean().item()
     assert 0.42 < share < 0.58, share
+
+
+def test_edit_pairs_line_up_each_edit_with_its_image(dataset, tokenizer):
+    batch = batch_of(dataset, list(range(30)))
+    pairs = itm.edit_pairs(batch, dataset.pad_token_id)
+    valid = batch["edit_kinds"] >= 0
+    assert len(pairs.owner) == int(valid.sum()) == pairs.edited["input_ids"].shape[0]
+    assert pairs.matched["input_ids"].shape[0] == 30
+    for m in range(0, len(pairs.owner), 11):
+        o = int(pairs.owner[m])
+        assert torch.equal(pairs.edited["region_feats"][m], batch["region_feats"][o])
+        assert int(pairs.edited["image_index"][m]) == int(batch["image_index"][o])
+        text = tokenizer.decode(pairs.edited["input_ids"][m][pairs.edited["attention_mask"][m]],
+                                skip_special_tokens=True)
+        slot = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["edit_input_ids"][o]]
+        assert text in slot and truth.EDIT_KINDS[int(pairs.kind[m])] == truth.EDIT_KINDS[
+            int(batch["edit_kinds"][o, slot.index(text)])]
+    with pytest.raises(ValueError, match="edits=E"):
+        itm.edit_pairs({k: v for k, v in batch.items() if not k.startswith("edit")})
+
+
+def test_edit_accuracy_is_a_two_way_choice_and_a_bag_of_words_cannot_see_roles(dataset, scenes, tokenizer):
+    batch = batch_of(dataset, list(range(len(dataset))))
+    pairs = itm.edit_pairs(batch, dataset.pad_token_id)
+    n, m = pairs.matched["input_ids"].shape[0], len(pairs.owner)
+    perfect = itm.edit_accuracy(torch.ones(n), torch.zeros(m), pairs)
+    assert perfect["all"] == 1.0 and all(perfect[k] == 1.0 for k in truth.EDIT_KINDS if k in perfect)
+    assert itm.edit_accuracy(torch.zeros(n), torch.zeros(m), pairs)["all"] == 0.5          # ties: half a win
+    assert itm.edit_accuracy(torch.zeros(n), torch.ones(m), pairs)["all"] == 0.0
+
+    def bag_of_words(chunk):                      # a score that depends on the multiset of tokens only
+        ids = chunk["input_ids"].masked_fill(~chunk["attention_mask"], 10_000).sort(dim=1).values
+        return torch.tensor([float(hash(tuple(row.tolist())) % 1000) for row in ids])
+
+    scores = itm.edit_accuracy(itm.score_pairs(bag_of_words, pairs.matched, 64),
+                               itm.score_pairs(bag_of_words, pairs.edited, 64), pairs)
+    a_an = {tokenizer.convert_tokens_to_ids(w) for w in ("a", "an")}
+    same_bag = [sorted(t for t in pairs.matched["input_ids"][int(o)][pairs.matched["attention_mask"][int(o)]].tolist()
+                       if t not in a_an) ==
+                sorted(t for t in pairs.edited["input_ids"][j][pairs.edited["attention_mask"][j]].tolist()
+                       if t not in a_an)
+                for j, o in enumerate(pairs.owner.tolist()) if truth.EDIT_KINDS[int(pairs.kind[j])] == "roles"]
+    assert scores["n_roles"] == len(same_bag) > 0 and all(same_bag)    # roles: same words, other order
+    with pytest.raises(ValueError, match="edited_scores"):
+        itm.edit_accuracy(torch.ones(n), torch.zeros(m + 1), pairs)
+
+
+def test_matching_step_trains_any_model_with_a_match_head(dataset, tokenizer, features):
+    from fusionlib.models.baselines import CrossAttentionFusion, VQAConfig
+
+    config = VQAConfig(vocab_size=len(tokenizer), num_answers=2, region_dim=features.feature_dim, hidden_size=16,
+                       num_heads=2, num_layers=1, text_layers=0, max_text_len=40)
+    model = CrossAttentionFusion(config)
+    batch = batch_of(dataset, list(range(24)))
+    out = itm.matching_step(model, batch, hard_share=0.5, pad_token_id=dataset.pad_token_id,
+                            generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "accuracy", "hard_accuracy"} and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.classifier.parameters())
+    plain = itm.matching_step(model, batch, negatives="random", generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(plain["hard_accuracy"])
+    with pytest.raises(ValueError, match=r"\(batch, 2\)"):
+        itm.matching_step(CrossAttentionFusion(dataclasses.replace(config, num_answers=3)), batch)

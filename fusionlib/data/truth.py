@@ -377,44 +377,19 @@ class _Reader:
         r = self.relation(pos)
         if r is not None:
             rel, rel_pos, p = r
-            m = self.mention(p)
-            if m is not None:
-                b, p2 = m
-                p3 = self.word(p2, ("is",), "'is'")
-                m2 = None if p3 is None else self.mention(p3)
-                if m2 is not None:
-                    a, end = m2
-                    out.append(self._relation(rel, a, b, rel_pos, pos, end))
+            pair = self.mention_is_mention(p)
+            if pair is not None:
+                b, a, end = pair
+                out.append(self._relation(rel, a, b, rel_pos, pos, end))
 
-        # "<nearest> to B is A"
-        s = self.superlative(pos)
+        # "[the object] <nearest> to B is A"
+        s = self.superlative(self.optional(pos, "the", "object"))
         if s is not None:
             kind, sup_pos, p = s
-            m = self.mention(p)
-            if m is not None:
-                anchor, p2 = m
-                p3 = self.word(p2, ("is",), "'is'")
-                m2 = None if p3 is None else self.mention(p3)
-                if m2 is not None:
-                    other, end = m2
-                    out.append(_Parsed(Fact(kind, (self._obj(anchor), self._obj(other)), kind), pos, end,
-                                       [anchor, other], sup_pos))
-
-        # "the object <nearest> to B is A"
-        p = self.phrase(pos, "the", "object")
-        if p is not None:
-            s = self.superlative(p)
-            if s is not None:
-                kind, sup_pos, p2 = s
-                m = self.mention(p2)
-                if m is not None:
-                    anchor, p3 = m
-                    p4 = self.word(p3, ("is",), "'is'")
-                    m2 = None if p4 is None else self.mention(p4)
-                    if m2 is not None:
-                        other, end = m2
-                        out.append(_Parsed(Fact(kind, (self._obj(anchor), self._obj(other)), kind), pos, end,
-                                           [anchor, other], sup_pos))
+            pair = self.mention_is_mention(p)
+            if pair is not None:
+                anchor, other, end = pair
+                out.append(self._neighbour(kind, anchor, other, sup_pos, pos, end))
 
         # "A is <relation> B" / "A is in|at the <quadrant> [of the image]" / "A is the object <nearest> to B"
         m = self.mention(pos)
@@ -436,15 +411,13 @@ class _Reader:
                     if q is not None:
                         quad, qpos, end = q
                         out.append(self._location(quad, a, qpos, pos, of_the_image(end)))
-                p2 = self.optional(p, "the", "object")
-                s = self.superlative(p2)
+                s = self.superlative(self.optional(p, "the", "object"))
                 if s is not None:
-                    kind, sup_pos, p3 = s
-                    m2 = self.mention(p3)
+                    kind, sup_pos, p2 = s
+                    m2 = self.mention(p2)
                     if m2 is not None:
                         anchor, end = m2
-                        out.append(_Parsed(Fact(kind, (self._obj(anchor), self._obj(a)), kind), pos, end,
-                                           [anchor, a], sup_pos))
+                        out.append(self._neighbour(kind, anchor, a, sup_pos, pos, end))
         # Every reading above starts at ``pos``; a word that starts none of them is the error's position.
         if not out and pos >= self.furthest:
             self.fail(pos, "the start of a caption")
@@ -452,6 +425,22 @@ class _Reader:
 
     def _obj(self, m: _Mention) -> tuple[str, str]:
         return _COLOUR_WORDS[self.words[m.colour]], self.words[m.shape]
+
+    def mention_is_mention(self, pos: int) -> tuple[_Mention, _Mention, int] | None:
+        """"<object> is <object>" from ``pos``: both mentions and the position after them."""
+        m = self.mention(pos)
+        if m is None:
+            return None
+        first, p = m
+        p = self.word(p, ("is",), "'is'")
+        m2 = None if p is None else self.mention(p)
+        if m2 is None:
+            return None
+        return first, m2[0], m2[1]
+
+    def _neighbour(self, kind: str, anchor: _Mention, other: _Mention, sup_pos: list[int], start: int,
+                   end: int) -> _Parsed:
+        return _Parsed(Fact(kind, (self._obj(anchor), self._obj(other)), kind), start, end, [anchor, other], sup_pos)
 
     def _relation(self, rel: str, a: _Mention, b: _Mention, rel_pos: int, start: int, end: int) -> _Parsed:
         # rel_pos: the direction word itself ("left", "above", ...), the one word a flip changes.
