@@ -155,7 +155,7 @@ def main() -> None:
     config = uniter.UniterConfig.small(len(tok), feats["train"].num_classes, initializer_range=args.init,
                                        dropout=args.dropout, num_layers=args.layers,
                                        mask_probability=args.mask_probability, use_wra=args.wra,
-                                       masking=args.masking)
+                                       masking=args.masking, itm_negatives="random")   # as every record ran
     pairs = uniter.prepare_pretraining_batch(captions, "itm", config, torch.Generator().manual_seed(1))
     word_ids = {"shape": torch.tensor(tok.convert_tokens_to_ids(["square", "circle", "squares", "circles"])),
                 "colour": torch.tensor(tok.convert_tokens_to_ids(list(world.colors)))}
