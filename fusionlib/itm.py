@@ -31,11 +31,12 @@ use ``"random"`` there.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from .data.truth import EDIT_KINDS
 from .losses import random_negatives
 
 ITM_NEGATIVES = ("random", "false")
@@ -59,12 +60,16 @@ class ItmPairs(NamedTuple):
     edit_kind: Tensor
 
 
-def check_settings(negatives: str, hard_share: float) -> None:
-    """Raise ``ValueError`` naming the setting when ``negatives`` or ``hard_share`` is not allowed."""
+def check_settings(negatives: str, hard_share: float, hard_kinds: Sequence[str] = EDIT_KINDS) -> tuple[str, ...]:
+    """Raise ``ValueError`` naming the setting when one is not allowed; return ``hard_kinds`` as a tuple."""
     if negatives not in ITM_NEGATIVES:
         raise ValueError(f"itm_negatives must be one of {ITM_NEGATIVES}, got {negatives!r}")
     if isinstance(hard_share, bool) or not isinstance(hard_share, (int, float)) or not 0.0 <= hard_share <= 1.0:
         raise ValueError(f"hard_negative_share must be a number in [0, 1], got {hard_share!r}")
+    if isinstance(hard_kinds, str) or not isinstance(hard_kinds, Sequence) or not hard_kinds \
+            or any(k not in EDIT_KINDS for k in hard_kinds) or len(set(hard_kinds)) != len(hard_kinds):
+        raise ValueError(f"hard_negative_kinds must be distinct kinds among {EDIT_KINDS}, got {hard_kinds!r}")
+    return tuple(hard_kinds)
 
 
 def _key(batch: Mapping[str, Tensor], key: str, why: str) -> Tensor:
@@ -75,7 +80,8 @@ def _key(batch: Mapping[str, Tensor], key: str, why: str) -> Tensor:
 
 
 def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probability: float = 0.5,
-               negatives: str = "false", hard_share: float = 0.0, swap: str = "text") -> ItmPairs:
+               negatives: str = "false", hard_share: float = 0.0, swap: str = "text",
+               hard_kinds: Sequence[str] = EDIT_KINDS) -> ItmPairs:
     """Decide, for each sample of ``batch``, whether it stays a match or becomes a negative, and how.
 
     Each sample becomes a negative with ``probability``; of those, a share
@@ -89,9 +95,11 @@ def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probabil
     (ViLBERT); ``"image"``, ``i``'s text with ``j``'s image (UNITER).
 
     With ``negatives="random"`` and ``hard_share=0`` the draws are exactly
-    those of ``random_negatives``. Every draw comes from ``generator`` (CPU).
+    those of ``random_negatives``. ``hard_kinds`` limits the edits to some
+    kinds (chapter 4: colour and shape edits teach little that false
+    negatives do not). Every draw comes from ``generator`` (CPU).
     """
-    check_settings(negatives, hard_share)
+    hard_kinds = check_settings(negatives, hard_share, hard_kinds)
     if swap not in SWAPS:
         raise ValueError(f"swap must be one of {SWAPS}, got {swap!r}")
     if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
@@ -123,7 +131,8 @@ def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probabil
         kinds = kinds.cpu()
         if kinds.dim() != 2 or kinds.shape[0] != B:
             raise ValueError(f"batch['edit_kinds'] must be (batch, edits) = ({B}, E), got {tuple(kinds.shape)}")
-        valid = kinds >= 0                                                     # (B, E)
+        wanted = torch.tensor([EDIT_KINDS.index(k) for k in hard_kinds])
+        valid = torch.isin(kinds, wanted)                                      # (B, E): usable edits
         hard = (labels == 0) & (torch.rand(B, generator=generator) < hard_share) & valid.any(dim=1)
         # Kind-balanced: each kind the text has gets the same weight, split among its edits.
         same_kind = (kinds[:, :, None] == kinds[:, None, :]) & valid[:, None, :]
@@ -179,7 +188,8 @@ def _step_generator() -> torch.Generator:
 
 def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str = "itm", *,
                   probability: float = 0.5, negatives: str = "false", hard_share: float = 0.0,
-                  pad_token_id: int = 0, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                  hard_kinds: Sequence[str] = EDIT_KINDS, pad_token_id: int = 0,
+                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """ITM for any model that maps a batch to match logits ``(B, 2)``: a ``step_fn`` for :func:`fusionlib.train.train`.
 
     The pairs come from :func:`draw_pairs` with ``swap="text"`` (each image
@@ -190,7 +200,7 @@ def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str
     (``hard_accuracy``: on the minimal edits of the batch, NaN if none).
     """
     generator = _step_generator() if generator is None else generator
-    pairs = draw_pairs(batch, generator, probability, negatives, hard_share, swap="text")
+    pairs = draw_pairs(batch, generator, probability, negatives, hard_share, swap="text", hard_kinds=hard_kinds)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     partner = pairs.partner.to(ids.device)
     ids, mask = edit_texts(ids[partner], mask[partner], batch, pairs.edit, pad_token_id)

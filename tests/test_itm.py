@@ -292,3 +292,23 @@ def test_matching_step_trains_any_model_with_a_match_head(dataset, tokenizer, fe
     assert torch.isnan(plain["hard_accuracy"])
     with pytest.raises(ValueError, match=r"\(batch, 2\)"):
         itm.matching_step(CrossAttentionFusion(dataclasses.replace(config, num_answers=3)), batch)
+
+
+def test_hard_kinds_limit_the_edits_drawn(dataset):
+    batch = batch_of(dataset, list(range(60)))
+    allowed = ("relation", "roles", "quadrant", "count")
+    seen = Counter()
+    for seed in range(20):
+        pairs = itm.draw_pairs(batch, torch.Generator().manual_seed(seed), 0.5, "false", hard_share=1.0,
+                               hard_kinds=allowed)
+        seen.update(truth.EDIT_KINDS[int(k)] for k in pairs.edit_kind[pairs.edit >= 0])
+        # a sample whose text has no edit of these kinds gets a false partner instead
+        no_allowed = ~torch.isin(batch["edit_kinds"], torch.tensor([truth.EDIT_KINDS.index(k) for k in allowed]))
+        assert bool((pairs.edit[no_allowed.all(dim=1)] == -1).all())
+    assert set(seen) <= set(allowed) and len(seen) >= 3, seen
+    with pytest.raises(ValueError, match="hard_negative_kinds"):
+        itm.draw_pairs(batch, torch.Generator(), hard_share=0.5, hard_kinds=("colour",))
+    with pytest.raises(ValueError, match="hard_negative_kinds"):
+        uniter.UniterConfig(vocab_size=50, num_region_classes=7, hard_negative_kinds=())
+    config = vilbert.ViLBERTConfig(vocab_size=50, num_region_classes=7, hard_negative_kinds=["roles", "count"])
+    assert config.hard_negative_kinds == ("roles", "count")

@@ -139,6 +139,7 @@ class UniterConfig(ModelConfig):
                                            # synthetic world) | "random": any other image (UNITER)
     hard_negative_share: float = 0.0       # of the negatives, the share that keep the image and get a minimal
                                            # edit of the caption (needs CaptionDataset(edits=E))
+    hard_negative_kinds: tuple[str, ...] = itm.EDIT_KINDS  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
     use_wra: bool = True                   # add word-region alignment to ITM steps
     wra_weight: float = losses.WRA_WEIGHT  # 0.1, UNITER's --itm_ot_lambda
     ot_beta: float = 0.5                   # IPOT step size
@@ -197,7 +198,9 @@ class UniterConfig(ModelConfig):
             raise ValueError(f"num_answers must be None or a positive int, got {self.num_answers!r}")
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
-        itm.check_settings(self.itm_negatives, self.hard_negative_share)
+        # JSON gives a list back; keep the tuple (frozen dataclass, hence object.__setattr__).
+        object.__setattr__(self, "hard_negative_kinds", itm.check_settings(
+            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds))
 
     @property
     def location_key(self) -> str:
@@ -678,7 +681,7 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
     if task == "itm":
         get_tensor(batch, "image_index", " (ITM negatives must never be the same image)")
         pairs = itm.draw_pairs(batch, generator, config.itm_negative_probability, config.itm_negatives,
-                               config.hard_negative_share, swap="image")
+                               config.hard_negative_share, swap="image", hard_kinds=config.hard_negative_kinds)
         partner = pairs.partner.to(feats.device)
         for key in ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
                     "region_soft_labels", "image_feats", "image_index", "image_objects"):

@@ -177,6 +177,7 @@ class ViLBERTConfig(ModelConfig):
     itm_negatives: str = "false"             # ITM negatives (fusionlib.itm): "false" (judged false, the
                                              # synthetic world) | "random" (any other caption, the paper)
     hard_negative_share: float = 0.0         # of the negatives, the share that are minimal edits of the caption
+    hard_negative_kinds: tuple[str, ...] = itm.EDIT_KINDS  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_region_classes", "region_dim", "text_hidden_size", "text_num_layers",
@@ -232,7 +233,9 @@ class ViLBERTConfig(ModelConfig):
             raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}")
         if not isinstance(self.num_answers, int) or isinstance(self.num_answers, bool) or self.num_answers < 0:
             raise ValueError(f"num_answers must be an int >= 0 (0: no VQA head), got {self.num_answers!r}")
-        itm.check_settings(self.itm_negatives, self.hard_negative_share)
+        # JSON gives a list back; keep the tuple (frozen dataclass, hence object.__setattr__).
+        object.__setattr__(self, "hard_negative_kinds", itm.check_settings(
+            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds))
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
 
@@ -706,7 +709,7 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
         if tuple(image_index.shape) != (B,) or image_index.is_floating_point():
             raise _shape_error("image_index", f"integer of shape ({B},)", image_index)
         pairs = itm.draw_pairs(batch, generator, itm_probability, config.itm_negatives, config.hard_negative_share,
-                               swap="text")
+                               swap="text", hard_kinds=config.hard_negative_kinds)
         caption_index = pairs.partner.to(device)
         itm_labels = pairs.labels.to(device)
     else:
