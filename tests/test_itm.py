@@ -312,3 +312,21 @@ def test_hard_kinds_limit_the_edits_drawn(dataset):
         uniter.UniterConfig(vocab_size=50, num_region_classes=7, hard_negative_kinds=())
     config = vilbert.ViLBERTConfig(vocab_size=50, num_region_classes=7, hard_negative_kinds=["roles", "count"])
     assert config.hard_negative_kinds == ("roles", "count")
+
+
+def test_descriptions_get_false_and_edited_negatives_too(scenes, features, tokenizer):
+    described = CaptionDataset(scenes, features, tokenizer, text="descriptions", edits=4)
+    indices = list(range(len(described)))
+    batch = batch_of(described, indices)
+    by_index = {s.index: s for s in scenes}
+    for seed in range(5):
+        pairs = itm.draw_pairs(batch, torch.Generator().manual_seed(seed), 0.5, "false", hard_share=0.5)
+        ids, mask = itm.edit_texts(batch["input_ids"][pairs.partner], batch["attention_mask"][pairs.partner], batch,
+                                   pairs.edit, described.pad_token_id)
+        for i in range(len(indices)):
+            text = tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True)
+            image = by_index[int(batch["image_index"][i])]
+            assert truth.is_true(text, image) == bool(pairs.labels[i]), (text, int(pairs.labels[i]))
+            if pairs.edit[i] >= 0:                   # one fact of the description changed, the others kept
+                kept = [f for f in truth.parse_text(text) if f in truth.parse_text(image.description)]
+                assert len(kept) == WORLD.description_facts - 1
