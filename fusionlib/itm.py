@@ -6,7 +6,7 @@ data only hold matching pairs, so half of them are turned into negatives, and
 
 ``"random"``
     The text (ViLBERT) or the image (UNITER) of another sample of the batch,
-    as both papers do. On our world about one in eleven of these "negatives"
+    as both papers do. On our world about one in ten of these "negatives"
     is true of its image (chapter 2), so the model is taught to say "no" to
     true pairs.
 ``"false"`` (the default)
@@ -60,16 +60,26 @@ class ItmPairs(NamedTuple):
     edit_kind: Tensor
 
 
-def check_settings(negatives: str, hard_share: float, hard_kinds: Sequence[str] = EDIT_KINDS) -> tuple[str, ...]:
-    """Raise ``ValueError`` naming the setting when one is not allowed; return ``hard_kinds`` as a tuple."""
+def check_settings(negatives: str, hard_share: float, hard_kinds: Sequence[str] = EDIT_KINDS,
+                   names: tuple[str, str, str] = ("negatives", "hard_share", "hard_kinds")) -> tuple[str, ...]:
+    """Raise ``ValueError`` naming the setting when one is not allowed; return ``hard_kinds`` as a tuple.
+
+    ``names`` are what the caller calls the three settings in its messages:
+    the arguments of :func:`draw_pairs`, or a config's ``itm_negatives``,
+    ``hard_negative_share`` and ``hard_negative_kinds``.
+    """
+    negatives_name, share_name, kinds_name = names
     if negatives not in ITM_NEGATIVES:
-        raise ValueError(f"itm_negatives must be one of {ITM_NEGATIVES}, got {negatives!r}")
+        raise ValueError(f"{negatives_name} must be one of {ITM_NEGATIVES}, got {negatives!r}")
     if isinstance(hard_share, bool) or not isinstance(hard_share, (int, float)) or not 0.0 <= hard_share <= 1.0:
-        raise ValueError(f"hard_negative_share must be a number in [0, 1], got {hard_share!r}")
+        raise ValueError(f"{share_name} must be a number in [0, 1], got {hard_share!r}")
     if isinstance(hard_kinds, str) or not isinstance(hard_kinds, Sequence) or not hard_kinds \
             or any(k not in EDIT_KINDS for k in hard_kinds) or len(set(hard_kinds)) != len(hard_kinds):
-        raise ValueError(f"hard_negative_kinds must be distinct kinds among {EDIT_KINDS}, got {hard_kinds!r}")
+        raise ValueError(f"{kinds_name} must be distinct kinds among {EDIT_KINDS}, got {hard_kinds!r}")
     return tuple(hard_kinds)
+
+
+CONFIG_NAMES = ("itm_negatives", "hard_negative_share", "hard_negative_kinds")   # the fields of the model configs
 
 
 def _key(batch: Mapping[str, Tensor], key: str, why: str) -> Tensor:
@@ -90,7 +100,8 @@ def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probabil
     (``"random"``) or one whose pair the judge calls false (``"false"``).
     Duplicates of the sample's image (same ``image_index``) are never
     partners. A sample with no valid partner stays a match, as in
-    :func:`fusionlib.losses.random_negatives`. ``swap`` says whose text
+    :func:`fusionlib.losses.random_negatives`, even when it has edits: hard
+    negatives are taken among the samples that became negatives. ``swap`` says whose text
     the judge reads: ``"text"``, sample ``i``'s image with ``j``'s text
     (ViLBERT); ``"image"``, ``i``'s text with ``j``'s image (UNITER).
 
@@ -188,7 +199,7 @@ def _step_generator() -> torch.Generator:
 
 def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str = "itm", *,
                   probability: float = 0.5, negatives: str = "false", hard_share: float = 0.0,
-                  hard_kinds: Sequence[str] = EDIT_KINDS, pad_token_id: int = 0,
+                  hard_kinds: Sequence[str] = EDIT_KINDS, pad_token_id: int,
                   generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """ITM for any model that maps a batch to match logits ``(B, 2)``: a ``step_fn`` for :func:`fusionlib.train.train`.
 
@@ -196,7 +207,8 @@ def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str
     keeps its regions and gets another text, as in ViLBERT), the loss is the
     2-way cross-entropy (class 1 = match). Chapter 4 trains chapter 3's
     cross-attention model this way, with a 2-answer head, to compare kinds
-    of negatives. Returns ``{"loss", "accuracy", "hard_accuracy"}``
+    of negatives. ``pad_token_id`` is the tokenizer's (edited texts are
+    padded with it). Returns ``{"loss", "accuracy", "hard_accuracy"}``
     (``hard_accuracy``: on the minimal edits of the batch, NaN if none).
     """
     generator = _step_generator() if generator is None else generator
@@ -213,7 +225,7 @@ def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str
     loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     correct = (logits.detach().argmax(-1) == labels).float()
     hard = (pairs.edit >= 0).to(logits.device)
-    hard_accuracy = correct[hard].mean() if bool(hard.any()) else torch.tensor(float("nan"))
+    hard_accuracy = correct[hard].mean() if bool(hard.any()) else torch.full((), float("nan"), device=logits.device)
     return {"loss": loss, "accuracy": correct.mean(), "hard_accuracy": hard_accuracy}
 
 
@@ -232,12 +244,13 @@ class EditPairs(NamedTuple):
     kind: Tensor
 
 
-def edit_pairs(batch: Mapping[str, Tensor], pad_token_id: int = 0) -> EditPairs:
+def edit_pairs(batch: Mapping[str, Tensor], pad_token_id: int) -> EditPairs:
     """Split a caption batch with ``edit_input_ids``/``edit_kinds`` into matched and edited pairs.
 
     Typically ``batch`` holds a whole held-out split,
     ``TensorBatches(CaptionDataset(test_scenes, ..., edits=E))`` gathered at
     once. Keys other than the edit keys are kept, rows repeated for the edits.
+    ``pad_token_id`` is the tokenizer's: it marks the padding of the edits.
     """
     kinds = _key(batch, "edit_kinds", "edit_pairs (build the CaptionDataset with edits=E)")
     ids = _key(batch, "edit_input_ids", "edit_pairs")
@@ -273,9 +286,10 @@ def score_pairs(score_fn, batch: Mapping[str, Tensor], batch_size: int = 512) ->
 def edit_accuracy(matched_scores: Tensor, edited_scores: Tensor, pairs: EditPairs) -> dict[str, float]:
     """How often a text scores above its minimal edit on the same image, overall and per edit kind (chapter 4).
 
-    Each (text, edit) pair is a two-way choice, as in Winoground's text score:
-    a win when the true text scores higher, half a win on a tie, so chance is
-    0.5 for any model and no threshold is needed. Returns ``all`` and one key
+    Each (text, edit) pair is a two-way choice on one image (one half of
+    Winoground's text score, which asks it of two images at once): a win when
+    the true text scores higher, half a win on a tie, so chance is 0.5 for
+    any model and no threshold is needed. Returns ``all`` and one key
     per edit kind present (``color``, ``relation``, ...), with ``n_<kind>``
     counts.
     """

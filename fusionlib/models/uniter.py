@@ -32,8 +32,11 @@ step :func:`fusionlib.train.train` samples **one** task from a mix
 batch is masked *conditionally*: MLM masks only words (the image stays
 whole), MRFR / MRC / MRC-kl mask only regions (the sentence stays whole).
 ``masking="joint"`` masks both modalities at once, the alternative of the
-paper's ablation. ITM swaps in a random other image with p = 0.5 (never the
-same image: ``image_index`` marks duplicates); MLM and MRM see matched pairs only.
+paper's ablation. ITM swaps in another image with p = 0.5 (never the same
+image: ``image_index`` marks duplicates): any other, as UNITER does, with
+``itm_negatives="random"``; one the caption is false of by default; or keeps the
+image and edits the caption (``hard_negative_share``, :mod:`fusionlib.itm`).
+MLM and MRM see matched pairs only.
 
 Layout note: UNITER's code packs each sample's regions right after its last
 real word (``gather_index``) to save compute. Here the sequence is simply
@@ -200,7 +203,7 @@ class UniterConfig(ModelConfig):
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
         # JSON gives a list back; keep the tuple (frozen dataclass, hence object.__setattr__).
         object.__setattr__(self, "hard_negative_kinds", itm.check_settings(
-            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds))
+            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds, names=itm.CONFIG_NAMES))
 
     @property
     def location_key(self) -> str:
@@ -655,8 +658,10 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
       ``region_zeroed (B, R)`` bool: the regions whose feature the model
       replaces by ``[MASK]`` (``region_feats`` itself stays the original: the MRFR target);
     * ``text_masked``, ``image_masked`` ``(B,)`` bool: which modality each sample had masked;
-    * ``itm_labels (B,)`` long, for ``"itm"``: 1 = matched, 0 = a random other image was
-      swapped in (its ``region_*``, ``image_feats`` and ``image_index`` move with it).
+    * ``itm_labels (B,)`` long, for ``"itm"``: 1 = matched, 0 = a negative: another image
+      swapped in (its ``region_*``, ``image_feats``, ``image_index`` and ``image_objects``
+      move with it), or, for a hard negative, the same image with a minimal edit of the
+      caption in ``input_ids``/``attention_mask`` (which may then be wider than T).
 
     ``config.masking="conditional"`` (UNITER): ``"mlm"`` masks only words, the
     MRM tasks only regions, at least one of each per sample that has any.

@@ -235,7 +235,7 @@ class ViLBERTConfig(ModelConfig):
             raise ValueError(f"num_answers must be an int >= 0 (0: no VQA head), got {self.num_answers!r}")
         # JSON gives a list back; keep the tuple (frozen dataclass, hence object.__setattr__).
         object.__setattr__(self, "hard_negative_kinds", itm.check_settings(
-            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds))
+            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds, names=itm.CONFIG_NAMES))
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
 
@@ -623,14 +623,16 @@ class ViLBERTForPretraining(PretrainedModel):
 class PretrainingInputs(NamedTuple):
     """One batch made ready for the three losses by :func:`prepare_pretraining_inputs`.
 
-    ``input_ids``, ``attention_mask``, ``token_type_ids`` ``(B, T)``: the caption
-    each image is paired with (its own, or another image's for a negative),
-    token-masked. ``mlm_labels (B, T)``: original ids at masked tokens of
+    ``input_ids``, ``attention_mask``, ``token_type_ids`` ``(B, T')``: the caption
+    each image is paired with (its own, another image's for a negative, or a
+    minimal edit of its own for a hard negative, which can make ``T'`` wider
+    than the batch's ``T``), token-masked. ``mlm_labels (B, T)``: original ids at masked tokens of
     *matched* pairs, -100 elsewhere. ``region_feats (B, R, D)``: masked
     features; ``image_feats (B, D)``: the ``[IMG]`` feature, the mean of the
     masked real features. ``region_masked (B, R)`` bool: scored regions
     (matched pairs only). ``itm_labels (B,)``: 1 match, 0 mismatch (-100 when
-    ITM is off). ``caption_index (B,)``: the row whose caption was used.
+    ITM is off). ``caption_index (B,)``: the row whose caption was used (its
+    own row for a hard negative, whose caption was then edited).
     """
 
     input_ids: Tensor
