@@ -609,7 +609,8 @@ def encode_facts(texts: Sequence[str | Sequence[Fact]], num_facts: int | None = 
         raise ValueError(f"num_facts must be a positive int, got {num_facts!r}")
     if longest > K:
         raise ValueError(f"num_facts={K} is fewer than the {longest} facts of the longest text")
-    out = torch.full((len(parsed), K, len(FACT_FIELDS)), -1, dtype=torch.long)
+    out = torch.full((len(parsed), K, len(FACT_FIELDS)), -1, dtype=torch.long)   # -1: no object, no relation
+    out[:, :, 0] = NO_FACT
     out[:, :, 6:] = 0
     for n, facts in enumerate(parsed):
         for k, f in enumerate(facts):
