@@ -36,6 +36,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from . import runtime
 from .data.truth import EDIT_KINDS
 from .losses import random_negatives
 
@@ -191,12 +192,6 @@ def edit_texts(input_ids: Tensor, attention_mask: Tensor, batch: Mapping[str, Te
 # ---------------------------------------------------------------------------
 
 
-def _step_generator() -> torch.Generator:
-    # Seeded by one draw from the global generator, which fusionlib.train.train seeds and checkpoints:
-    # every step gets its own negatives, the same on every run, and a resumed run draws what it would have.
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.long)))
-
-
 def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str = "itm", *,
                   probability: float = 0.5, negatives: str = "false", hard_share: float = 0.0,
                   hard_kinds: Sequence[str] = EDIT_KINDS, pad_token_id: int,
@@ -211,7 +206,7 @@ def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str
     padded with it). Returns ``{"loss", "accuracy", "hard_accuracy"}``
     (``hard_accuracy``: on the minimal edits of the batch, NaN if none).
     """
-    generator = _step_generator() if generator is None else generator
+    generator = runtime.step_generator(generator)
     pairs = draw_pairs(batch, generator, probability, negatives, hard_share, swap="text", hard_kinds=hard_kinds)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     partner = pairs.partner.to(ids.device)
@@ -293,8 +288,6 @@ def edit_accuracy(matched_scores: Tensor, edited_scores: Tensor, pairs: EditPair
     per edit kind present (``color``, ``relation``, ...), with ``n_<kind>``
     counts.
     """
-    from .data.truth import EDIT_KINDS
-
     n, m = pairs.owner.max().item() + 1, len(pairs.owner)
     if matched_scores.dim() != 1 or matched_scores.shape[0] < n:
         raise ValueError(f"matched_scores must be (N,) with N >= {n}, got {tuple(matched_scores.shape)}")

@@ -81,6 +81,22 @@ def seed_everything(seed: int = 0, deterministic: bool = False) -> torch.Generat
     return torch.Generator().manual_seed(seed)
 
 
+def step_generator(generator: torch.Generator | None = None) -> torch.Generator:
+    """``generator`` if given, else a CPU generator seeded by one draw from the global one (chapters 4-6).
+
+    A training step draws its masks and negatives from it. The global
+    generator is what :func:`fusionlib.train.train` seeds from
+    ``config.seed`` and saves and restores with every checkpoint, so each
+    step gets its own draws, the same ones on every run, and a resumed run
+    continues with exactly the draws it would have made.
+    """
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.long)))
+
+
 def autocast(dev: torch.device | str | None = None, enabled: bool = True):
     """bf16 autocast on CUDA; a no-op context on CPU (fp32 is faster there for small models)."""
     dev = torch.device(dev) if dev is not None else device()

@@ -77,3 +77,16 @@ def test_smoke_results_never_touch_committed_results(monkeypatch, tmp_path):
 def test_summary_mentions_profile_and_versions():
     line = runtime.summary()
     assert "profile=" in line and "torch" in line and "fusionlib" in line
+
+
+def test_step_generator_passes_a_generator_through_or_draws_one_from_the_global_seed():
+    given = torch.Generator().manual_seed(3)
+    assert runtime.step_generator(given) is given
+    torch.manual_seed(11)
+    first = torch.rand(4, generator=runtime.step_generator())
+    torch.manual_seed(11)
+    again = torch.rand(4, generator=runtime.step_generator())
+    assert torch.equal(first, again)                           # the same global state, the same draws
+    assert not torch.equal(first, torch.rand(4, generator=runtime.step_generator()))   # the next step: new ones
+    with pytest.raises(TypeError, match="generator"):
+        runtime.step_generator(3)

@@ -48,7 +48,7 @@ import math
 import operator
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -131,7 +131,7 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 CAPTION_KINDS = ("relation", "location", "nearest", "farthest", "count")
 
-_NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 # --------------------------------------------------------------------------- data classes
@@ -561,9 +561,13 @@ def _questions(config: WorldConfig, objects: list[SceneObject], closest: list[in
 # --------------------------------------------------------------------------- captions
 
 
+def article(word: str) -> str:
+    """The indefinite article before ``word``: "an orange", "a red"."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _a(obj: SceneObject) -> str:
-    article = "an" if obj.color[0] in "aeiou" else "a"
-    return f"{article} {obj.color} {obj.shape}"
+    return f"{article(obj.color)} {obj.color} {obj.shape}"
 
 
 def _the(obj: SceneObject) -> str:
@@ -636,16 +640,25 @@ def _neighbour_caption(objects: list[SceneObject], neighbour: list[int], stream:
     return f"{word} {prep} {_the(obj)} is {_a(other)}"
 
 
+def count_words(counts: dict[str, int], order: Sequence[str]) -> tuple[str, str]:
+    """``(verb, list)`` of a count caption: ``("are", "two squares and four circles")``.
+
+    Shapes are listed in ``order``, absent ones (count 0) left out; the verb
+    agrees with the first item ("there is one square and five circles").
+    """
+    parts = []
+    for shape in order:
+        count = counts.get(shape, 0)
+        if count:
+            word = NUMBER_WORDS[count] if count < len(NUMBER_WORDS) else str(count)
+            parts.append(f"{word} {shape}{'s' if count > 1 else ''}")
+    verb = "is" if parts and parts[0].startswith("one ") else "are"
+    return verb, " and ".join(parts)
+
+
 def _count_caption(objects: list[SceneObject], shapes: tuple[str, ...], stream: _Stream) -> str:
     """"there are two squares and four circles": how many of each shape (absent shapes left out)."""
-    counts = [(sum(o.shape == s for o in objects), s) for s in shapes]
-    parts = []
-    for count, shape in counts:
-        if count:
-            word = _NUMBER_WORDS[count] if count < len(_NUMBER_WORDS) else str(count)
-            parts.append(f"{word} {shape}{'s' if count > 1 else ''}")
-    listed = parts[0] if len(parts) == 1 else " and ".join(parts)
-    verb = "is" if counts and parts[0].startswith("one ") else "are"
+    verb, listed = count_words({s: sum(o.shape == s for o in objects) for s in shapes}, shapes)
     if stream.below(2):
         return f"there {verb} {listed}"
     return f"the image shows {listed}"

@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
-from .shapes import CAPTION_KINDS, COLORS, KNOWN_SHAPES, PALETTE, SHAPES, Scene, SceneObject
+from .shapes import (CAPTION_KINDS, COLORS, KNOWN_SHAPES, NUMBER_WORDS, PALETTE, SHAPES, Scene, SceneObject, article,
+                     count_words)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -131,7 +132,8 @@ class Fact:
         if self.kind in ("nearest", "farthest"):
             prep = "to" if self.kind == "nearest" else "from"
             return f"{names[1]} is the object {self.kind} {prep} {names[0]}"
-        return "there " + _count_words(dict(self.counts), [s for s, _ in self.counts], "are")
+        verb, listed = count_words(dict(self.counts), [s for s, _ in self.counts])
+        return f"there {verb} {listed}"
 
 
 class Edit(NamedTuple):
@@ -146,9 +148,7 @@ class Edit(NamedTuple):
 _COLOUR_WORDS = {**{c: c for c in PALETTE}, "grey": "gray"}
 _SHAPE_WORDS = {s: s for s in KNOWN_SHAPES}
 _PLURAL_SHAPES = {f"{s}s": s for s in KNOWN_SHAPES}
-_NUMBERS = {w: i for i, w in enumerate(("no", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                                         "nine", "ten"))}
-_NUMBERS.update({"zero": 0, "none": 0})
+_NUMBERS = {**{w: i for i, w in enumerate(NUMBER_WORDS)}, "zero": 0, "none": 0}
 _SUPERLATIVES = {"nearest": "nearest", "closest": "nearest", "farthest": "farthest", "furthest": "farthest"}
 _VERTICAL = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
 _HORIZONTAL = {"left": "left", "right": "right"}
@@ -794,25 +794,6 @@ def false_caption(scene: Scene, pool: Sequence[str], generator: np.random.Genera
     return pool[false[int(torch.randint(len(false), (1,), generator=generator))]]
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
-def _count_words(counts: dict[str, int], order: Sequence[str], verb: str | None) -> str:
-    """The generator's count list: "two squares and four circles" (absent shapes left out), with its verb."""
-    parts = []
-    for shape in order:
-        n = counts.get(shape, 0)
-        if n:
-            number = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")[n] \
-                if n <= 10 else str(n)
-            parts.append(f"{number} {shape}{'s' if n > 1 else ''}")
-    listed = " and ".join(parts)
-    if verb is None:
-        return listed
-    return f"{'is' if parts and parts[0].startswith('one ') else 'are'} {listed}"
-
-
 def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
                   shapes: Sequence[str] = SHAPES) -> list[Edit]:
     """Every text that differs from ``caption`` in one thing and is false of ``scene``.
@@ -854,7 +835,7 @@ def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
 
     def with_article(ws: list[str], m: _Mention) -> list[str]:
         if m.det is not None and ws[m.det] in ("a", "an"):
-            ws[m.det] = _article(ws[m.colour])
+            ws[m.det] = article(ws[m.colour])
         return ws
 
     for k, p in enumerate(parsed):
@@ -925,10 +906,10 @@ def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
                     new[src] -= 1
                     new[dst] = new.get(dst, 0) + 1
                     start, end = p.count_span
-                    listed = _count_words(new, order, None).split()
-                    ws = words[:start] + listed + words[end:]
+                    verb, listed = count_words(new, order)
+                    ws = words[:start] + listed.split() + words[end:]
                     if p.count_verb is not None:
-                        ws[p.count_verb] = _count_words(new, order, "are").split()[0]
+                        ws[p.count_verb] = verb
                     new_fact = Fact("count", counts=tuple((s, n) for s, n in new.items() if n))
                     keep("count", ws, k, new_fact)
     return out

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusionlib import itm, losses, masking
+from fusionlib import itm, losses, masking, runtime
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import TextEmbeddings, UniterImageEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer, masked_mean
@@ -640,12 +640,6 @@ class UniterForVQA(PretrainedModel):
 # ---------------------------------------------------------------------------
 
 
-def _draw_generator() -> torch.Generator:
-    # Seeded from the global RNG, which fusionlib.train.train seeds, checkpoints and restores,
-    # so a resumed run draws the same masks as an uninterrupted one.
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.long)))
-
-
 def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: UniterConfig,
                               generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """The inputs and targets of one pretraining task for one batch (chapter 6).
@@ -672,9 +666,7 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
         raise ValueError(f"task must be one of {PRETRAINING_TASKS}, got {task!r}")
     if not isinstance(config, UniterConfig):
         raise TypeError(f"config must be a UniterConfig, got {type(config).__name__}")
-    generator = _draw_generator() if generator is None else generator
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    generator = runtime.step_generator(generator)
     ids, text_mask = text_inputs(batch)
     feats, _, region_mask = _region_inputs(batch, config, ids.shape[0])
     out = dict(batch)

@@ -2,8 +2,8 @@
 
 Lu et al., "ViLBERT: Pretraining Task-Agnostic Visiolinguistic Representations
 for Vision-and-Language Tasks" (NeurIPS 2019); code: facebookresearch/vilbert-multi-task
-and jiasenlu/vilbert_beta. The facts followed here are in
-``shared/notes/reference-models.md``.
+and jiasenlu/vilbert_beta. Where the book's first source got ViLBERT wrong,
+``book/errata.md`` says so.
 
 The architecture
 ----------------
@@ -70,10 +70,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusionlib import itm, runtime
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, CoAttentionLayer, TransformerLayer, masked_mean
-from fusionlib import itm
 from fusionlib.losses import IGNORE_INDEX, itm_loss, mlm_loss, mrc_kl_loss
 from fusionlib.masking import apply_region_mask, mask_regions, mask_tokens, maskable_tokens
 from fusionlib.models.batch import get_tensor
@@ -773,18 +773,6 @@ def pretraining_losses(output: PretrainingOutput, inputs: PretrainingInputs, reg
     return out
 
 
-def _step_generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        return generator
-    # Seeded by one draw from the global CPU generator, which fusionlib.train.train seeds from
-    # config.seed and saves/restores with every checkpoint: each step gets its own masks, the same
-    # ones on every run, and a resumed run continues with exactly the masks it would have drawn.
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    return torch.Generator().manual_seed(seed)
-
-
 def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | None = None, *,
                      generator: torch.Generator | None = None, itm_probability: float = 0.5,
                      token_probability: float = 0.15, region_probability: float = 0.15,
@@ -796,7 +784,7 @@ def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | Non
     ``"mrm"`` or ``"itm"`` -> that loss alone, with only its own corruption
     (``"itm"`` alone sees unmasked inputs: retrieval fine-tuning).
     ``generator``: the CPU ``torch.Generator`` for every draw; by default one
-    is seeded from the global generator (see :func:`_step_generator`), so
+    is seeded from the global generator (see :func:`fusionlib.runtime.step_generator`), so
     runs under :func:`fusionlib.train.train` are reproducible and resumable.
 
     Returns ``{"loss", "mlm", "mrm", "itm", "itm_acc"}`` (the losses that the
@@ -804,7 +792,7 @@ def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | Non
     """
     tasks = _tasks(task)
     config = _encoder_of(model).config
-    inputs = prepare_pretraining_inputs(batch, config, _step_generator(generator), tasks, itm_probability,
+    inputs = prepare_pretraining_inputs(batch, config, runtime.step_generator(generator), tasks, itm_probability,
                                         token_probability, region_probability, region_zero_fraction)
     output = model(inputs.batch(batch))
     losses = pretraining_losses(output, inputs, batch.get("region_soft_labels"), tasks)
