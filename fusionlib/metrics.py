@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["vqa_accuracy", "evaluate_vqa", "recall_at_k", "image_text_recall", "retrieval_chance", "itm_accuracy",
-           "expected_recall_at_k", "retrieval_scores", "retrieval_bounds"]
+           "expected_recall_at_k", "retrieval_scores", "retrieval_bounds", "mean_range"]
 
 
 def _as_predictions(logits_or_preds: Tensor) -> Tensor:
@@ -161,21 +161,8 @@ def recall_at_k(similarity: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5
     if not isinstance(similarity, Tensor) or similarity.dim() != 2 or not similarity.is_floating_point():
         raise ValueError(f"similarity must be a float (Nq, Nc) tensor, got "
                          f"{tuple(similarity.shape) if isinstance(similarity, Tensor) else type(similarity).__name__}")
-    nq, nc = similarity.shape
-    if positives.dtype == torch.bool:
-        if tuple(positives.shape) != (nq, nc):
-            raise ValueError(f"bool positives must have shape ({nq}, {nc}), got {tuple(positives.shape)}")
-        pos = positives.to(similarity.device)
-    else:
-        if tuple(positives.shape) != (nq,):
-            raise ValueError(f"index positives must have shape ({nq},), got {tuple(positives.shape)}")
-        if bool(((positives < 0) | (positives >= nc)).any()):
-            raise ValueError(f"positives must be candidate indices in [0, {nc})")
-        pos = F.one_hot(positives.long(), nc).bool().to(similarity.device)
-    if not bool(pos.any(dim=1).all()):
-        raise ValueError("every query needs at least one positive candidate")
-    if not ks or any(not isinstance(k, int) or k <= 0 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks}")
+    pos = _positive_mask(positives, *similarity.shape, similarity.device)
+    ks = _check_ks(ks)
     sim = similarity.float()
     best_positive = sim.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)   # (Nq, 1)
     rank = ((sim >= best_positive) & ~pos).sum(dim=1)                               # wrong ones ahead
@@ -219,8 +206,7 @@ def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int]
     for name, value in (("num_images", num_images), ("captions_per_image", captions_per_image)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not ks or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks}")
+    ks = _check_ks(ks)
     n_c, c = num_images * captions_per_image, captions_per_image
     # With K above the wrong captions C(n_c - c, K) is 0 and the formula gives 1; with K above all
     # the captions C(n_c, K) is 0 too, and every caption is in the top K anyway.
@@ -276,6 +262,33 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
             or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
     return tuple(ks)
+
+
+def _positive_mask(positives: Any, nq: int, nc: int, device: torch.device) -> Tensor:
+    """``(Nq, Nc)`` bool of the right candidates, from ``(Nq,)`` integer indices or an ``(Nq, Nc)`` bool mask."""
+    if not isinstance(positives, Tensor):
+        raise ValueError(f"positives must be a ({nq},) integer or ({nq}, {nc}) bool tensor, "
+                         f"got {_describe(positives)}")
+    if positives.dtype == torch.bool:
+        if tuple(positives.shape) != (nq, nc):
+            raise ValueError(f"bool positives must have shape ({nq}, {nc}), got {tuple(positives.shape)}")
+        pos = positives.to(device)
+    else:
+        if positives.is_floating_point() or positives.is_complex():
+            raise ValueError(f"index positives must have an integer dtype, got {positives.dtype}")
+        if tuple(positives.shape) != (nq,):
+            raise ValueError(f"index positives must have shape ({nq},), got {tuple(positives.shape)}")
+        bad = (positives < 0) | (positives >= nc)
+        if bool(bad.any()):
+            raise ValueError(f"index positives must be candidate indices in [0, {nc}), "
+                             f"got out-of-range values for queries {_indices(bad.cpu())}")
+        pos = torch.zeros(nq, nc, dtype=torch.bool, device=device)
+        pos.scatter_(1, positives.long().to(device)[:, None], True)
+    empty = ~pos.any(dim=1)
+    if bool(empty.any()):
+        raise ValueError(f"every query needs at least one positive candidate; queries {_indices(empty.cpu())} "
+                         f"have none")
+    return pos
 
 
 def _check_scores(name: str, scores: Any, shape: str) -> Tensor:
@@ -352,29 +365,7 @@ def expected_recall_at_k(similarity: Tensor, positives: Tensor, ks: Sequence[int
     ties a query's best right one.
     """
     sim = _check_scores("similarity", similarity, "(Nq, Nc)")
-    nq, nc = sim.shape
-    if not isinstance(positives, Tensor):
-        raise ValueError(f"positives must be a ({nq},) integer or ({nq}, {nc}) bool tensor, "
-                         f"got {_describe(positives)}")
-    if positives.dtype == torch.bool:
-        if tuple(positives.shape) != (nq, nc):
-            raise ValueError(f"bool positives must have shape ({nq}, {nc}), got {tuple(positives.shape)}")
-        pos = positives.to(sim.device)
-    else:
-        if positives.is_floating_point() or positives.is_complex():
-            raise ValueError(f"index positives must have an integer dtype, got {positives.dtype}")
-        if tuple(positives.shape) != (nq,):
-            raise ValueError(f"index positives must have shape ({nq},), got {tuple(positives.shape)}")
-        bad = (positives < 0) | (positives >= nc)
-        if bool(bad.any()):
-            raise ValueError(f"index positives must be candidate indices in [0, {nc}), "
-                             f"got out-of-range values for queries {_indices(bad.cpu())}")
-        pos = torch.zeros(nq, nc, dtype=torch.bool, device=sim.device)
-        pos.scatter_(1, positives.long().to(sim.device)[:, None], True)
-    empty = ~pos.any(dim=1)
-    if bool(empty.any()):
-        raise ValueError(f"every query needs at least one positive candidate; queries {_indices(empty.cpu())} "
-                         f"have none")
+    pos = _positive_mask(positives, *sim.shape, sim.device)
     return _expected_recall(sim, pos, _check_ks(ks))
 
 
@@ -468,3 +459,22 @@ def retrieval_bounds(truth: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 
     constant = torch.zeros(truth.shape[1], truth.shape[0], device=truth.device)
     return {"chance": retrieval_scores(constant, text_image, truth, ks),
             "ceiling": retrieval_scores(truth.t().float(), text_image, truth, ks)}
+
+
+def mean_range(values: Sequence[float], digits: int = 3) -> str:
+    """A metric over seeds as the book prints it (chapters 4, 6b): ``"0.855 (0.814–0.929)"``.
+
+    The mean, then the lowest and highest value in brackets; only the mean
+    when every value rounds the same at ``digits`` (the seeds agree).
+    """
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("values must hold at least one number, got none")
+    if any(math.isnan(v) for v in values):
+        raise ValueError(f"values must not be NaN, got {values}")
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
+        raise ValueError(f"digits must be an int >= 0, got {digits!r}")
+    lo, hi, mean = min(values), max(values), sum(values) / len(values)
+    if hi - lo < 10 ** -digits:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"

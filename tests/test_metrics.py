@@ -436,3 +436,17 @@ def test_expected_recall_at_k_on_1000_by_10000_is_fast(one_thread):
 def test_retrieval_rejects_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_mean_range_prints_the_spread_only_when_seeds_differ():
+    from fusionlib.metrics import mean_range
+
+    assert mean_range([0.814, 0.821, 0.929]) == "0.855 (0.814–0.929)"
+    assert mean_range([1.0, 1.0, 1.0]) == "1.000"
+    assert mean_range([0.5, 0.5004], digits=2) == "0.50"
+    assert mean_range([0.25, 0.75], digits=1) == "0.5 (0.2–0.8)"
+    for bad, match in (([], "at least one"), ([0.1, float("nan")], "NaN")):
+        with pytest.raises(ValueError, match=match):
+            mean_range(bad)
+    with pytest.raises(ValueError, match="digits"):
+        mean_range([0.1], digits=-1)
