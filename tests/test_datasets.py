@@ -23,27 +23,10 @@ from fusionlib.data.datasets import (
 )
 from fusionlib.data import truth
 from fusionlib.data.shapes import QUESTION_FAMILIES, WorldConfig, answer_vocab, generate_split
-from fusionlib.data.tokenizer import train_tokenizer
-from fusionlib.vision import DetectorConfig, extract_region_features, train_detector
+from fusionlib.vision import DetectorConfig
 
 WORLD = WorldConfig(num_train=12, num_val=4, num_test=4)
 DET = DetectorConfig(steps=1, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    return generate_split(WORLD, "train")
-
-
-@pytest.fixture(scope="module")
-def features(scenes):
-    detector, _ = train_detector(WORLD, DET, scenes, progress=False)
-    return extract_region_features(detector, scenes, max_regions=6 + DET.num_jitter + DET.num_background)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(scenes):
-    return train_tokenizer([c for s in scenes for c in s.captions] + [q.text for s in scenes for q in s.questions])
 
 
 @pytest.fixture(scope="module")

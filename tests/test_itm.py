@@ -16,30 +16,13 @@ import torch
 from fusionlib import itm, losses
 from fusionlib.data import truth
 from fusionlib.data.datasets import EDIT_KEYS, TRUTH_KEYS, CaptionDataset, TensorBatches, collate
-from fusionlib.data.shapes import WorldConfig, generate_split
-from fusionlib.data.tokenizer import train_tokenizer
+from fusionlib.data.shapes import WorldConfig
 from fusionlib.models import uniter, vilbert
-from fusionlib.vision import DetectorConfig, extract_region_features, train_detector
+from fusionlib.vision import DetectorConfig
 
 # Few colours make true "negatives" common, so the difference between random and false shows in a small batch.
 WORLD = WorldConfig(num_train=40, num_val=0, num_test=0, num_objects=3, colors=("red", "green", "blue"), seed=1)
 DET = DetectorConfig(steps=1, batch_size=4)
-
-
-@pytest.fixture(scope="module")
-def scenes():
-    return generate_split(WORLD, "train")
-
-
-@pytest.fixture(scope="module")
-def features(scenes):
-    detector, _ = train_detector(WORLD, DET, scenes, progress=False)
-    return extract_region_features(detector, scenes, max_regions=3 + DET.num_jitter + DET.num_background)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(scenes):
-    return train_tokenizer([c for s in scenes for c in s.captions] + [q.text for s in scenes for q in s.questions])
 
 
 @pytest.fixture(scope="module")
