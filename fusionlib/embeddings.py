@@ -15,7 +15,7 @@ vector carries:
 
 Why location gets its own projection: appended raw to 64 standardised CNN
 features, four numbers in [0, 1] are drowned out and "is it on the left?"
-stays at chance for minutes (``shared/notes/calibration.md``). Projected on
+stays at chance for a long time (chapter 3 standardises them for this reason). Projected on
 their own to the full width and summed before the LayerNorm, they can weigh
 as much as the feature does, provided both inputs are on one scale
 (chapter 3 standardises features and locations with training statistics;

@@ -1,7 +1,6 @@
 """The pretraining losses of vision-language models (chapter 4).
 
-One function per loss, each faithful to the paper and code it names
-(facts in ``shared/notes/reference-models.md``):
+One function per loss, each faithful to the paper and public code it names:
 
 ==================  =========================================  =====================
 loss                what it teaches                             from

@@ -2,7 +2,7 @@
 
 Chapter 4 ("Pretraining losses and masking") explains every function here.
 
-What the papers do (facts in ``shared/notes/reference-models.md``):
+What the papers and their public code do:
 
 * **Tokens** (BERT, ViLBERT, UNITER): choose 15% of the maskable tokens; of
   those, 80% become ``[MASK]``, 10% a random token, 10% stay unchanged. The

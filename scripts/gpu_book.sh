@@ -5,13 +5,12 @@
 #
 # Run from the repository root on a machine that has Python 3 with torch,
 # torchvision, transformers, tokenizers and matplotlib but no Jupyter and no
-# `datasets`, and no network. Before, where a package index is reachable:
-#
-#   echo /.whl/ >> .git/info/exclude
-#   ../shared/tools/offline-gpu/fetch-wheels.sh .whl
-#   cp ../shared/tools/offline-gpu/execute-notebooks.py .whl/
-#
-# and send along .whl/ and the feature/tokenizer cache (.cache/features,
+# `datasets`, and no network. Before, where a package index is reachable, put
+# into .whl/ (`echo /.whl/ >> .git/info/exclude`) the wheels, without
+# dependencies, of nbformat, nbclient, ipykernel and datasets and of whatever
+# of their requirements the GPU machine lacks (pip download --no-deps
+# --python-version of that machine), and send along .whl/ and the
+# feature/tokenizer cache (.cache/features,
 # .cache/tokenizer-*), which chapter 2 otherwise rebuilds. Notebooks run in the
 # order given (default: every chapter of _toc.yml); each one gets what is left
 # of BUDGET_SECONDS (default 480) and is skipped when under a minute is left.
@@ -64,7 +63,7 @@ for nb in "${notebooks[@]}"; do
         continue
     fi
     t0=$(date +%s)
-    timeout "$left" python3 .whl/execute-notebooks.py --timeout "$left" "$nb"
+    timeout "$left" python3 scripts/execute_notebooks.py --timeout "$left" "$nb"
     rc=$?
     echo "gpu_book: $nb rc=$rc in $(( $(date +%s) - t0 ))s"
     [ "$rc" -eq 0 ] || status=1

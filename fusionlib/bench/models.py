@@ -89,7 +89,7 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H20
 
 @dataclasses.dataclass(frozen=True)
 class MatchedSize:
-    """One size for all four models (chapter 7). Defaults: ``shared/notes/book-practices.md``'s peers.
+    """One size for all four models (chapter 7). Defaults: the size chapter 7 compares the peers at.
 
     ``lxmert_layers = (language, vision, cross)``; ``single_stream_layers``
     is VisualBERT's and UNITER's depth. ``vocab_size`` 512 and

@@ -66,8 +66,8 @@ IMAGE_POOLINGS = ("mean", "max", "mean_max")
 class VQAConfig(ModelConfig):
     """One config for every chapter-3 model; each model reads the fields it needs.
 
-    ``hidden_size=128, num_layers=2, num_heads=4`` is the size
-    ``shared/notes/calibration.md`` measured (0.93 relational after 10 CPU minutes).
+    ``hidden_size=128, num_layers=2, num_heads=4`` is the size chapter 3 trains,
+    small enough to learn the world's questions on a laptop CPU.
     """
 
     vocab_size: int                   # tokenizer vocabulary (input_ids < vocab_size)
