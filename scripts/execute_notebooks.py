@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print("warning: executing with the smoke profile; such outputs must not be committed", file=sys.stderr)
     for path in args.notebooks:
         nb = nbformat.read(path, as_version=4)
+        # The kernel keeps no history file: a machine may give it no writable home.
         client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel,
-                                resources={"metadata": {"path": str(path.parent)}})
+                                resources={"metadata": {"path": str(path.parent)}},
+                                extra_arguments=["--HistoryManager.hist_file=:memory:"])
         start = time.perf_counter()
         try:
             client.execute()
