@@ -2,7 +2,8 @@
 
 Kept light on purpose: ``import fusionlib.data`` pulls in numpy and PIL only.
 The tokenizer functions import ``tokenizers``/``transformers`` when called, and
-the torch/HF datasets (``fusionlib.data.datasets``) and real corpora
+the torch/HF datasets (``fusionlib.data.datasets``), the truth judge of the
+world's texts (``fusionlib.data.truth``) and real corpora
 (``fusionlib.data.hub``) are imported from their own modules.
 """
 
