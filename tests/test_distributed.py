@@ -105,9 +105,9 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     the gathered negatives, their gradient or DDP's averaging changes the losses at once.
     """
     common = ["--steps", "6", "--global-batch", "16", "--lr", "1e-2"]
-    one = _run(["-m", "fusionlib.distributed", *common], str(tmp_path / "one.json"), tmp_path)
+    one = _run(["-m", "fusionlib.examples.ddp_demo", *common], str(tmp_path / "one.json"), tmp_path)
     two = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                "fusionlib.distributed", *common], str(tmp_path / "two.json"), tmp_path)
+                "fusionlib.examples.ddp_demo", *common], str(tmp_path / "two.json"), tmp_path)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert (one["local_batch"], two["local_batch"]) == (16, 8)
     loss_one, loss_two = torch.tensor(one["loss"]), torch.tensor(two["loss"])
