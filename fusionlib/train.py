@@ -50,7 +50,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 import zlib
@@ -62,7 +61,7 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
-from fusionlib import distributed, runtime
+from fusionlib import distributed, fileio, runtime
 
 __all__ = [
     "TrainConfig",
@@ -394,19 +393,6 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, map_location: s
     return model
 
 
-def _replace_dir(target: str, write: Callable[[str], None]) -> None:
-    """Write a folder under a temporary name, then swap it in: a crash never leaves half a checkpoint."""
-    tmp, old = target + ".tmp", target + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    if os.path.exists(target):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
@@ -425,7 +411,8 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _last_checkpoint(checkpoint_dir: str) -> str | None:
-    for name in ("last", "last.old"):          # last.old survives a crash in the middle of a swap
+    # fileio.replace_dir keeps last.old until the new last/ is in place: a crash mid-swap leaves one of them.
+    for name in ("last", "last.old"):
         path = os.path.join(checkpoint_dir, name)
         if os.path.isfile(os.path.join(path, STATE_NAME)):
             return path
@@ -615,7 +602,7 @@ def train(
         def write(folder: str) -> None:
             _save_weights(model, folder)
             torch.save(state, os.path.join(folder, STATE_NAME))
-        _replace_dir(os.path.join(config.checkpoint_dir, "last"), write)
+        fileio.replace_dir(os.path.join(config.checkpoint_dir, "last"), write)
 
     def evaluate(step: int) -> None:
         started = time.perf_counter()
@@ -646,7 +633,7 @@ def train(
                     with open(os.path.join(folder, "best.json"), "w", encoding="utf-8") as f:
                         json.dump({"step": step, "metric": config.keep_best_by, "value": value,
                                    "metrics": metrics}, f, indent=2)
-                _replace_dir(os.path.join(config.checkpoint_dir, "best"), write)
+                fileio.replace_dir(os.path.join(config.checkpoint_dir, "best"), write)
 
     run_model = model
     if distributed.is_distributed():

@@ -131,6 +131,26 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     assert again.train["loss"] == resumed.train["loss"]
 
 
+def test_resume_recovers_from_a_crash_in_the_middle_of_a_checkpoint_swap(tmp_path):
+    """fileio.replace_dir moves last/ aside to last.old/ before the new last/ goes in: a crash between the
+    two moves leaves last.old/ (complete) and a half-written last.tmp/, and resuming must use last.old/."""
+    def run(step_fn, checkpoint_dir, resume=False, seed_model=0):
+        torch.manual_seed(seed_model)
+        cfg = TrainConfig(steps=8, lr=0.01, save_every=4, seed=3, checkpoint_dir=str(checkpoint_dir))
+        return train(DropoutNet(), loaders()["a"], cfg, step_fn, device="cpu", progress=False, resume=resume)
+
+    straight = run(mse_step, tmp_path / "straight")
+    with pytest.raises(Crash):
+        run(crashing_at(6), tmp_path / "crashed")                             # last/ holds step 4
+    os.replace(tmp_path / "crashed" / "last", tmp_path / "crashed" / "last.old")
+    os.makedirs(tmp_path / "crashed" / "last.tmp")
+    (tmp_path / "crashed" / "last.tmp" / "model.safetensors").write_bytes(b"half a file")
+
+    resumed = run(mse_step, tmp_path / "crashed", resume=True, seed_model=123)   # weights from the checkpoint only
+    assert resumed.train["loss"] == pytest.approx(straight.train["loss"], abs=1e-6, rel=0)
+    assert sorted(os.listdir(tmp_path / "crashed")) == ["last"]               # the next swap cleaned up
+
+
 def test_resume_without_checkpoint_starts_fresh_and_needs_a_dir(tmp_path):
     cfg = TrainConfig(steps=3, checkpoint_dir=str(tmp_path / "none-yet"))
     history = train(DropoutNet(), loaders()["a"], cfg, mse_step, device="cpu", progress=False, resume=True)
