@@ -21,12 +21,13 @@ import dataclasses
 import importlib
 import json
 import os
-import tempfile
 from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+
+from fusionlib.fileio import atomic_write, atomic_write_json
 
 __all__ = [
     "ModelConfig",
@@ -99,10 +100,9 @@ class PretrainedModel(nn.Module):
             "config_class": type(self.config).__name__,
             "config": self.config.to_dict(),
         }
-        # Write to a temporary name, then rename: a crash never leaves half a file.
-        _atomic(os.path.join(directory, WEIGHTS_NAME), lambda path: save_model(self, path, force_contiguous=True))
-        _atomic(os.path.join(directory, CONFIG_NAME),
-                lambda path: _write_text(path, json.dumps(meta, indent=2) + "\n"))
+        # Each file is swapped in whole: a run killed mid-save leaves the previous weights, never half of them.
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_model(self, path, force_contiguous=True))
+        atomic_write_json(os.path.join(directory, CONFIG_NAME), meta)
         return directory
 
     @classmethod
@@ -169,21 +169,3 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     model.to(map_location)
     load_model(model, weights_path, strict=True, device=str(map_location))
     return model.eval()
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
