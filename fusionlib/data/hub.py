@@ -42,6 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write
 from .shapes import Question, SceneObject
 
 CORPORA = ("coco_captions", "flickr30k", "vqav2")
@@ -280,14 +281,12 @@ def _samples(name: str, ds, limit: int | None) -> Iterator[RealSample]:
 
 
 def _write_jsonl(rows: list[dict], folder: str | os.PathLike) -> str:
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(os.fspath(folder), "metadata.jsonl")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:      # row by row: VQAv2 has 200k+ questions
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return atomic_write(os.path.join(os.fspath(folder), "metadata.jsonl"), write)
 
 
 def metadata_from_coco_captions(annotation_file: str | os.PathLike, folder: str | os.PathLike) -> str:
