@@ -146,6 +146,8 @@ def world_tokenizer(config: WorldConfig | None = None, cache: bool = True) -> "P
             shutil.rmtree(path, ignore_errors=True)
     tok = train_tokenizer(world_texts(config, "train"), vocab_size=WORLD_VOCAB_SIZE)
     if cache:
+        # Not fileio.replace_dir: ranks of a DDP run may build this cache at once and would share its
+        # fixed "<target>.tmp"; a unique folder each, and the first rename wins.
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".tokenizer-{config.key()}-", dir=root)
         try:
