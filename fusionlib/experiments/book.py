@@ -1,0 +1,83 @@
+"""Every checkpoint the book uses, in the order ``scripts/train_book.py`` trains them.
+
+Each :class:`BookExperiment` ties a checkpoint name (``"ch03/cross_attention"``)
+to the functions that build its data, fingerprint its recipe, train it and
+evaluate it. A chapter asks :func:`obtain` for a model: it loads the largest
+recipe's checkpoint that matches the data it has (``$FUSIONLIB_TRAIN=auto``),
+or trains the profile's recipe (:mod:`fusionlib.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from fusionlib import checkpoints, runtime
+from fusionlib.experiments import fusion
+from fusionlib.experiments.world import BookWorld
+
+__all__ = ["BookExperiment", "BOOK_EXPERIMENTS", "experiment", "obtain"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BookExperiment:
+    """One trained model of the book and how to make, fingerprint and score it."""
+
+    name: str                     # checkpoint name, "ch03/cross_attention"
+    chapter: str                  # results file stem, "03_cross_attention_fusion"
+    headline: str                 # the metric quoted when it loads, e.g. "relational_accuracy"
+    golden: tuple[str, ...]       # metrics the golden tests reproduce
+    data: Callable[[BookWorld, str, Any], Any]                      # (book, recipe, device) -> data
+    spec: Callable[[BookWorld, str], dict[str, Any]]                 # (book, recipe) -> fingerprinted spec
+    train: Callable[..., tuple[nn.Module, dict[str, Any], float]]    # (book, data, recipe, device, checkpoint_dir, progress)
+    evaluate: Callable[[nn.Module, Any, str], dict[str, float]]      # (model, data, recipe) -> test metrics
+
+    def batch_size(self, book: BookWorld, recipe: str) -> int:
+        return int(self.spec(book, recipe)["batch_size"])
+
+    def steps(self, book: BookWorld, recipe: str) -> int:
+        return int(self.spec(book, recipe)["train"]["steps"])
+
+
+def _fusion_experiment(setup: str) -> BookExperiment:
+    return BookExperiment(
+        name=f"ch03/{setup}", chapter="03_cross_attention_fusion", headline="relational_accuracy",
+        golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
+        data=lambda book, recipe, device: fusion.vqa_data(book, recipe, device),
+        spec=lambda book, recipe: fusion.fusion_spec(setup, book, recipe),
+        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: fusion.train_fusion_model(
+            setup, book, data, recipe, device=device, checkpoint_dir=checkpoint_dir, progress=progress),
+        evaluate=lambda model, data, recipe: fusion.evaluate_fusion_model(model, data, recipe),
+    )
+
+
+# Priority order: the cheapest models that the most chapters read come first.
+BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(_fusion_experiment(s) for s in fusion.SETUP_NAMES)
+
+
+def experiment(name: str) -> BookExperiment:
+    """The experiment behind checkpoint ``name``."""
+    for e in BOOK_EXPERIMENTS:
+        if e.name == name:
+            return e
+    raise KeyError(f"no book experiment named {name!r}; the book has {[e.name for e in BOOK_EXPERIMENTS]}")
+
+
+def obtain(name: str, book: BookWorld, data: Any, device: torch.device | str | None = None,
+           mode: str | None = None, progress: bool = True) -> checkpoints.Obtained:
+    """Load or train checkpoint ``name`` on ``book`` and ``data`` (see :func:`fusionlib.checkpoints.train_or_load`).
+
+    Every recipe at least as large as the profile's is a candidate to load;
+    the profile's recipe is the one trained when none matches.
+    """
+    exp = experiment(name)
+    own = checkpoints.profile_recipe()
+    recipes = [r for r in checkpoints.RECIPES if checkpoints.recipe_rank(r) >= checkpoints.recipe_rank(own)]
+    device = runtime.device() if device is None else torch.device(device)
+    return checkpoints.train_or_load(
+        name, chapter=exp.chapter, specs={r: exp.spec(book, r) for r in recipes}, train_recipe=own,
+        train=lambda: exp.train(book, data, own, device=device, progress=progress),
+        evaluate=lambda model: exp.evaluate(model, data, own), headline=exp.headline, mode=mode, device=device)

@@ -1,0 +1,130 @@
+"""Train every checkpoint the book uses and record it in the manifest: ``python scripts/train_book.py``.
+
+    python scripts/train_book.py --recipe full                 # checkpoints/ (committed), on GPU or CPU
+    python scripts/train_book.py --recipe full --budget 3000   # stop after ~50 min; run again to go on
+    python scripts/train_book.py --recipe smoke                # CI: .cache/checkpoints/, seconds
+    python scripts/train_book.py --only ch03/cross_attention   # one checkpoint (or a prefix: --only ch03)
+
+Checkpoints are trained in the order of ``fusionlib.experiments.BOOK_EXPERIMENTS``.
+One whose fingerprint already matches the manifest is skipped. Training
+state is saved as it goes under ``--work`` (``.cache/train_book/<recipe>``),
+so a run that is killed, or stopped by ``--budget``, continues from its last
+save when started again, with exactly the batches it would have used.
+``--archive`` packs the output folder into one ``.tar.gz`` (for a GPU machine
+without network access, whose files come back as one archive).
+
+Exit status: 0 when every selected checkpoint is up to date, 3 when the
+budget ran out first (run again to resume), 1 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tarfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+RECIPE_PROFILE = {"smoke": "smoke", "small": "cpu", "full": "gpu"}
+BUDGET_SPENT = 3
+
+
+class BudgetSpent(Exception):
+    """Raised by the alarm when ``--budget`` seconds have passed."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", choices=("smoke", "small", "full"), default=None,
+                        help="recipe to train (default: the profile's: smoke, cpu -> small, gpu -> full)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="checkpoint names or prefixes, e.g. ch03 or ch03/cross_attention")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="stop after this many seconds (state is kept; run again to resume)")
+    parser.add_argument("--out", default=None,
+                        help="where weights and manifest go (default: checkpoints/ for full, else .cache/checkpoints)")
+    parser.add_argument("--work", default=None, help="resumable training state (default: .cache/train_book/<recipe>)")
+    parser.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack --out into this archive")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
+    args = parser.parse_args(argv)
+    if args.budget is not None and not args.budget > 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.recipe is not None:
+        os.environ["FUSIONLIB_PROFILE"] = RECIPE_PROFILE[args.recipe]
+    from fusionlib import checkpoints, runtime
+    from fusionlib.experiments import BOOK_EXPERIMENTS, load_book_world
+
+    recipe = args.recipe or checkpoints.profile_recipe()
+    out = os.path.abspath(args.out or (checkpoints.checkpoint_root() if recipe == "full"
+                                       else checkpoints.cache_checkpoint_root()))
+    work = os.path.abspath(args.work or os.path.join(runtime.cache_dir(), "train_book", recipe))
+    selected = [e for e in BOOK_EXPERIMENTS
+                if args.only is None or any(e.name == o or e.name.startswith(o.rstrip("/") + "/") for o in args.only)]
+    if not selected:
+        raise SystemExit(f"--only {args.only} matches none of {[e.name for e in BOOK_EXPERIMENTS]}")
+    runtime.seed_everything(0)
+    device = runtime.device()
+    print(runtime.summary())
+    print(f"recipe {recipe} | {len(selected)} checkpoints | out {out} | work {work}")
+
+    if args.budget is not None:
+        def spent(signum, frame):
+            raise BudgetSpent()
+        signal.signal(signal.SIGALRM, spent)
+        signal.setitimer(signal.ITIMER_REAL, args.budget)
+
+    status = 0
+    try:
+        book = load_book_world(RECIPE_PROFILE[recipe], progress=not args.no_progress)
+        print(book, f"| {runtime.format_seconds(book.seconds)}")
+        data_cache: dict[int, object] = {}
+        for exp in selected:
+            spec = exp.spec(book, recipe)
+            record = checkpoints.read_manifest(out).get(exp.name)
+            if record is not None and record.fingerprint == checkpoints.fingerprint(spec):
+                print(f"{exp.name}: up to date ({checkpoints.describe(record, exp.headline)})")
+                continue
+            key = id(exp.data.__code__)             # experiments that share a data builder share the data
+            if key not in data_cache:
+                data_cache.clear()                  # one data set in memory at a time
+                data_cache[key] = exp.data(book, recipe, device)
+            data = data_cache[key]
+            state_dir = os.path.join(work, exp.name)
+            print(f"{exp.name}: training the {recipe} recipe "
+                  f"({exp.steps(book, recipe):,} steps x {exp.batch_size(book, recipe)})")
+            model, history, seconds = exp.train(book, data, recipe, device=device, checkpoint_dir=state_dir,
+                                                progress=not args.no_progress)
+            record = checkpoints.save_checkpoint(
+                model, name=exp.name, chapter=exp.chapter, recipe=recipe, spec=spec,
+                steps=exp.steps(book, recipe), batch_size=exp.batch_size(book, recipe), device=device,
+                wall_seconds=seconds, history=history, evaluate=lambda m: exp.evaluate(m, data, recipe), root=out)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            print(f"{exp.name}: saved, {checkpoints.describe(record, exp.headline)}")
+    except BudgetSpent:
+        status = BUDGET_SPENT
+        print(f"budget of {args.budget:.0f} s spent; the training state is in {work}: run again to resume")
+    finally:
+        if args.budget is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    if args.archive:
+        with tarfile.open(args.archive, "w:gz") as tar:
+            tar.add(out, arcname=os.path.basename(out.rstrip("/")))
+        print(f"packed {out} into {args.archive}")
+    print(f"train_book: {runtime.format_seconds(time.perf_counter() - started)} in all")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
