@@ -85,7 +85,7 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 def checkpoint_root() -> str:
     """``checkpoints/`` at the repository root (``$FUSIONLIB_CHECKPOINTS`` overrides)."""
-    return os.environ.get("FUSIONLIB_CHECKPOINTS") or os.path.join(runtime.repo_root(), "checkpoints")
+    return runtime.checkpoint_root()
 
 
 def cache_checkpoint_root() -> str:

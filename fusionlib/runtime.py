@@ -247,6 +247,11 @@ def results_dir() -> str:
     return os.path.join(repo_root(), "results")
 
 
+def checkpoint_root() -> str:
+    """``checkpoints/`` at the repository root: the book's committed weights (``$FUSIONLIB_CHECKPOINTS`` overrides)."""
+    return os.environ.get("FUSIONLIB_CHECKPOINTS") or os.path.join(repo_root(), "checkpoints")
+
+
 def cache_dir() -> str:
     """Where generated data, features and checkpoints are cached (``$FUSIONLIB_CACHE`` overrides)."""
     return os.environ.get("FUSIONLIB_CACHE") or os.path.join(repo_root(), ".cache")

@@ -137,3 +137,18 @@ def test_world_tokenizer_is_cached_atomically_and_rebuilt_when_corrupt(tmp_path,
     T.world_tokenizer(other)
     assert (tmp_path / f"tokenizer-{other.key()}").is_dir(), "another world gets its own cache"
     assert T.world_tokenizer(WORLD, cache=False)(text) == first(text)
+
+
+def test_the_default_world_reads_the_committed_tokenizer(tmp_path, monkeypatch):
+    """The book's checkpoints embed token ids of one vocabulary: a fresh cache must not retrain it."""
+    import os
+
+    from fusionlib import runtime
+    from fusionlib.data.shapes import WorldConfig
+    from fusionlib.data.tokenizer import load_tokenizer, world_tokenizer
+
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
+    committed = os.path.join(runtime.checkpoint_root(), "world", f"tokenizer-{WorldConfig().key()}")
+    tok = world_tokenizer(WorldConfig())
+    assert tok.get_vocab() == load_tokenizer(committed).get_vocab()
+    assert os.listdir(tmp_path) == []                 # nothing trained, nothing cached

@@ -125,7 +125,10 @@ def world_texts(config: WorldConfig, split: str = "train") -> list[str]:
 def world_tokenizer(config: WorldConfig | None = None, cache: bool = True) -> "PreTrainedTokenizerFast":
     """The tokenizer of a world, trained on its train split, cached on disk.
 
-    The cache lives in ``fusionlib.runtime.cache_dir()/tokenizer-<config.key()>``
+    A tokenizer committed with the book's checkpoints
+    (``checkpoints/world/tokenizer-<config.key()>``) is used as it is: the
+    checkpoints' embedding rows belong to its ids. Otherwise the cache lives
+    in ``fusionlib.runtime.cache_dir()/tokenizer-<config.key()>``
     (the key hashes every config field, so a changed world gets its own
     tokenizer). It is written to a temporary folder and renamed into place,
     so a crash never leaves half a tokenizer; a cache that fails to load is
@@ -136,6 +139,11 @@ def world_tokenizer(config: WorldConfig | None = None, cache: bool = True) -> "P
     config = WorldConfig() if config is None else config
     if not isinstance(config, WorldConfig):
         raise TypeError(f"config must be a WorldConfig, got {type(config).__name__}")
+    # The book's checkpoints read text through one exact vocabulary, committed with them: WordPiece
+    # training breaks ties between equally frequent pieces differently from run to run.
+    committed = os.path.join(runtime.checkpoint_root(), "world", f"tokenizer-{config.key()}")
+    if os.path.isfile(os.path.join(committed, "tokenizer.json")):
+        return load_tokenizer(committed)
     root = runtime.cache_dir()
     path = os.path.join(root, f"tokenizer-{config.key()}")
     if cache and os.path.isdir(path):
