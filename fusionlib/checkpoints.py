@@ -73,8 +73,10 @@ __all__ = [
     "describe",
 ]
 
-RECIPES = ("smoke", "small", "full")
-PROFILE_RECIPE = {"smoke": "smoke", "cpu": "small", "gpu": "full"}
+RECIPES = runtime.RECIPES
+PROFILE_RECIPE = runtime.PROFILE_RECIPE
+recipe_rank = runtime.recipe_rank
+profile_recipe = runtime.profile_recipe
 TRAIN_ENV = "FUSIONLIB_TRAIN"
 TRAIN_MODES = ("auto", "always", "never")
 MANIFEST_NAME = "manifest.json"
@@ -91,18 +93,6 @@ def checkpoint_root() -> str:
 def cache_checkpoint_root() -> str:
     """Where models trained in a notebook are kept: ``<cache>/checkpoints``, never the committed folder."""
     return os.path.join(runtime.cache_dir(), "checkpoints")
-
-
-def recipe_rank(recipe: str) -> int:
-    """0 for ``smoke``, 1 for ``small``, 2 for ``full``."""
-    if recipe not in RECIPES:
-        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
-    return RECIPES.index(recipe)
-
-
-def profile_recipe(profile_name: str | None = None) -> str:
-    """The recipe a profile trains: smoke -> ``smoke``, cpu -> ``small``, gpu -> ``full``."""
-    return PROFILE_RECIPE[profile_name or runtime.profile()]
 
 
 def train_mode() -> str:

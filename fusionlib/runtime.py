@@ -12,12 +12,18 @@ Profiles (environment variable ``FUSIONLIB_PROFILE``):
     A laptop: a few minutes per chapter.
 ``gpu``
     The real run; the default when CUDA is available.
+
+Each profile trains one *recipe*, named by size: smoke -> ``smoke``, cpu ->
+``small``, gpu -> ``full``. A results file records its recipe, and a run of a
+smaller recipe never overwrites the results of a larger one
+(:func:`write_results`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -29,8 +35,12 @@ from typing import Any, Iterator, TypeVar
 import numpy as np
 import torch
 
+from fusionlib.fileio import atomic_write_text
+
 PROFILES = ("smoke", "cpu", "gpu")
 PROFILE_ENV = "FUSIONLIB_PROFILE"
+RECIPES = ("smoke", "small", "full")
+PROFILE_RECIPE = {"smoke": "smoke", "cpu": "small", "gpu": "full"}
 
 T = TypeVar("T")
 
@@ -51,6 +61,21 @@ def pick(*, smoke: T, cpu: T, gpu: T, profile_name: str | None = None) -> T:
     if name not in PROFILES:
         raise ValueError(f"profile_name must be one of {PROFILES}, got {name!r}")
     return {"smoke": smoke, "cpu": cpu, "gpu": gpu}[name]
+
+
+def recipe_rank(recipe: str) -> int:
+    """0 for ``smoke``, 1 for ``small``, 2 for ``full``."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    return RECIPES.index(recipe)
+
+
+def profile_recipe(profile_name: str | None = None) -> str:
+    """The recipe a profile trains: smoke -> ``smoke``, cpu -> ``small``, gpu -> ``full``."""
+    name = profile_name or profile()
+    if name not in PROFILES:
+        raise ValueError(f"profile_name must be one of {PROFILES}, got {name!r}")
+    return PROFILE_RECIPE[name]
 
 
 def device(prefer: str | None = None) -> torch.device:
@@ -172,37 +197,81 @@ def summary() -> str:
     )
 
 
+_written: dict[str, str] = {}      # chapter -> the file this process last wrote or kept for it
+
+
 def write_results(chapter: str, metrics: dict[str, Any], directory: str | os.PathLike | None = None,
-                  **extra: Any) -> str:
-    """Write ``results/<chapter>.json`` with ``metrics`` plus the environment and date.
+                  recipe: str | None = None, **extra: Any) -> str:
+    """Write ``results/<chapter>.json`` with ``metrics`` plus the recipe, the environment and the date.
 
     Tables in the book are built from these files, never typed by hand.
-    Returns the path written. The file is replaced atomically.
+    Returns the path written (atomically). ``recipe`` defaults to the
+    profile's. Two rules keep the committed numbers:
+
+    * a file written by a larger recipe is never overwritten: this run's
+      results go to ``<cache>/results-<recipe>/<chapter>.json`` instead, and
+      the message says so;
+    * a file that already holds these very metrics (and ``extra``) for this
+      recipe is left as it is, so re-running a chapter that loads its
+      checkpoints leaves ``git status`` clean.
+
+    :func:`read_results` then reads whichever file this run's results are in.
     """
     if not chapter or "/" in chapter:
         raise ValueError(f"chapter must be a bare name like '03_cross_attention_fusion', got {chapter!r}")
-    directory = os.fspath(directory) if directory is not None else results_dir()
-    os.makedirs(directory, exist_ok=True)
+    recipe = recipe or profile_recipe()
+    recipe_rank(recipe)
     record = {
         "chapter": chapter,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "recipe": recipe,
         **environment(),
         **extra,
         "metrics": metrics,
     }
-    path = os.path.join(directory, f"{chapter}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(record, indent=2, sort_keys=False, default=_json_default) + "\n"
+    path = os.path.join(os.fspath(directory) if directory is not None else results_dir(), f"{chapter}.json")
+    if directory is None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        old_recipe = old.get("recipe") or PROFILE_RECIPE.get(old.get("profile"), "small")
+        if recipe_rank(old_recipe) > recipe_rank(recipe):
+            side = os.path.join(cache_dir(), f"results-{recipe}", f"{chapter}.json")
+            atomic_write_text(side, text)
+            print(f"results/{chapter}.json holds the {old_recipe} recipe's results and is kept; "
+                  f"this {recipe} run's results went to {os.path.relpath(side, repo_root())}")
+            _written[chapter] = side
+            return side
+        new = json.loads(text)
+        if old_recipe == recipe and all(_same(old.get(k), new[k]) for k in ("metrics", *extra)):
+            print(f"results/{chapter}.json already holds these results ({recipe} recipe): left as it is")
+            _written[chapter] = path
+            return path
+    atomic_write_text(path, text)
+    _written[chapter] = path
     return path
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal JSON values, floats within a relative 1e-9 (the last bits of a re-evaluation may move)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9,
+                                                                                             abs_tol=1e-12)
+    return a == b
+
+
 def read_results(chapter: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Read what :func:`write_results` wrote."""
-    directory = os.fspath(directory) if directory is not None else results_dir()
-    with open(os.path.join(directory, f"{chapter}.json"), encoding="utf-8") as f:
+    """Read what :func:`write_results` wrote (in this process: the file it wrote or kept)."""
+    if directory is None and chapter in _written:
+        path = _written[chapter]
+    else:
+        directory = os.fspath(directory) if directory is not None else results_dir()
+        path = os.path.join(directory, f"{chapter}.json")
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -90,3 +90,30 @@ def test_step_generator_passes_a_generator_through_or_draws_one_from_the_global_
     assert not torch.equal(first, torch.rand(4, generator=runtime.step_generator()))   # the next step: new ones
     with pytest.raises(TypeError, match="generator"):
         runtime.step_generator(3)
+
+
+def test_results_of_a_larger_recipe_are_kept(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("FUSIONLIB_ROOT", str(tmp_path))
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "cpu")
+    (tmp_path / "results").mkdir()
+    full = {"chapter": "09_x", "profile": "gpu", "metrics": {"accuracy": 0.9}}
+    (tmp_path / "results" / "09_x.json").write_text(json.dumps(full))
+    path = runtime.write_results("09_x", {"accuracy": 0.7})
+    assert json.loads((tmp_path / "results" / "09_x.json").read_text()) == full
+    assert path == str(tmp_path / ".cache" / "results-small" / "09_x.json")
+    assert "holds the full recipe's results and is kept" in capsys.readouterr().out
+    assert runtime.read_results("09_x")["metrics"] == {"accuracy": 0.7}       # what this run wrote
+
+
+def test_the_same_results_leave_the_file_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FUSIONLIB_ROOT", str(tmp_path))
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "gpu")
+    path = runtime.write_results("09_y", {"accuracy": 0.5, "curve": [0.1, 0.2]}, seed=0)
+    before = open(path).read()
+    assert runtime.write_results("09_y", {"accuracy": 0.5, "curve": [0.1, 0.2]}, seed=0) == path
+    assert "left as it is" in capsys.readouterr().out and open(path).read() == before
+    runtime.write_results("09_y", {"accuracy": 0.6, "curve": [0.1, 0.2]}, seed=0)      # same recipe, new numbers
+    assert runtime.read_results("09_y")["metrics"]["accuracy"] == 0.6
+    assert runtime.read_results("09_y")["recipe"] == "full"
