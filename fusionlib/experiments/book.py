@@ -2,9 +2,10 @@
 
 Each :class:`BookExperiment` ties a checkpoint name (``"ch03/cross_attention"``)
 to the functions that build its data, fingerprint its recipe, train it and
-evaluate it. A chapter asks :func:`obtain` for a model: it loads the largest
-recipe's checkpoint that matches the data it has (``$FUSIONLIB_TRAIN=auto``),
-or trains the profile's recipe (:mod:`fusionlib.checkpoints`).
+evaluate it. A chapter first asks :func:`chapter_recipe` which recipe it can
+show (the largest whose checkpoints all match its data, under
+``$FUSIONLIB_TRAIN=auto``), then :func:`obtain` for each model: loaded when
+its checkpoint matches, trained otherwise (:mod:`fusionlib.checkpoints`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fusionlib import checkpoints, runtime
 from fusionlib.experiments import fusion
 from fusionlib.experiments.world import BookWorld
 
-__all__ = ["BookExperiment", "BOOK_EXPERIMENTS", "experiment", "obtain"]
+__all__ = ["BookExperiment", "BOOK_EXPERIMENTS", "chapter_recipe", "experiment", "obtain"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +67,41 @@ def experiment(name: str) -> BookExperiment:
     raise KeyError(f"no book experiment named {name!r}; the book has {[e.name for e in BOOK_EXPERIMENTS]}")
 
 
-def obtain(name: str, book: BookWorld, data: Any, device: torch.device | str | None = None,
-           mode: str | None = None, progress: bool = True) -> checkpoints.Obtained:
-    """Load or train checkpoint ``name`` on ``book`` and ``data`` (see :func:`fusionlib.checkpoints.train_or_load`).
+def chapter_recipe(prefix: str, book: BookWorld, mode: str | None = None) -> str:
+    """The recipe a chapter shows: the largest whose checkpoints (every name under ``prefix``) all match.
 
-    Every recipe at least as large as the profile's is a candidate to load;
-    the profile's recipe is the one trained when none matches.
+    With ``$FUSIONLIB_TRAIN=always``, or when some are missing, it is the
+    profile's own recipe, which :func:`obtain` then trains (or loads from the
+    cache). Showing one recipe for all of a chapter's models keeps its
+    comparisons fair: same budget, same data, same evaluation.
+    """
+    mode = mode or checkpoints.train_mode()
+    own = checkpoints.profile_recipe()
+    names = [e for e in BOOK_EXPERIMENTS if e.name.startswith(prefix.rstrip("/") + "/")]
+    if not names:
+        raise ValueError(f"prefix {prefix!r} names no book experiment; they are {[e.name for e in BOOK_EXPERIMENTS]}")
+    if mode == "always":
+        return own
+    for recipe in reversed(checkpoints.RECIPES):
+        if checkpoints.recipe_rank(recipe) < checkpoints.recipe_rank(own):
+            break
+        if all(checkpoints.find_checkpoint(e.name, e.spec(book, recipe)) is not None for e in names):
+            return recipe
+    return own
+
+
+def obtain(name: str, book: BookWorld, data: Any, recipe: str | None = None,
+           device: torch.device | str | None = None, mode: str | None = None,
+           progress: bool = True) -> checkpoints.Obtained:
+    """Load or train checkpoint ``name`` with ``recipe`` on ``book`` and ``data``.
+
+    ``recipe`` defaults to the profile's; :func:`chapter_recipe` picks the one a
+    chapter should show. See :func:`fusionlib.checkpoints.train_or_load`.
     """
     exp = experiment(name)
-    own = checkpoints.profile_recipe()
-    recipes = [r for r in checkpoints.RECIPES if checkpoints.recipe_rank(r) >= checkpoints.recipe_rank(own)]
+    recipe = recipe or checkpoints.profile_recipe()
     device = runtime.device() if device is None else torch.device(device)
     return checkpoints.train_or_load(
-        name, chapter=exp.chapter, specs={r: exp.spec(book, r) for r in recipes}, train_recipe=own,
-        train=lambda: exp.train(book, data, own, device=device, progress=progress),
-        evaluate=lambda model: exp.evaluate(model, data, own), headline=exp.headline, mode=mode, device=device)
+        name, chapter=exp.chapter, specs={recipe: exp.spec(book, recipe)}, train_recipe=recipe,
+        train=lambda: exp.train(book, data, recipe, device=device, progress=progress),
+        evaluate=lambda model: exp.evaluate(model, data, recipe), headline=exp.headline, mode=mode, device=device)
