@@ -64,7 +64,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .. import runtime
-from ..vision import RegionFeatures
+from ..vision.regions import RegionFeatures
 from .shapes import QUESTION_FAMILIES
 
 REGION_KEYS = ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
