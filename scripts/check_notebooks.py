@@ -3,19 +3,39 @@
 Run by ``make test``. CI runs the chapters with the tiny ``smoke`` profile to
 prove they work; the book renders the committed outputs, which must come from
 a real run (``cpu`` or ``gpu``).
+
+It also counts what should live in ``fusionlib`` rather than in notebooks,
+and fails when either count grows:
+
+- function names defined in more than one notebook (a reused function is
+  defined once, in the library, and imported);
+- notebooks other than chapter 2 (which teaches it) that build the world
+  and its region features by hand instead of ``fusionlib.experiments.load_book_world``.
+
+``PENDING`` lists what is left over from before the experiments were
+defined in the library; an entry that no longer occurs must be removed, so
+the list can only shrink.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import pathlib
 import re
 import sys
+from collections import defaultdict
 
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILE_LINE = re.compile(r"profile=(\w+)")
+WORLD_BUILDERS = ("generate_split(", "load_or_build_features(")
+WORLD_CHAPTER = "02_visual_world.ipynb"
+# Left over until chapters 4-7 are run through fusionlib.experiments.
+PENDING_DUPLICATES = {"finetune_vqa", "retrieval", "uniter_config", "layer_norm"}
+PENDING_WORLD_BUILDERS = {"04_pretraining_losses.ipynb", "05_vilbert.ipynb", "06_uniter.ipynb",
+                          "06b_uniter_ablation.ipynb", "07_efficiency.ipynb"}
 
 
 def toc_files(toc: dict) -> list[str]:
@@ -57,6 +77,47 @@ def problems_in(path: pathlib.Path) -> list[str]:
     return problems
 
 
+def code_of(path: pathlib.Path) -> list[str]:
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def defined_functions(path: pathlib.Path) -> set[str]:
+    """Top-level function names the notebook's code cells define (IPython magics skipped)."""
+    names = set()
+    for source in code_of(path):
+        lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+        try:
+            tree = ast.parse("\n".join(lines))
+        except SyntaxError as err:
+            raise SystemExit(f"{path.name}: a code cell does not parse: {err}")
+        names |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return names
+
+
+def library_problems(notebooks: list[pathlib.Path]) -> list[str]:
+    where = defaultdict(list)
+    for nb in notebooks:
+        for name in defined_functions(nb):
+            where[name].append(nb.name)
+    duplicated = {name: files for name, files in where.items() if len(files) > 1}
+    builders = {nb.name for nb in notebooks if nb.name != WORLD_CHAPTER
+                and any(all(b in source for b in WORLD_BUILDERS) for source in code_of(nb))}
+    print(f"function names defined in more than one notebook: {len(duplicated)}"
+          + "".join(f"\n  {name}: {', '.join(files)}" for name, files in sorted(duplicated.items())))
+    print(f"notebooks that build the world and its features by hand (besides chapter 2): {len(builders)}"
+          + (f" ({', '.join(sorted(builders))})" if builders else ""))
+    problems = [f"{name} is defined in {', '.join(files)}: define it once in fusionlib and import it"
+                for name, files in sorted(duplicated.items()) if name not in PENDING_DUPLICATES]
+    problems += [f"{name} builds the world by hand: use fusionlib.experiments.load_book_world"
+                 for name in sorted(builders - PENDING_WORLD_BUILDERS)]
+    problems += [f"PENDING_DUPLICATES lists {name}, which is no longer duplicated: remove it"
+                 for name in sorted(PENDING_DUPLICATES - set(duplicated))]
+    problems += [f"PENDING_WORLD_BUILDERS lists {name}, which no longer builds the world by hand: remove it"
+                 for name in sorted(PENDING_WORLD_BUILDERS - builders)]
+    return problems
+
+
 def main() -> int:
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
     notebooks = []
@@ -69,6 +130,7 @@ def main() -> int:
         if nb is not None:
             notebooks.append(nb)
     problems = [p for nb in notebooks for p in problems_in(nb)]
+    problems += library_problems([nb for nb in notebooks if nb.parent.name == "notebooks"])
     for p in problems:
         print(p)
     print(f"checked {len(notebooks)} notebooks: {'OK' if not problems else f'{len(problems)} problems'}")

@@ -171,6 +171,9 @@ def train_fusion_model(setup: str, book: BookWorld, data: VQAData, recipe: str, 
     train_config = fusion_train_config(recipe, seed)
     train_config.checkpoint_dir = checkpoint_dir
     device = runtime.device() if device is None else torch.device(device)
+    if device.type == "cuda":    # fp32 with TF32 matmuls: at this size bf16's cast kernels cost more than they save
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     model = build_model(kind, config)
     train_loader = make_tensor_loader(data.tensors["train"], BATCH_SIZE[recipe], seed=seed)
