@@ -34,8 +34,13 @@ RECIPE_PROFILE = {"smoke": "smoke", "small": "cpu", "full": "gpu"}
 BUDGET_SPENT = 3
 
 
-class BudgetSpent(Exception):
-    """Raised by the alarm when ``--budget`` seconds have passed."""
+class BudgetSpent(BaseException):
+    """Raised by the alarm when ``--budget`` seconds have passed.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the alarm may fire inside a
+    cache loader's ``except Exception`` fallback, which must not mistake it for
+    a corrupt file.
+    """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
