@@ -55,8 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where weights and manifest go (default: checkpoints/ for full, else .cache/checkpoints)")
     parser.add_argument("--work", default=None, help="resumable training state (default: .cache/train_book/<recipe>)")
     parser.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack --out into this archive")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared with other work)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads <= 0:
+        parser.error(f"--threads must be a positive int, got {args.threads}")
     if args.budget is not None and not args.budget > 0:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
     return args
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.only is None or any(e.name == o or e.name.startswith(o.rstrip("/") + "/") for o in args.only)]
     if not selected:
         raise SystemExit(f"--only {args.only} matches none of {[e.name for e in BOOK_EXPERIMENTS]}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     runtime.seed_everything(0)
     device = runtime.device()
     print(runtime.summary())
