@@ -203,7 +203,8 @@ def _git_commit() -> str:
 def _device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def save_checkpoint(model: nn.Module, *, name: str, chapter: str, recipe: str, spec: Mapping[str, Any],
