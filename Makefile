@@ -3,6 +3,7 @@
 #   make test     pytest on fusionlib + nbval on every chapter (smoke profile)
 #   make lab      JupyterLab on the notebooks
 #   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA)
+#   make train-book  train every checkpoint the book uses: RECIPE=full (default) ARGS="--only ch03 --budget 3600"
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,7 +14,10 @@ MATHJAX_VERSION := 3.2.2
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
 # make assignments: student versions of the chapters (solutions stripped) in assignments/
-.PHONY: assignments book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
+RECIPE ?= full
+ARGS ?=
+
+.PHONY: train-book assignments book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +65,9 @@ assignments: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+train-book: $(STAMP)
+	$(PY) scripts/train_book.py --recipe $(RECIPE) $(ARGS)
 
 execute: $(STAMP)
 	$(PY) scripts/execute_notebooks.py $(NOTEBOOKS)
