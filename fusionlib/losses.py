@@ -10,6 +10,7 @@ loss                what it teaches                             from
 ``mrc_loss``        classify a masked region (detector argmax)  UNITER (MRC)
 ``mrc_kl_loss``     match the detector's class distribution     ViLBERT (MRM), UNITER (MRC-kl)
 ``itm_loss``        does this caption match this image?         ViLBERT, UNITER, ALBEF
+``accuracy``        a metric: the share of argmax hits          logged with MLM, ITM
 ``contrastive_loss``  symmetric InfoNCE between two encoders    CLIP, ALBEF (not UNITER)
 ``wra_loss``        word-region alignment by optimal transport  UNITER (WRA, IPOT)
 ==================  =========================================  =====================
@@ -268,6 +269,27 @@ def itm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     logits = _only_scored(logits, scored)
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return total / scored.sum().clamp(min=1).to(total.dtype)
+
+
+@torch.no_grad()
+def accuracy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The share of scored positions whose most likely class is the label: the metric logged next to
+    :func:`mlm_loss` and :func:`itm_loss` (chapter 4).
+
+    Args:
+        logits: ``(..., classes)`` scores, e.g. MLM ``(batch, seq, vocab)`` or ITM ``(batch, 2)``.
+        labels: ``(...)`` long, the class at scored positions, ``ignore_index`` elsewhere.
+
+    Returns:
+        A detached scalar in [0, 1]; 0 when nothing is scored (like the losses, never NaN).
+    """
+    if not isinstance(labels, Tensor) or labels.dtype != torch.long:
+        raise TypeError(f"labels must be a long tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    _expect("logits", logits, ndim=labels.dim() + 1, floating=True)
+    _expect_shape("labels", labels, tuple(logits.shape[:-1]), "the leading dims of logits")
+    scored = labels != ignore_index
+    hits = (logits.argmax(dim=-1) == labels) & scored
+    return hits.sum() / scored.sum().clamp(min=1)
 
 
 def _allowed_partners(batch_size: int, group_ids: Tensor | None, device: torch.device) -> Tensor:

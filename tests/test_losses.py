@@ -235,6 +235,18 @@ def test_itm_matches_loop_reference_all_ignored_and_gradcheck():
         L.itm_loss(logits, torch.tensor([1, 0, 2, 1, 1, 0]))
 
 
+def test_accuracy_counts_scored_positions_only():
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0]]])      # argmax 0, 1, 0
+    assert L.accuracy(logits, torch.tensor([[0, 2, IGNORE]])).item() == 0.5           # one hit of two scored
+    assert L.accuracy(logits, torch.full((1, 3), IGNORE)).item() == 0.0                # nothing scored: 0, not NaN
+    assert L.accuracy(logits[0, :2, :2], torch.tensor([0, 1])).item() == 1.0         # ITM shape (batch, 2)
+    assert not L.accuracy(logits.requires_grad_(), torch.tensor([[0, 1, 0]])).requires_grad
+    with pytest.raises(ValueError, match="labels"):
+        L.accuracy(logits, torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="labels"):
+        L.accuracy(logits, torch.tensor([[0.0, 1.0, 0.0]]))
+
+
 def test_random_negatives_never_self_or_duplicate_and_rate():
     batch, draws = 8, 2000
     group = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])  # duplicates of images 0 and 3
