@@ -46,3 +46,12 @@ def test_replace_dir_swaps_whole_folder(tmp_path):
     with pytest.raises(RuntimeError):
         replace_dir(target, broken)
     assert os.listdir(target) == ["two"] and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_files_get_the_mode_open_would_give(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "m.txt", "x")
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -185,12 +185,10 @@ class RegionDetector(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         meta = {"detector_config": self.config.to_dict(), "class_names": list(self.class_names),
                 "image_size": list(self.image_size), "format_version": FEATURES_FORMAT_VERSION}
-        written = [atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(state, p)),
-                   atomic_write_json(os.path.join(directory, "config.json"), meta)]
+        atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(state, p))
+        atomic_write_json(os.path.join(directory, "config.json"), meta)
         if history is not None:
-            written.append(atomic_write_json(os.path.join(directory, "history.json"), history))
-        for path in written:
-            os.chmod(path, 0o644)     # fileio's temporary files are private (mkstemp); a cache is shared
+            atomic_write_json(os.path.join(directory, "history.json"), history)
         return directory
 
     @classmethod

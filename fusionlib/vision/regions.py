@@ -133,11 +133,7 @@ class RegionFeatures:
         metadata = {"image_size": json.dumps(list(self.image_size)), "class_names": json.dumps(list(self.class_names)),
                     "format_version": str(FEATURES_FORMAT_VERSION), **(extra_metadata or {})}
 
-        def write(tmp: str) -> None:
-            save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, 0o644)      # the temporary file is private (mkstemp); a cache is shared like any output
-
-        return atomic_write(path, write)
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RegionFeatures":
