@@ -2,18 +2,18 @@
 
 One function per loss, each faithful to the paper and public code it names:
 
-==================  =========================================  =====================
-loss                what it teaches                             from
-==================  =========================================  =====================
-``mlm_loss``        recover masked words from words + regions   BERT, ViLBERT, UNITER
-``mrfr_loss``       regress a masked region's feature           UNITER (MRFR)
-``mrc_loss``        classify a masked region (detector argmax)  UNITER (MRC)
-``mrc_kl_loss``     match the detector's class distribution     ViLBERT (MRM), UNITER (MRC-kl)
-``itm_loss``        does this caption match this image?         ViLBERT, UNITER, ALBEF
-``accuracy``        a metric: the share of argmax hits          logged with MLM, ITM
-``contrastive_loss``  symmetric InfoNCE between two encoders    CLIP, ALBEF (not UNITER)
-``wra_loss``        word-region alignment by optimal transport  UNITER (WRA, IPOT)
-==================  =========================================  =====================
+====================  ==========================================  ==============================
+loss                  what it teaches                             from
+====================  ==========================================  ==============================
+``mlm_loss``          recover masked words from words + regions   BERT, ViLBERT, UNITER
+``mrfr_loss``         regress a masked region's feature           UNITER (MRFR)
+``mrc_loss``          classify a masked region (detector argmax)  UNITER (MRC)
+``mrc_kl_loss``       match the detector's class distribution     ViLBERT (MRM), UNITER (MRC-kl)
+``itm_loss``          does this caption match this image?         ViLBERT, UNITER, ALBEF
+``accuracy``          a metric: the share of argmax hits          logged with MLM, ITM
+``contrastive_loss``  symmetric InfoNCE between two encoders      CLIP, ALBEF (not UNITER)
+``wra_loss``          word-region alignment by optimal transport  UNITER (WRA, IPOT)
+====================  ==========================================  ==============================
 
 Conventions shared by every loss here:
 
@@ -116,7 +116,7 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
         labels: ``(batch, seq)`` long, the original token at masked positions, -100 elsewhere.
 
     Returns:
-        A scalar: the mean over masked positions; 0 (with a gradient) when there are none.
+        A scalar, the mean over masked positions; 0 (with a gradient) when there are none.
     """
     _expect("logits", logits, ndim=3, floating=True)
     _expect("labels", labels, ndim=2, dtype=torch.long)

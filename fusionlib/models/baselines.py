@@ -4,16 +4,16 @@ All five read the same batch dict (:mod:`fusionlib.data.datasets`) and return
 answer logits ``(batch, num_answers)``; they differ only in *where* the
 question meets the image:
 
-=========================  ==================================================  ==========================
-model                      how question and image meet                          paper analogue
-=========================  ==================================================  ==========================
-:class:`QuestionOnly`      never (answer priors from the question alone)        "blind" VQA baselines
-:class:`ImageOnly`         never (image priors alone)                           -
-:class:`LateFusion`        once, at the end: ``MLP([pool(regions); q])``        Santoro et al.'s CNN+MLP
-:class:`RelationNetwork`   on every pair of regions: ``f(sum g(o_i, o_j, q))``  Santoro et al.'s CNN+RN
-:class:`CrossAttentionFusion` in every layer: question tokens attend over        chapter 3's model, the
-                           the regions                                           core of ViLBERT/LXMERT
-=========================  ==================================================  ==========================
+=============================  ===================================================  ========================
+model                          how question and image meet                          paper analogue
+=============================  ===================================================  ========================
+:class:`QuestionOnly`          never (answer priors from the question alone)        "blind" VQA baselines
+:class:`ImageOnly`             never (image priors alone)                           -
+:class:`LateFusion`            once, at the end: ``MLP([pool(regions); q])``        Santoro et al.'s CNN+MLP
+:class:`RelationNetwork`       on every pair of regions: ``f(sum g(o_i, o_j, q))``  Santoro et al.'s CNN+RN
+:class:`CrossAttentionFusion`  in every layer: question tokens attend over          chapter 3's model, the
+                               the regions                                          core of ViLBERT/LXMERT
+=============================  ===================================================  ========================
 
 Late fusion pools the regions *before* it knows the question, so "the
 object closest to red" must already be in a question-independent summary. A

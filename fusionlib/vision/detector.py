@@ -137,7 +137,7 @@ class RegionDetector(nn.Module):
 
     @property
     def spatial_scale(self) -> float:
-        """Feature-map cells per image pixel: ``1 / stride`` (1/4 by default).
+        """Feature-map cells per image pixel, ``1 / stride`` (1/4 by default).
 
         A stride-2, padding-1, 3x3 conv centres output cell i on input pixel 2i,
         so after total stride s, cell i sits over pixel s*i: the exact scale is

@@ -35,22 +35,23 @@ class RegionFeatures:
     """Padded region features of ``N`` images with at most ``R`` regions each (chapter 2).
 
     Fields:
-        feats ``(N, R, D)`` float32: box-head outputs (zeros at padding).
-        boxes ``(N, R, 4)`` float32: xyxy pixels (zeros at padding).
-        mask ``(N, R)`` bool: True where a region is real; real regions come first.
-        soft_labels ``(N, R, C)`` float32: the detector's softmax over its classes,
-            the MRC-kl target of ViLBERT/UNITER (rows of zeros at padding).
-        region_object ``(N, R)`` long: index into ``scene.objects`` of the object
-            the region covers, ``-1`` for background and padding. For evaluation
-            and plots only; a model must never see it.
-        image_feats ``(N, D)`` float32: the ``[IMG]`` feature, the mean of the real
-            regions' features. ViLBERT prepends this as an ``[IMG]`` token with
-            location ``[0, 0, 1, 1, 1]``: it summarises the whole image in the same
-            space as the regions, so the same embedding layer takes it, and its
-            output is what ITM pools on the visual side.
-        indices ``(N,)`` long: the scene index of each row.
-        image_size ``(H, W)``: the frame the boxes are in.
-        class_names: the names of the ``C`` soft-label classes.
+
+    - feats ``(N, R, D)`` float32: box-head outputs (zeros at padding).
+    - boxes ``(N, R, 4)`` float32: xyxy pixels (zeros at padding).
+    - mask ``(N, R)`` bool: True where a region is real; real regions come first.
+    - soft_labels ``(N, R, C)`` float32: the detector's softmax over its classes,
+      the MRC-kl target of ViLBERT/UNITER (rows of zeros at padding).
+    - region_object ``(N, R)`` long: index into ``scene.objects`` of the object
+      the region covers, ``-1`` for background and padding. For evaluation
+      and plots only; a model must never see it.
+    - image_feats ``(N, D)`` float32: the ``[IMG]`` feature, the mean of the real
+      regions' features. ViLBERT prepends this as an ``[IMG]`` token with
+      location ``[0, 0, 1, 1, 1]``: it summarises the whole image in the same
+      space as the regions, so the same embedding layer takes it, and its
+      output is what ITM pools on the visual side.
+    - indices ``(N,)`` long: the scene index of each row.
+    - image_size ``(H, W)``: the frame the boxes are in.
+    - class_names: the names of the ``C`` soft-label classes.
 
     ``loc5`` ``(N, R, 5)`` and ``loc7`` ``(N, R, 7)`` are computed from ``boxes``.
     """
