@@ -21,9 +21,10 @@ from fusionlib.losses import WRA_WEIGHT
 from fusionlib.masking import IGNORE_INDEX
 from fusionlib.models import available_models, build_model, load_pretrained
 from fusionlib.models.uniter import (PRETRAINING_TASKS, UNITER_TASK_MIX, UniterConfig, UniterForPretraining,
-                                     UniterForVQA, UniterModel, itm_similarity, masked_word_accuracy,
+                                     UniterForVQA, UniterModel, masked_word_accuracy, pair_scores,
                                      prepare_pretraining_batch,
                                      pretraining_loaders, pretraining_step, vqa_step, word_region_alignment)
+from fusionlib.models.vl_base import pretraining_losses
 from fusionlib.train import TrainConfig, train
 
 VOCAB, CLASSES, D, ANSWERS = 40, 6, 12, 5
@@ -374,18 +375,21 @@ def test_wra_ignores_padding_and_matched_pairs_pull_unmatched_push():
     seed = next(s for s in range(100)                                         # a draw with both kinds of pair
                 if 0 < int(prepare_pretraining_batch(b, "itm", model.config, gen(s))["itm_labels"].sum()) < 5)
     p = prepare_pretraining_batch(b, "itm", model.config, gen(seed))
-    result = model(p, "itm")
+    result = pretraining_step(model, b, "itm", gen(seed))                    # the same draw as p
+    assert set(result) == {"loss", "itm_loss", "itm_accuracy", "wra_loss"}
     d, _ = word_region_alignment(model.uniter(p), p["attention_mask"], p["region_mask"])
+    torch.testing.assert_close(model(p, "itm").wra_distance, d)
     labels = p["itm_labels"]
     wra = (d[labels == 1].sum() - d[labels == 0].sum()) / len(labels)
     torch.testing.assert_close(result["wra_loss"], wra)
     torch.testing.assert_close(result["loss"], result["itm_loss"] + WRA_WEIGHT * wra)
     # Changing what sits in padded words and regions changes nothing.
-    again = model(prepare_pretraining_batch(perturb_padding(b), "itm", model.config, gen(seed)), "itm")
+    again = pretraining_step(model, perturb_padding(b), "itm", gen(seed))
     torch.testing.assert_close(again["loss"], result["loss"], atol=1e-5, rtol=1e-5)
     # Without WRA the loss is the ITM loss alone.
     model.config = model.config.replace(use_wra=False)
-    plain = model(p, "itm")
+    assert model(p, "itm").wra_distance is None
+    plain = pretraining_step(model, b, "itm", gen(seed))
     assert "wra_loss" not in plain
     torch.testing.assert_close(plain["loss"], result["itm_loss"])
 
@@ -398,8 +402,7 @@ def test_wra_is_float32_under_bf16_autocast():
     distance, plan = word_region_alignment(out, b["attention_mask"], b["region_mask"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         distance_amp, plan_amp = word_region_alignment(out, b["attention_mask"], b["region_mask"])
-        p = prepare_pretraining_batch(b, "itm", model.config, gen(0))
-        result = model(p, "itm")
+        result = pretraining_step(model, b, "itm", gen(0))
     assert distance_amp.dtype == plan_amp.dtype == result["wra_loss"].dtype == torch.float32
     torch.testing.assert_close(plan_amp, plan, rtol=0, atol=1e-6)
     torch.testing.assert_close(distance_amp, distance, rtol=0, atol=1e-6)
@@ -454,7 +457,9 @@ def test_clear_errors_for_bad_batches_and_configs():
     with pytest.raises(ValueError, match="region_soft_labels"):
         pretraining_step(model, {k: v for k, v in b.items() if k != "region_soft_labels"}, "mrc_kl", gen())
     with pytest.raises(ValueError, match="mlm_labels"):
-        model(b, "mlm")                                          # an unprepared batch
+        pretraining_losses(model(b, "mlm"), b, ("mlm",))         # an unprepared batch
+    with pytest.raises(ValueError, match="task"):
+        model(b, "mrm")                                          # ViLBERT's paper name: here "mrc_kl"
     with pytest.raises(TypeError, match="UniterForPretraining"):
         pretraining_step(nn.Linear(2, 2), b, "mlm", gen())
     with pytest.raises(TypeError, match="generator"):
@@ -477,25 +482,24 @@ def test_save_load_gives_identical_outputs_and_keeps_the_ties(tmp_path):
     model = build()
     assert {"uniter", "uniter_pretraining", "uniter_vqa"} <= set(available_models())
     b = random_batch()
-    prepared = {t: prepare_pretraining_batch(b, t, model.config, gen(7)) for t in PRETRAINING_TASKS}
-    expected = {t: model(prepared[t], t)["loss"] for t in PRETRAINING_TASKS}
+    expected = {t: pretraining_step(model, b, t, gen(7))["loss"] for t in PRETRAINING_TASKS}
     model.save_pretrained(tmp_path / "pre")
     meta = json.loads((tmp_path / "pre" / "config.json").read_text())
     assert meta["model_class"] == "UniterForPretraining" and meta["config"]["special_token_ids"] == [0, 1, 2, 3, 4]
     loaded = load_pretrained(tmp_path / "pre")
     assert isinstance(loaded, UniterForPretraining) and loaded.config == model.config
     for t in PRETRAINING_TASKS:
-        torch.testing.assert_close(loaded(prepared[t], t)["loss"], expected[t], atol=0, rtol=0)
+        torch.testing.assert_close(pretraining_step(loaded, b, t, gen(7))["loss"], expected[t], atol=0, rtol=0)
     assert loaded.mrfr_head.weight is loaded.uniter.image_embeddings.img_linear.weight
     assert loaded.mlm_head.decoder.weight is loaded.uniter.text_embeddings.word_embeddings.weight
     # Downstream: a VQA model starts from the pretrained encoder (a directory or a model).
-    vqa = UniterForVQA.from_pretrained_encoder(tmp_path / "pre", num_answers=ANSWERS).eval()
+    vqa = UniterForVQA.from_encoder(tmp_path / "pre", num_answers=ANSWERS).eval()
     assert vqa.config.num_answers == ANSWERS and vqa.config.replace(num_answers=None) == model.config
     torch.testing.assert_close(vqa.uniter(b).sequence, model.uniter(b).sequence, atol=0, rtol=0)
     assert vqa(b).shape == (5, ANSWERS)
     vqa.save_pretrained(tmp_path / "vqa")
     torch.testing.assert_close(load_pretrained(tmp_path / "vqa")(b), vqa(b), atol=0, rtol=0)
-    encoder_only = UniterForVQA.from_pretrained_encoder(model.uniter, ANSWERS).eval()
+    encoder_only = UniterForVQA.from_encoder(model.uniter, num_answers=ANSWERS).eval()
     torch.testing.assert_close(encoder_only.uniter(b).pooled, model.uniter(b).pooled, atol=0, rtol=0)
     assert build_model("uniter", tiny_config()).num_parameters() == model.uniter.num_parameters()
     assert UniterConfig.from_dict(json.loads(json.dumps(model.config.to_dict()))) == model.config
@@ -506,7 +510,7 @@ def test_retrieval_scores_are_the_itm_match_logit():
     b = random_batch(B=4, text_lengths=(9, 6, 4, 3), region_counts=(6, 4, 2, 1))
     images = {k: b[k] for k in ("region_feats", "region_loc7", "region_mask")}
     captions = {k: b[k] for k in ("input_ids", "attention_mask")}
-    sim = itm_similarity(model, images, captions, batch_size=3)
+    sim = pair_scores(model, images, captions, batch_size=3)
     assert sim.shape == (4, 4)
     torch.testing.assert_close(sim.diagonal(), model.itm_logits(b)[:, 1].detach(), atol=1e-5, rtol=1e-5)
     swapped = {**captions, **{k: v[[1, 0, 3, 2]] for k, v in images.items()}}
@@ -608,7 +612,7 @@ def test_tiny_pretraining_run_overfits_every_task_through_train():
     itm_accuracy = sum(history.train["itm_accuracy"][i] for i in itm) / len(itm)
     assert itm_loss < 0.6 and itm_accuracy > 0.7, (itm_loss, itm_accuracy)     # chance: 0.693 and 0.5
     # Fine-tune VQA from the pretrained encoder: answer = the image's id, a function of the regions.
-    vqa = UniterForVQA.from_pretrained_encoder(model, num_answers=8)
+    vqa = UniterForVQA.from_encoder(model, num_answers=8)
 
     class Questions(Pairs):
         def __getitem__(self, i):
@@ -636,7 +640,7 @@ def test_vqa_mean_pooling_reads_the_mean_of_the_real_words():
         cls_head = UniterForVQA(vqa.config.replace(vqa_pooling="cls")).eval()
         cls_head.load_state_dict(vqa.state_dict())
         assert not torch.allclose(cls_head(b), logits)              # the same weights, another input to the head
-    from_encoder = UniterForVQA.from_pretrained_encoder(build(), ANSWERS, vqa_pooling="mean").eval()
+    from_encoder = UniterForVQA.from_encoder(build(), num_answers=ANSWERS, vqa_pooling="mean").eval()
     assert from_encoder.config.vqa_pooling == "mean" and torch.isfinite(from_encoder(b)).all()
     with pytest.raises(ValueError, match="vqa_pooling"):
         tiny_config(vqa_pooling="max")

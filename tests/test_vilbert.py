@@ -31,10 +31,10 @@ from fusionlib.models.vilbert import (
     load_text_stream_from_bert,
     pair_scores,
     prepare_pretraining_inputs,
-    pretraining_losses,
     pretraining_step,
     vqa_step,
 )
+from fusionlib.models.vl_base import pretraining_losses
 from fusionlib.train import TrainConfig, train
 
 VOCAB, CLASSES, D, ANSWERS = 30, 7, 12, 5
@@ -299,7 +299,7 @@ def test_paper_base_parameter_count():
 def test_output_shapes_and_attention_maps():
     model = build()
     out = model(random_batch(), need_weights=True)
-    assert out.mlm_logits.shape == (4, 8, VOCAB) and out.mrm_logits.shape == (4, 6, CLASSES)
+    assert out.mlm_logits.shape == (4, 8, VOCAB) and out.mrc_logits.shape == (4, 6, CLASSES)
     assert out.itm_logits.shape == (4, 2)
     enc = out.encoder
     assert enc.text_hidden.shape == (4, 8, 32) and enc.visual_hidden.shape == (4, 7, 24)
@@ -326,7 +326,7 @@ def test_padding_never_changes_real_outputs(need_weights):
     for name in ("pooled_text", "pooled_visual"):
         torch.testing.assert_close(getattr(b.encoder, name), getattr(a.encoder, name), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.mlm_logits[text], a.mlm_logits[text], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b.mrm_logits[batch["region_mask"]], a.mrm_logits[batch["region_mask"]],
+    torch.testing.assert_close(b.mrc_logits[batch["region_mask"]], a.mrc_logits[batch["region_mask"]],
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.itm_logits, a.itm_logits, atol=1e-5, rtol=1e-5)
 
@@ -352,7 +352,7 @@ def test_fully_padded_samples_give_no_nan(need_weights):
     model = build().train()
     batch = random_batch(text_lengths=(8, 0, 0, 3), region_counts=(6, 0, 3, 0))
     out = model(batch, need_weights=need_weights)
-    for t in (out.mlm_logits, out.mrm_logits, out.itm_logits, out.encoder.text_hidden, out.encoder.visual_hidden):
+    for t in (out.mlm_logits, out.mrc_logits, out.itm_logits, out.encoder.text_hidden, out.encoder.visual_hidden):
         assert torch.isfinite(t).all()
     result = pretraining_step(model, batch, generator=torch.Generator().manual_seed(0))
     result["loss"].backward()
@@ -417,7 +417,8 @@ def test_save_load_gives_identical_outputs(cls, name, tmp_path):
     loaded = load_pretrained(tmp_path)
     assert type(loaded) is cls and loaded.config == model.config
     a, b = model(batch, need_weights=True), loaded(batch, need_weights=True)     # outputs and attention maps
-    leaves_a, leaves_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    leaves_a, leaves_b = ([x for x in torch.utils._pytree.tree_leaves(out) if x is not None]     # heads it lacks
+                          for out in (a, b))
     assert len(leaves_a) == len(leaves_b) > 4
     for x, y in zip(leaves_a, leaves_b):
         assert torch.equal(x, y)
@@ -433,16 +434,17 @@ def test_mlm_head_is_tied_to_the_word_embeddings(tmp_path):
     head = loaded.mlm_head
     expected = head.transform(out.encoder.text_hidden) @ loaded.vilbert.text_embeddings.word_embeddings.weight.T
     torch.testing.assert_close(out.mlm_logits, expected + head.bias)
-    assert not any("decoder" in k for k in loaded.mlm_head.state_dict())
+    assert head.decoder.weight is loaded.vilbert.text_embeddings.word_embeddings.weight
+    assert loaded.num_parameters() == model.num_parameters()               # the shared matrix counted once
 
 
-def test_vqa_from_pretraining_shares_the_encoder(tmp_path):
+def test_vqa_from_encoder_shares_the_encoder(tmp_path):
     pretrained = build()
     with torch.no_grad():
         pretrained.vilbert.visual_pooler[0].bias.add_(0.5)            # something a fresh model would not have
     pretrained.save_pretrained(tmp_path)
     for source in (pretrained, tmp_path):
-        vqa = ViLBERTForVQA.from_pretraining(source, num_answers=9, classifier_dropout=0.2).eval()
+        vqa = ViLBERTForVQA.from_encoder(source, num_answers=9, classifier_dropout=0.2).eval()
         assert vqa.config.num_answers == 9 and vqa.config.classifier_dropout == 0.2
         for (k, a), (_, b) in zip(pretrained.vilbert.state_dict().items(), vqa.vilbert.state_dict().items()):
             assert torch.equal(a, b), k
@@ -497,7 +499,7 @@ def test_load_text_stream_from_bert(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_mismatched_pairs_get_no_mlm_or_mrm_targets():
+def test_mismatched_pairs_get_no_mlm_or_mrc_kl_targets():
     config = small_config()
     batch = random_batch(B=8, text_lengths=(8, 7, 6, 5, 8, 7, 6, 5), region_counts=(6, 5, 4, 3, 6, 5, 4, 3),
                          image_index=[0, 1, 1, 2, 3, 3, 4, 5], seed=3)
@@ -522,16 +524,17 @@ def test_mismatched_pairs_get_no_mlm_or_mrm_targets():
     expected_img = inputs.region_feats.sum(1) / batch["region_mask"].sum(1, keepdim=True)
     torch.testing.assert_close(inputs.image_feats, expected_img)
 
-    # The MLM and MRM losses send no gradient to the negatives' logits.
+    # The MLM and MRC-kl losses send no gradient to the negatives' logits.
     model = build(**{})
-    out = model(inputs.batch(batch))
+    prepared = inputs.batch(batch)
+    out = model(prepared)
     mlm_logits = out.mlm_logits.detach().requires_grad_()
-    mrm_logits = out.mrm_logits.detach().requires_grad_()
-    losses = pretraining_losses(out._replace(mlm_logits=mlm_logits, mrm_logits=mrm_logits), inputs,
-                                batch["region_soft_labels"])
-    (losses["mlm"] + losses["mrm"]).backward()
+    mrc_logits = out.mrc_logits.detach().requires_grad_()
+    losses = pretraining_losses(out._replace(mlm_logits=mlm_logits, mrc_logits=mrc_logits), prepared,
+                                ("mlm", "mrc_kl"))
+    losses["loss"].backward()
     assert (mlm_logits.grad[neg] == 0).all() and (mlm_logits.grad[~neg] != 0).any()
-    assert (mrm_logits.grad[neg] == 0).all() and (mrm_logits.grad[~neg] != 0).any()
+    assert (mrc_logits.grad[neg] == 0).all() and (mrc_logits.grad[~neg] != 0).any()
 
 
 def test_pretraining_step_losses_and_gradients():
@@ -539,16 +542,17 @@ def test_pretraining_step_losses_and_gradients():
     batch = random_batch(B=6, text_lengths=(8, 7, 6, 5, 4, 3), region_counts=(6, 5, 4, 3, 2, 1))
     batch["image_index"] = torch.arange(6)
     result = pretraining_step(model, batch, generator=torch.Generator().manual_seed(0))
-    assert set(result) == {"loss", "mlm", "mrm", "itm", "itm_acc"}
-    for key in ("mlm", "mrm", "itm"):
+    assert set(result) == {"loss", "mlm_loss", "mrc_kl_loss", "itm_loss", "mlm_accuracy", "itm_accuracy"}
+    for key in ("mlm_loss", "mrc_kl_loss", "itm_loss"):
         assert torch.isfinite(result[key]) and result[key] > 0 and not result[key].requires_grad
-    torch.testing.assert_close(result["loss"].detach(), result["mlm"] + result["mrm"] + result["itm"])
-    assert 0 <= result["itm_acc"] <= 1
-    assert abs(result["mlm"].item() - math.log(VOCAB)) < 1.0        # near chance at initialisation
-    assert abs(result["itm"].item() - math.log(2)) < 0.2
+    torch.testing.assert_close(result["loss"].detach(),
+                               result["mlm_loss"] + result["mrc_kl_loss"] + result["itm_loss"])
+    assert 0 <= result["itm_accuracy"] <= 1 and 0 <= result["mlm_accuracy"] <= 1
+    assert abs(result["mlm_loss"].item() - math.log(VOCAB)) < 1.0        # near chance at initialisation
+    assert abs(result["itm_loss"].item() - math.log(2)) < 0.2
     result["loss"].backward()
     assert finite_grads(model)
-    for head in (model.mlm_head, model.mrm_head, model.itm_head, model.vilbert.co_layers):
+    for head in (model.mlm_head, model.mrc_head, model.itm_head, model.vilbert.co_layers):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
 
 
@@ -556,10 +560,10 @@ def test_pretraining_step_is_the_sum_of_its_parts_and_deterministic():
     model = build()                                                   # eval: no dropout
     batch = random_batch()
     result = pretraining_step(model, batch, generator=torch.Generator().manual_seed(5))
-    inputs = prepare_pretraining_inputs(batch, model.config, torch.Generator().manual_seed(5))
-    parts = pretraining_losses(model(inputs.batch(batch)), inputs, batch["region_soft_labels"])
-    for key in ("mlm", "mrm", "itm", "itm_acc"):
-        torch.testing.assert_close(result[key], parts[key].detach())
+    prepared = prepare_pretraining_inputs(batch, model.config, torch.Generator().manual_seed(5)).batch(batch)
+    parts = pretraining_losses(model(prepared), prepared, ("mlm", "mrc_kl", "itm"))
+    for key in ("mlm_loss", "mrc_kl_loss", "itm_loss", "mlm_accuracy", "itm_accuracy"):
+        torch.testing.assert_close(result[key], parts[key])
     # Without a generator, the masks come from the global seed: the same seed, the same step.
     torch.manual_seed(11)
     a = pretraining_step(model, batch)["loss"]
@@ -580,13 +584,13 @@ def test_single_task_steps_corrupt_only_their_own_inputs():
     assert torch.equal(mlm.caption_index, torch.arange(4)) and (mlm.itm_labels == IGNORE_INDEX).all()
     assert (mlm.mlm_labels != IGNORE_INDEX).any() and torch.equal(mlm.region_feats, batch["region_feats"])
     model = build()
-    for task in ("mlm", "mrm", "itm"):
+    for task in ("mlm", "mrc_kl", "itm"):
         result = pretraining_step(model, batch, task=task, generator=g())
-        assert set(result) == {"loss", task} | ({"itm_acc"} if task == "itm" else set())
-        torch.testing.assert_close(result["loss"].detach(), result[task])
+        assert set(result) == {"loss", f"{task}_loss"} | ({f"{task}_accuracy"} if task in ("mlm", "itm") else set())
+        torch.testing.assert_close(result["loss"].detach(), result[f"{task}_loss"])
     itm_only = dict(batch)
-    itm_only.pop("region_soft_labels")                                # not needed without MRM
-    assert set(pretraining_step(model, itm_only, task="itm", generator=g())) == {"loss", "itm", "itm_acc"}
+    itm_only.pop("region_soft_labels")                                # not needed without MRC-kl
+    assert set(pretraining_step(model, itm_only, task="itm", generator=g())) == {"loss", "itm_loss", "itm_accuracy"}
 
 
 # ---------------------------------------------------------------------------
@@ -652,7 +656,7 @@ class TinyCaptions(Dataset):
 
 
 def test_tiny_pretraining_run_reduces_the_loss():
-    """80 steps of MLM + MRM + ITM with fusionlib.train: the summed loss and its MLM and MRM parts fall.
+    """80 steps of MLM + MRC-kl + ITM with fusionlib.train: the summed loss and its MLM and MRM parts fall.
 
     (ITM stays near log 2 this early: it learns once MLM/MRM have grounded words in regions,
     after ~200 steps at the book's size; too long for a unit test.)
@@ -665,9 +669,11 @@ def test_tiny_pretraining_run_reduces_the_loss():
     mean = lambda key, part: sum(part(history.train[key])) / 5              # noqa: E731
     first, last = (lambda x: x[:5]), (lambda x: x[-5:])
     print(f"\ntiny ViLBERT pretraining, mean of first/last 5 steps: "
-          + ", ".join(f"{k} {mean(k, first):.3f} -> {mean(k, last):.3f}" for k in ("loss", "mlm", "mrm", "itm")))
+          + ", ".join(f"{k} {mean(k, first):.3f} -> {mean(k, last):.3f}"
+                      for k in ("loss", "mlm_loss", "mrc_kl_loss", "itm_loss")))
     assert mean("loss", last) < 0.75 * mean("loss", first)
-    assert mean("mlm", last) < 0.75 * mean("mlm", first) and mean("mrm", last) < mean("mrm", first)
+    assert mean("mlm_loss", last) < 0.75 * mean("mlm_loss", first)
+    assert mean("mrc_kl_loss", last) < mean("mrc_kl_loss", first)
     assert all(math.isfinite(v) for v in history.train["loss"])
 
 
@@ -684,7 +690,7 @@ def test_vqa_mean_pooling_reads_the_mean_of_the_real_words(tmp_path):
         torch.testing.assert_close(logits, model.classifier(by_hand))
         torch.testing.assert_close(model(perturb_padding(b)), logits)
     pretrained = build()
-    vqa = ViLBERTForVQA.from_pretraining(pretrained, num_answers=ANSWERS, vqa_pooling="mean")
+    vqa = ViLBERTForVQA.from_encoder(pretrained, num_answers=ANSWERS, vqa_pooling="mean")
     assert vqa.config.vqa_pooling == "mean" and vqa.classifier[0].in_features == vqa.config.text_hidden_size
     vqa.save_pretrained(tmp_path / "vqa")
     again = load_pretrained(tmp_path / "vqa").eval()

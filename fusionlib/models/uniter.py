@@ -17,9 +17,12 @@ encoder                             ``num_layers`` :class:`~fusionlib.layers.Tra
                                     over ``[text (T); regions (R)]``, mask ``[attention_mask; region_mask]``
 pooler                              ``tanh(Linear(h_[CLS]))`` (BERT)
 MLM head                            BERT's: ``Linear -> GELU -> LN -> Linear`` tied to the word embeddings
+                                    (:class:`~fusionlib.models.vl_base.TiedMLMHead`)
 MRFR head                           ``Linear -> GELU -> LN``, then ``F.linear(h, img_linear.weight.T, b)``:
                                     its output weight *is* the image projection's weight
-MRC / MRC-kl head                   ``Linear -> GELU -> LN -> Linear(num_region_classes)`` (one head, two losses)
+                                    (:class:`~fusionlib.models.vl_base.RegionFeatureRegressionHead`)
+MRC / MRC-kl head                   ``Linear -> GELU -> LN -> Linear(num_region_classes)`` (one head, two losses;
+                                    :class:`~fusionlib.models.vl_base.RegionClassificationHead`)
 ITM head                            ``Linear(hidden, 2)`` on the pooled ``[CLS]``; WRA adds
                                     ``0.1 * wra_loss`` (optimal transport, IPOT) on ITM steps
 VQA head (:class:`UniterForVQA`)    ``Linear(H, 2H) -> GELU -> LN -> Linear(num_answers)`` on the pooled ``[CLS]``
@@ -28,9 +31,12 @@ VQA head (:class:`UniterForVQA`)    ``Linear(H, 2H) -> GELU -> LN -> Linear(num_
 
 Pretraining (:func:`pretraining_step`) follows UNITER's ``pretrain.py``: each
 step :func:`fusionlib.train.train` samples **one** task from a mix
-(:data:`UNITER_TASK_MIX`: itm 2, mlm 2, mrfr 1, mrc_kl 1) and that task's
-batch is masked *conditionally*: MLM masks only words (the image stays
-whole), MRFR / MRC / MRC-kl mask only regions (the sentence stays whole).
+(:data:`UNITER_TASK_MIX`: itm 2, mlm 2, mrfr 1, mrc_kl 1); the step returns that
+task's ``loss``, its ``<task>_loss`` and, for ``mlm`` and ``itm``, its
+``<task>_accuracy`` (plus ``wra_loss`` on ITM steps), by the rule of
+:mod:`fusionlib.models.vl_base`. That task's batch is masked *conditionally*:
+MLM masks only words (the image stays whole), MRFR / MRC / MRC-kl mask only
+regions (the sentence stays whole).
 ``masking="joint"`` masks both modalities at once, the alternative of the
 paper's ablation. ITM swaps in another image with p = 0.5 (never the same
 image: ``image_index`` marks duplicates): any other, as UNITER does, with
@@ -55,22 +61,22 @@ Batch keys read: ``input_ids``, ``attention_mask`` (bool), ``region_feats``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
 import types
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusionlib import itm, losses, masking, runtime
-from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import TextEmbeddings, UniterImageEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer, masked_mean
-from fusionlib.models.batch import get_tensor, text_inputs
-from fusionlib.models.io import ModelConfig, PretrainedModel, load_pretrained, register_model
+from fusionlib.models.batch import LOCATION_KEYS, get_tensor, optional_bool, region_inputs, text_inputs
+from fusionlib.models.io import ModelConfig, register_model
+from fusionlib.models.vl_base import (ITMHead, PretrainingOutput, RegionClassificationHead,
+                                      RegionFeatureRegressionHead, TiedMLMHead, VisionLanguageModel,
+                                      VisionLanguagePretraining, masked_word_accuracy, pair_scores,
+                                      pretraining_losses, vqa_step)
 
 __all__ = [
     "UniterConfig",
@@ -78,9 +84,7 @@ __all__ = [
     "UniterModel",
     "UniterForPretraining",
     "UniterForVQA",
-    "MLMHead",
-    "RegionFeatureRegression",
-    "RegionClassification",
+    "PretrainingOutput",
     "UNITER_TASK_MIX",
     "PRETRAINING_TASKS",
     "prepare_pretraining_batch",
@@ -88,7 +92,7 @@ __all__ = [
     "pretraining_loaders",
     "word_region_alignment",
     "vqa_step",
-    "itm_similarity",
+    "pair_scores",
     "masked_word_accuracy",
 ]
 
@@ -97,7 +101,6 @@ UNITER_TASK_MIX: Mapping[str, float] = types.MappingProxyType({"itm": 2, "mlm": 
 PRETRAINING_TASKS = ("mlm", "mrfr", "mrc", "mrc_kl", "itm")
 MASKINGS = ("conditional", "joint")
 VQA_POOLINGS = ("cls", "mean")
-LOCATION_KEYS = {5: "region_loc5", 7: "region_loc7"}
 
 
 # ---------------------------------------------------------------------------
@@ -151,6 +154,14 @@ class UniterConfig(ModelConfig):
     # Downstream:
     num_answers: int | None = None         # UniterForVQA: size of the answer vocabulary
     vqa_pooling: str = "cls"               # UniterForVQA reads "cls" (the pooled [CLS], UNITER) | "mean" (of the words)
+
+    # What a task model may set differently from the encoder it starts from (vl_base.load_encoder): the heads,
+    # the pretraining tasks and the dropouts, nothing that shapes or moves the encoder's weights.
+    task_fields: ClassVar[tuple[str, ...]] = (
+        "dropout", "attention_dropout", "initializer_range", "pad_token_id", "mask_token_id", "special_token_ids",
+        "masking", "mask_probability", "region_zero_fraction", "itm_negative_probability", "itm_negatives",
+        "hard_negative_share", "hard_negative_kinds", "use_wra", "wra_weight", "ot_beta", "ot_iterations",
+        "mrc_background_class", "num_answers", "vqa_pooling")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_region_classes", "region_dim", "hidden_size", "num_layers", "num_heads",
@@ -236,67 +247,8 @@ class UniterConfig(ModelConfig):
             "mask_token_id": 103, "special_token_ids": (0, 100, 101, 102, 103), **changes})
 
 
-# ---------------------------------------------------------------------------
-# Reading the batch
-# ---------------------------------------------------------------------------
-
-
 def _region_inputs(batch: Mapping[str, Any], config: UniterConfig, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    feats, loc, mask = (get_tensor(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
-    if feats.dim() != 3 or feats.shape[0] != batch_size or feats.shape[-1] != config.region_dim:
-        raise ValueError(f"batch['region_feats'] must be ({batch_size}, regions, {config.region_dim}) "
-                         f"(batch size of input_ids, region_dim of the config), got {tuple(feats.shape)}")
-    R = feats.shape[1]
-    if tuple(loc.shape) != (batch_size, R, config.location_dim):
-        raise ValueError(f"batch[{config.location_key!r}] must be ({batch_size}, {R}, {config.location_dim}), "
-                         f"got {tuple(loc.shape)}")
-    if mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, R):
-        raise ValueError(f"batch['region_mask'] must be bool ({batch_size}, {R}) (True = real region), "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-    return feats, loc, mask
-
-
-def _optional_bool(batch: Mapping[str, Any], key: str, shape: tuple[int, ...]) -> Tensor | None:
-    if key not in batch or batch[key] is None:
-        return None
-    value = get_tensor(batch, key)
-    if value.dtype != torch.bool or tuple(value.shape) != shape:
-        raise ValueError(f"batch[{key!r}] must be bool {shape}, got {value.dtype} {tuple(value.shape)}")
-    return value
-
-
-# ---------------------------------------------------------------------------
-# Initialisation (BERT / UNITER: N(0, initializer_range) matrices, zero biases, unit LayerNorms)
-# ---------------------------------------------------------------------------
-
-
-def _init_weights(module: nn.Module, std: float) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=std)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=std)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, MultiHeadAttention):
-        # BERT's query/key/value are three nn.Linear; ours are stacked in one matrix.
-        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            weight = getattr(module, name, None)
-            if weight is not None:
-                nn.init.normal_(weight, mean=0.0, std=std)
-        if module.in_proj_bias is not None:
-            nn.init.zeros_(module.in_proj_bias)
-    elif isinstance(module, UniterImageEmbeddings) and module.mask_embedding is not None:
-        nn.init.normal_(module.mask_embedding, mean=0.0, std=std)
-
-
-def _initialise(model: nn.Module, config: UniterConfig, encoder: "UniterModel") -> None:
-    if config.initializer_range is not None:
-        model.apply(functools.partial(_init_weights, std=config.initializer_range))
-    with torch.no_grad():       # [PAD] starts at zero, as in TextEmbeddings and Hugging Face's BERT
-        encoder.text_embeddings.word_embeddings.weight[config.pad_token_id].zero_()
+    return region_inputs(batch, batch_size, config.region_dim, config.location_dim)
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +301,7 @@ class UniterOutput(NamedTuple):
 
 
 @register_model("uniter")
-class UniterModel(PretrainedModel):
+class UniterModel(VisionLanguageModel):
     """The UNITER encoder: embeddings, one transformer over ``[text; regions]``, the pooler (chapter 6).
 
     ``forward(batch, need_weights=False)`` -> :class:`UniterOutput`. The batch
@@ -359,6 +311,7 @@ class UniterModel(PretrainedModel):
     """
 
     config_class = UniterConfig
+    encoder_attr = "uniter"
 
     def __init__(self, config: UniterConfig):
         super().__init__(config)
@@ -372,7 +325,7 @@ class UniterModel(PretrainedModel):
             TransformerLayer(H, config.num_heads, config.ffn_size, config.dropout, config.attention_dropout)
             for _ in range(config.num_layers))
         self.pooler = nn.Linear(H, H)
-        _initialise(self, config, self)
+        self.init_weights()
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, region_feats: Tensor, region_loc: Tensor,
                region_mask: Tensor, region_zeroed: Tensor | None = None,
@@ -399,80 +352,13 @@ class UniterModel(PretrainedModel):
     def forward(self, batch: Mapping[str, Any], need_weights: bool = False) -> UniterOutput:
         ids, text_mask = text_inputs(batch)
         feats, loc, region_mask = _region_inputs(batch, self.config, ids.shape[0])
-        zeroed = _optional_bool(batch, "region_zeroed", tuple(region_mask.shape))
+        zeroed = optional_bool(batch, "region_zeroed", tuple(region_mask.shape))
         return self.encode(ids, text_mask, feats, loc, region_mask, zeroed, need_weights=need_weights)
 
 
-def _encoder_of(source: PretrainedModel | str | os.PathLike) -> UniterModel:
-    """The :class:`UniterModel` inside a model, a checkpoint directory, or the encoder itself."""
-    if isinstance(source, (str, os.PathLike)):
-        source = load_pretrained(source)
-    if isinstance(source, UniterModel):
-        return source
-    encoder = getattr(source, "uniter", None)
-    if not isinstance(encoder, UniterModel):
-        raise TypeError(f"expected a UniterModel, a model with a .uniter encoder, or a directory holding one; "
-                        f"got {type(source).__name__}")
-    return encoder
-
-
 # ---------------------------------------------------------------------------
-# Heads
+# Pretraining heads
 # ---------------------------------------------------------------------------
-
-
-def _transform(hidden_size: int) -> nn.Sequential:
-    """``Linear -> GELU -> LayerNorm``, the hidden part of every UNITER/BERT prediction head."""
-    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
-                         nn.LayerNorm(hidden_size, eps=LAYER_NORM_EPS))
-
-
-class MLMHead(nn.Module):
-    """BERT's masked-LM head: ``transform`` then a decoder whose weight *is* the word embedding
-    matrix, plus a bias of its own: ``(batch, seq, hidden) -> (batch, seq, vocab)`` (chapter 4)."""
-
-    def __init__(self, hidden_size: int, word_embeddings: nn.Embedding):
-        super().__init__()
-        self.transform = _transform(hidden_size)
-        vocab_size = word_embeddings.weight.shape[0]
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        self.decoder.weight = word_embeddings.weight      # tied: one matrix reads and writes words
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.decoder(self.transform(hidden))
-
-
-class RegionFeatureRegression(nn.Module):
-    """UNITER's MRFR head: ``transform`` then ``F.linear(h, img_linear.weight.T, bias)``:
-    ``(batch, regions, hidden) -> (batch, regions, region_dim)``.
-
-    The output layer has no matrix of its own: it uses the image projection's
-    weight ``(hidden, region_dim)`` transposed, so regressing a feature runs the
-    embedding's projection backwards, and MRFR's gradient trains that projection
-    directly. ``weight`` is the very ``nn.Parameter`` of ``img_linear`` (one
-    storage, counted once by ``parameters()``, saved once by safetensors).
-    """
-
-    def __init__(self, hidden_size: int, img_linear: nn.Linear):
-        super().__init__()
-        self.transform = _transform(hidden_size)
-        self.weight = img_linear.weight                   # tied: (hidden, region_dim)
-        self.bias = nn.Parameter(torch.zeros(img_linear.in_features))
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return F.linear(self.transform(hidden), self.weight.t(), self.bias)
-
-
-class RegionClassification(nn.Module):
-    """UNITER's MRC head, shared by MRC and MRC-kl: ``transform -> Linear(num_classes)``:
-    ``(batch, regions, hidden) -> (batch, regions, num_classes)`` logits."""
-
-    def __init__(self, hidden_size: int, num_classes: int):
-        super().__init__()
-        self.net = nn.Sequential(_transform(hidden_size), nn.Linear(hidden_size, num_classes))
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.net(hidden)
 
 
 def word_region_alignment(output: UniterOutput, attention_mask: Tensor, region_mask: Tensor,
@@ -500,93 +386,79 @@ def word_region_alignment(output: UniterOutput, attention_mask: Tensor, region_m
 
 
 @register_model("uniter_pretraining")
-class UniterForPretraining(PretrainedModel):
+class UniterForPretraining(VisionLanguagePretraining):
     """UNITER with its pretraining heads: MLM, MRFR, MRC / MRC-kl, ITM (+ WRA) (chapter 6).
 
-    ``forward(batch, task)`` -> ``{"loss": scalar, **detached metrics}`` for a
-    batch already prepared by :func:`prepare_pretraining_batch` (masked inputs
-    and targets); :func:`pretraining_step` does both. ``task`` is one of
-    :data:`PRETRAINING_TASKS`:
-
-    * ``"mlm"``: :func:`~fusionlib.losses.mlm_loss` at ``mlm_labels != -100``;
-    * ``"mrfr"``: :func:`~fusionlib.losses.mrfr_loss`, predicted vs the *original*
-      ``region_feats`` at ``region_masked``;
-    * ``"mrc"``: :func:`~fusionlib.losses.mrc_loss` (detector's argmax class);
-    * ``"mrc_kl"``: :func:`~fusionlib.losses.mrc_kl_loss` (KL to the detector's distribution);
-    * ``"itm"``: :func:`~fusionlib.losses.itm_loss` on the pooled ``[CLS]``, plus
-      ``wra_weight * wra_loss`` when ``config.use_wra``.
+    ``forward(batch, task=None, *, need_weights=False)`` ->
+    :class:`~fusionlib.models.vl_base.PretrainingOutput` with the heads
+    ``task`` needs (``None``: all of them): ``"mlm"`` -> ``mlm_logits`` at
+    every text position; ``"mrfr"`` -> ``mrfr_features``; ``"mrc"`` /
+    ``"mrc_kl"`` -> ``mrc_logits`` (one head, two losses); ``"itm"`` ->
+    ``itm_logits`` on the pooled ``[CLS]``, and with ``config.use_wra`` the
+    ``wra_distance`` of :func:`word_region_alignment`. Losses are
+    :func:`pretraining_step`'s (UNITER's own code also computes them outside
+    the model, in ``pretrain.py``).
 
     :meth:`itm_logits` ``(batch) -> (batch, 2)`` scores pairs (class 1 = match);
-    its match logit is the retrieval score (:func:`itm_similarity`).
+    its match logit is the retrieval score (:func:`pair_scores`).
     """
 
     config_class = UniterConfig
+    encoder_class = UniterModel
 
     def __init__(self, config: UniterConfig):
         super().__init__(config)
         self.uniter = UniterModel(config)
         H = config.hidden_size
-        self.mlm_head = MLMHead(H, self.uniter.text_embeddings.word_embeddings)
-        self.mrfr_head = RegionFeatureRegression(H, self.uniter.image_embeddings.img_linear)
-        self.region_classifier = RegionClassification(H, config.num_region_classes)
-        self.itm_head = nn.Linear(H, 2)
-        _initialise(self, config, self.uniter)
+        self.mlm_head = TiedMLMHead(self.uniter.text_embeddings.word_embeddings)
+        # UNITER's decoder starts as PyTorch's nn.Linear(H, vocab) does, its weight then replaced by the word
+        # table: its bias is what initializer_range=None keeps, and drawing that layer keeps every seeded UNITER
+        # the model of the runs committed with chapters 6 and 6b.
+        with torch.no_grad():
+            self.mlm_head.decoder.bias.copy_(nn.Linear(H, config.vocab_size).bias)
+        self.mrfr_head = RegionFeatureRegressionHead(H, self.uniter.image_embeddings.img_linear)
+        self.mrc_head = RegionClassificationHead(H, config.num_region_classes)
+        self.itm_head = ITMHead(H)
+        self.init_weights()         # the whole model again, encoder included, as UNITER's UniterForPretraining
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        return ("region_feats", self.config.location_key, "region_mask")
 
     def itm_logits(self, batch: Mapping[str, Any]) -> Tensor:
         """``(batch, 2)`` image-text matching logits (class 1 = the pair matches)."""
         return self.itm_head(self.uniter(batch).pooled)
 
-    def forward(self, batch: Mapping[str, Any], task: str) -> dict[str, Tensor]:
-        if task not in PRETRAINING_TASKS:
-            raise ValueError(f"task must be one of {PRETRAINING_TASKS}, got {task!r}")
-        out = self.uniter(batch)
-        if task == "mlm":
-            labels = get_tensor(batch, "mlm_labels", " (prepare the batch with prepare_pretraining_batch)")
-            if labels.shape != out.text.shape[:2]:
-                raise ValueError(f"batch['mlm_labels'] must have shape {tuple(out.text.shape[:2])}, "
-                                 f"got {tuple(labels.shape)}")
+    def retrieval_score(self, batch: Mapping[str, Any]) -> Tensor:
+        """``(batch,)``: the match logit, the row UNITER copies into its retrieval head
+        (``model/itm.py: init_output``)."""
+        return self.itm_logits(batch)[:, 1]
+
+    def forward(self, batch: Mapping[str, Any], task: str | None = None, *,
+                need_weights: bool = False) -> PretrainingOutput:
+        if task is not None and task not in PRETRAINING_TASKS:
+            raise ValueError(f"task must be one of {PRETRAINING_TASKS} or None (every head), got {task!r}")
+        out = self.uniter(batch, need_weights=need_weights)
+        heads: dict[str, Tensor] = {}
+        if task in ("mlm", None):
             # Logits at every position, not only the masked ones as UNITER gathers: the vocabulary is
             # small here, and fixed shapes keep torch.compile from recompiling for every mask count.
-            logits = self.mlm_head(out.text)
-            loss = losses.mlm_loss(logits, labels)
-            scored = labels != masking.IGNORE_INDEX
-            hits = (logits.detach().argmax(-1) == labels) & scored
-            return {"loss": loss, "mlm_accuracy": hits.sum() / scored.sum().clamp(min=1)}
-        if task == "itm":
-            labels = get_tensor(batch, "itm_labels", " (prepare the batch with prepare_pretraining_batch)")
-            logits = self.itm_head(out.pooled)
-            itm = losses.itm_loss(logits, labels)
-            result = {"itm_loss": itm.detach(),
-                      "itm_accuracy": (logits.detach().argmax(-1) == labels).float().mean()}
-            loss = itm
+            heads["mlm_logits"] = self.mlm_head(out.text)
+        if task in ("mrfr", None):
+            heads["mrfr_features"] = self.mrfr_head(out.regions)
+        if task in ("mrc", "mrc_kl", None):
+            heads["mrc_logits"] = self.mrc_head(out.regions)
+        if task in ("itm", None):
+            heads["itm_logits"] = self.itm_head(out.pooled)
             if self.config.use_wra:
-                distance, _ = word_region_alignment(out, get_tensor(batch, "attention_mask"), get_tensor(batch, "region_mask"),
-                                                    self.config.ot_beta, self.config.ot_iterations)
-                wra = losses.wra_loss(distance, labels)
-                loss = itm + self.config.wra_weight * wra.to(itm.dtype)
-                result["wra_loss"] = wra.detach()
-            return {"loss": loss, **result}
-        # Masked region modelling: scored at region_masked, compared with the original features / labels.
-        masked = _optional_bool(batch, "region_masked", tuple(out.regions.shape[:2]))
-        if masked is None:
-            raise ValueError(f"batch has no 'region_masked' for task {task!r} (prepare the batch with "
-                             f"prepare_pretraining_batch); it has {sorted(batch)}")
-        if task == "mrfr":
-            target = get_tensor(batch, "region_feats")
-            return {"loss": losses.mrfr_loss(self.mrfr_head(out.regions), target, masked)}
-        soft_labels = get_tensor(batch, "region_soft_labels", f" (task {task!r} needs the detector's class distribution)")
-        expected = (*out.regions.shape[:2], self.config.num_region_classes)
-        if tuple(soft_labels.shape) != expected:
-            raise ValueError(f"batch['region_soft_labels'] must have shape {expected} (num_region_classes of the "
-                             f"config), got {tuple(soft_labels.shape)}")
-        logits = self.region_classifier(out.regions)
-        if task == "mrc":
-            return {"loss": losses.mrc_loss(logits, soft_labels, masked, self.config.mrc_background_class)}
-        return {"loss": losses.mrc_kl_loss(logits, soft_labels, masked)}
+                heads["wra_distance"], _ = word_region_alignment(
+                    out, get_tensor(batch, "attention_mask"), get_tensor(batch, "region_mask"),
+                    self.config.ot_beta, self.config.ot_iterations)
+        return PretrainingOutput(**heads, encoder=out)
 
 
 @register_model("uniter_vqa")
-class UniterForVQA(PretrainedModel):
+class UniterForVQA(VisionLanguageModel):
     """UNITER fine-tuned for VQA: ``Linear(H, 2H) -> GELU -> LN -> Linear(num_answers)`` on the pooled
     ``[CLS]`` (UNITER's ``vqa_output``; chapter 6), or, with ``config.vqa_pooling="mean"``, on the mean
     of the real words' outputs.
@@ -596,13 +468,12 @@ class UniterForVQA(PretrainedModel):
 
     ``forward(batch, need_weights=False)`` -> ``logits (batch, num_answers)``, or
     ``(logits, UniterOutput)`` with ``need_weights=True`` (attention maps in it).
-    Build it from a pretrained encoder with :meth:`from_pretrained_encoder`.
-    UNITER scores VQA with a binary cross-entropy against soft answer scores
-    (several annotators per question); our world has one answer, so
-    :func:`vqa_step` uses cross-entropy.
+    Build it from a pretrained encoder with :meth:`from_encoder` (``num_answers=...``);
+    train it with :func:`~fusionlib.models.vl_base.vqa_step`.
     """
 
     config_class = UniterConfig
+    encoder_class = UniterModel
 
     def __init__(self, config: UniterConfig):
         super().__init__(config)
@@ -612,18 +483,7 @@ class UniterForVQA(PretrainedModel):
         H = config.hidden_size
         self.vqa_head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=LAYER_NORM_EPS),
                                       nn.Linear(2 * H, config.num_answers))
-        _initialise(self, config, self.uniter)
-
-    @classmethod
-    def from_pretrained_encoder(cls, source: PretrainedModel | str | os.PathLike,
-                                num_answers: int, **config_changes: Any) -> "UniterForVQA":
-        """A VQA model whose encoder is a copy of ``source``'s (a :class:`UniterForPretraining`, a
-        :class:`UniterModel`, or a directory either was saved to); the VQA head starts fresh.
-        ``config_changes`` may change what does not shape the encoder (``vqa_pooling``, ``dropout``...)."""
-        encoder = _encoder_of(source)
-        model = cls(encoder.config.replace(num_answers=num_answers, **config_changes))
-        model.uniter.load_state_dict(encoder.state_dict())
-        return model.to(next(encoder.parameters()).device)
+        self.init_weights()
 
     def forward(self, batch: Mapping[str, Any], need_weights: bool = False) -> Tensor | tuple[Tensor, UniterOutput]:
         out = self.uniter(batch, need_weights=need_weights)
@@ -728,12 +588,20 @@ def pretraining_step(model: nn.Module, batch: Mapping[str, Any], task: str,
     wrapper). With ``generator=None`` the masks and negatives are drawn from a
     generator seeded by the global RNG, which :func:`~fusionlib.train.train`
     seeds and checkpoints (exact resumption); pass a generator to replay a step
-    on its own. Returns ``{"loss", **metrics}`` (see :class:`UniterForPretraining`).
+    on its own.
+
+    Returns :func:`~fusionlib.models.vl_base.pretraining_losses` of the task:
+    ``{"loss", "<task>_loss"}``, with ``mlm_accuracy`` on MLM steps and
+    ``itm_accuracy`` on ITM steps, whose ``loss`` is
+    ``itm_loss + wra_weight * wra_loss`` when ``config.use_wra``.
     """
     config = getattr(model, "config", None)
     if not isinstance(config, UniterConfig):
         raise TypeError(f"model must be a UniterForPretraining, got {type(model).__name__}")
-    return model(prepare_pretraining_batch(batch, task, config, generator), task)
+    prepared = prepare_pretraining_batch(batch, task, config, generator)
+    tasks = (task, "wra") if task == "itm" and config.use_wra else (task,)
+    return pretraining_losses(model(prepared, task), prepared, tasks, weights={"wra": config.wra_weight},
+                              mrc_background_class=config.mrc_background_class)
 
 
 def pretraining_loaders(dataset: Any, batch_size: int, tasks: Mapping[str, float] | tuple[str, ...] = UNITER_TASK_MIX,
@@ -753,108 +621,3 @@ def pretraining_loaders(dataset: Any, batch_size: int, tasks: Mapping[str, float
     if unknown or not names:
         raise ValueError(f"tasks must be a non-empty subset of {PRETRAINING_TASKS}, got {names}")
     return {t: make_loader(dataset, batch_size, seed=seed + i, **loader_kwargs) for i, t in enumerate(names)}
-
-
-# ---------------------------------------------------------------------------
-# Downstream: VQA steps, retrieval scores
-# ---------------------------------------------------------------------------
-
-
-def vqa_step(model: nn.Module, batch: Mapping[str, Any], task: str = "vqa") -> dict[str, Tensor]:
-    """A ``step_fn`` for :func:`fusionlib.train.train`: cross-entropy of ``model(batch)`` against
-    ``batch["answer"]``; returns ``{"loss", "accuracy"}``."""
-    logits = model(batch)
-    answer = get_tensor(batch, "answer")
-    if answer.dtype != torch.long or tuple(answer.shape) != (logits.shape[0],):
-        raise ValueError(f"batch['answer'] must be long ({logits.shape[0]},), got {answer.dtype} {tuple(answer.shape)}")
-    loss = F.cross_entropy(logits.float(), answer)
-    return {"loss": loss, "accuracy": (logits.detach().argmax(-1) == answer).float().mean()}
-
-
-@torch.no_grad()
-def itm_similarity(model: UniterForPretraining, images: Mapping[str, Tensor], captions: Mapping[str, Tensor],
-                   batch_size: int = 256) -> Tensor:
-    """Retrieval scores of every (image, caption) pair: the ITM match logit, ``(N_images, N_captions)``.
-
-    A single-stream model has no separate image and text embeddings to compare
-    with a dot product: every pair is a forward pass (``N_images x N_captions``
-    of them, ``batch_size`` at a time), UNITER's cost for retrieval. Score =
-    logit of class 1 ("match"), the row UNITER copies into its retrieval head
-    (``model/itm.py: init_output``). Feed it to
-    :func:`fusionlib.metrics.image_text_recall`.
-
-    Args:
-        model: a :class:`UniterForPretraining` (evaluated in eval mode, restored after).
-        images: ``region_feats (NI, R, D)``, the location key, ``region_mask (NI, R)``.
-        captions: ``input_ids (NC, T)``, ``attention_mask (NC, T)``.
-    """
-    if not isinstance(model, UniterForPretraining):
-        raise TypeError(f"model must be a UniterForPretraining (it has the ITM head), got {type(model).__name__}")
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    config = model.config
-    ids, text_mask = text_inputs(captions)
-    num_images = get_tensor(images, "region_feats").shape[0]
-    feats, loc, region_mask = _region_inputs(images, config, num_images)
-    device = next(model.parameters()).device
-    num_captions = ids.shape[0]
-    pairs = torch.cartesian_prod(torch.arange(num_images), torch.arange(num_captions))   # (NI * NC, 2)
-    scores = torch.empty(num_images * num_captions)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(pairs), batch_size):
-            i, c = pairs[start:start + batch_size].unbind(1)
-            batch = {"input_ids": ids[c], "attention_mask": text_mask[c], "region_feats": feats[i],
-                     config.location_key: loc[i], "region_mask": region_mask[i]}
-            batch = {k: v.to(device) for k, v in batch.items()}
-            scores[start:start + len(i)] = model.itm_logits(batch)[:, 1].float().cpu()
-    finally:
-        model.train(was_training)
-    return scores.view(num_images, num_captions)
-
-
-@torch.no_grad()
-def masked_word_accuracy(model: UniterForPretraining, batch: Mapping[str, Any],
-                         word_ids: Sequence[int] | Tensor) -> float:
-    """MLM accuracy with *every* occurrence of ``word_ids`` masked at once: chapter 6's grounding probe.
-
-    Masking all the shape words of a caption ("the red [MASK] is left of the
-    blue [MASK]") leaves the image as the only place the answers are: a model
-    completes them only once its words have found their regions. The regions
-    stay intact and nothing else is masked (unlike :func:`prepare_pretraining_batch`,
-    which masks 15% at random), so the same batch gives the same probe at
-    every call and across models.
-
-    Args:
-        model: a :class:`UniterForPretraining` (evaluated in eval mode, restored after).
-        batch: ``input_ids (B, T)``, ``attention_mask (B, T)`` and the region keys, matched pairs.
-        word_ids: the token ids to mask (not special tokens), e.g. the ids of "square" and "circle".
-
-    Returns the share of masked positions whose most likely word is the original one.
-    """
-    if not isinstance(model, UniterForPretraining):
-        raise TypeError(f"model must be a UniterForPretraining (it has the MLM head), got {type(model).__name__}")
-    config = model.config
-    words = torch.as_tensor(word_ids).flatten()
-    if words.numel() == 0 or words.is_floating_point() or words.dtype == torch.bool:
-        raise ValueError(f"word_ids must be a non-empty sequence of int token ids, got {word_ids!r}")
-    bad = [int(w) for w in words if not 0 <= int(w) < config.vocab_size or int(w) in config.special_token_ids]
-    if bad:
-        raise ValueError(f"word_ids must be ids in [0, vocab_size={config.vocab_size}) that are not special tokens "
-                         f"{config.special_token_ids}, got {bad}")
-    ids, text_mask = text_inputs(batch)
-    where = torch.isin(ids, words.to(ids.device)) & text_mask                # (B, T)
-    if not where.any():
-        raise ValueError(f"no word of word_ids={words.tolist()} occurs at a real position of batch['input_ids']")
-    # The MLM task's own forward scores it: labels are the original ids at the masked words only.
-    masked = dict(batch, input_ids=ids.masked_fill(where, config.mask_token_id),
-                  mlm_labels=ids.masked_fill(~where, masking.IGNORE_INDEX))
-    device = next(model.parameters()).device
-    masked = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in masked.items()}
-    was_training = model.training
-    model.eval()
-    try:
-        return float(model(masked, "mlm")["mlm_accuracy"])
-    finally:
-        model.train(was_training)

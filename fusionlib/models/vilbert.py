@@ -38,14 +38,18 @@ The architecture
 Heads and training
 ------------------
 
-:class:`ViLBERTForPretraining` adds the three pretraining heads: masked
-language modelling tied to the word embeddings, masked region modelling as
-KL to the detector's class distribution on the *visual* stream, and
-image-text alignment by ``Linear(dropout(pooled_text * pooled_visual))``.
-:func:`pretraining_step` masks, samples negatives and sums the three losses;
-:class:`ViLBERTForVQA` answers questions from the same product;
+:class:`ViLBERTForPretraining` adds the three pretraining heads of
+:mod:`fusionlib.models.vl_base`, named as UNITER names the same tasks:
+masked language modelling tied to the word embeddings (``mlm``), masked
+region modelling as KL to the detector's class distribution on the *visual*
+stream (the paper's MRM; ``mrc_kl``), and image-text alignment by
+``Linear(dropout(pooled_text * pooled_visual))`` (``itm``).
+:func:`pretraining_step` masks, samples negatives and sums the three losses
+(returning ``loss``, ``<task>_loss``, ``mlm_accuracy`` and ``itm_accuracy``,
+the rule of :mod:`~fusionlib.models.vl_base`); :class:`ViLBERTForVQA`
+answers questions from the same product;
 :meth:`ViLBERTForPretraining.retrieval_score` and :func:`pair_scores` rank
-image-caption pairs with the alignment head. :meth:`ViLBERTForVQA.from_pretraining`
+image-caption pairs with the alignment head. :meth:`ViLBERTForVQA.from_encoder`
 starts fine-tuning from a pretrained encoder.
 
 Batch keys read (see :mod:`fusionlib.data.datasets`): ``input_ids``,
@@ -61,23 +65,23 @@ differs).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, ClassVar, Iterable, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusionlib import itm, runtime
-from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, CoAttentionLayer, TransformerLayer, masked_mean
-from fusionlib.losses import IGNORE_INDEX, itm_loss, mlm_loss, mrc_kl_loss
+from fusionlib.losses import IGNORE_INDEX
 from fusionlib.masking import apply_region_mask, mask_regions, mask_tokens, maskable_tokens
-from fusionlib.models.batch import get_tensor
-from fusionlib.models.io import ModelConfig, PretrainedModel, load_pretrained, register_model
+from fusionlib.models.batch import LOCATION_KEYS, get_tensor, region_inputs, text_inputs
+from fusionlib.models.io import ModelConfig, register_model
+from fusionlib.models.vl_base import (ITMHead, PretrainingOutput, RegionClassificationHead, TiedMLMHead,
+                                      VisionLanguageModel, VisionLanguagePretraining, encoder_of, load_encoder,
+                                      pair_scores, pretraining_losses, vqa_step)
 
 __all__ = [
     "ViLBERTConfig",
@@ -90,7 +94,6 @@ __all__ = [
     "PretrainingInputs",
     "layer_schedule",
     "prepare_pretraining_inputs",
-    "pretraining_losses",
     "pretraining_step",
     "vqa_step",
     "pair_scores",
@@ -108,7 +111,7 @@ IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)   # the [IMG] token's box: the whole im
 # raw among z-scored boxes it is one more box near the middle, and a ViLBERT trained from scratch then never
 # learned "is it on the left?" (left/top 0.49-0.52); at the origin it did (0.82 / 0.67 after 1,200 steps of 128).
 STANDARDISED_IMG_LOCATION = (0.0, 0.0, 0.0, 0.0, 0.0)
-PRETRAINING_TASKS = ("mlm", "mrm", "itm")
+PRETRAINING_TASKS = ("mlm", "mrc_kl", "itm")      # the paper's MLM, MRM (KL to the detector) and alignment
 _ALL_TASKS = (None, "train", "all", "pretrain")  # task names meaning "all three losses, summed"
 VQA_POOLINGS = ("product", "mean")
 
@@ -179,6 +182,11 @@ class ViLBERTConfig(ModelConfig):
     hard_negative_share: float = 0.0         # of the negatives, the share that are minimal edits of the caption
     hard_negative_kinds: tuple[str, ...] = itm.EDIT_KINDS  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
 
+    # What a task model may set differently from the encoder it starts from (vl_base.load_encoder).
+    task_fields: ClassVar[tuple[str, ...]] = (
+        "dropout", "attention_dropout", "classifier_dropout", "num_answers", "vqa_pooling", "initializer_range",
+        "pad_token_id", "mask_token_id", "special_token_ids")
+
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_region_classes", "region_dim", "text_hidden_size", "text_num_layers",
                      "text_num_heads", "text_ffn_size", "visual_hidden_size", "visual_num_layers",
@@ -242,6 +250,11 @@ class ViLBERTConfig(ModelConfig):
     @property
     def num_co_layers(self) -> int:
         return len(self.text_layer_ids)
+
+    @property
+    def location_key(self) -> str:
+        """The batch key of the region locations: ``region_loc5``."""
+        return LOCATION_KEYS[self.location_dim]
 
     @classmethod
     def paper_base(cls, **changes: Any) -> "ViLBERTConfig":
@@ -322,60 +335,22 @@ class _Inputs(NamedTuple):
 
 
 def _read_batch(batch: dict[str, Tensor], config: ViLBERTConfig) -> _Inputs:
-    ids, mask = get_tensor(batch, "input_ids"), get_tensor(batch, "attention_mask")
-    if ids.dim() != 2 or ids.dtype != torch.long:
-        raise _shape_error("input_ids", "long of shape (batch, seq)", ids)
+    ids, mask = text_inputs(batch)
     B, T = ids.shape
-    if mask.dtype != torch.bool or tuple(mask.shape) != (B, T):
-        raise _shape_error("attention_mask", f"bool of shape ({B}, {T}) like input_ids (True = real token)", mask)
     types = batch.get("token_type_ids")
     if types is not None and (not isinstance(types, Tensor) or tuple(types.shape) != (B, T)):
         raise ValueError(f"batch['token_type_ids'] must have shape ({B}, {T}) like input_ids")
-    feats, loc, rmask, image = (get_tensor(batch, k) for k in ("region_feats", "region_loc5", "region_mask", "image_feats"))
-    D = config.region_dim
-    if feats.dim() != 3 or feats.shape[0] != B or feats.shape[2] != D or not feats.is_floating_point():
-        raise _shape_error("region_feats", f"float of shape ({B}, regions, {D}) = (batch, regions, region_dim)", feats)
-    R = feats.shape[1]
-    if tuple(loc.shape) != (B, R, 5) or not loc.is_floating_point():
-        raise _shape_error("region_loc5", f"float of shape ({B}, {R}, 5) like region_feats", loc)
-    if rmask.dtype != torch.bool or tuple(rmask.shape) != (B, R):
-        raise _shape_error("region_mask", f"bool of shape ({B}, {R}) (True = real region)", rmask)
-    if tuple(image.shape) != (B, D) or not image.is_floating_point():
-        raise _shape_error("image_feats", f"float of shape ({B}, {D}) = (batch, region_dim), the [IMG] feature",
-                           image)
+    feats, loc, rmask = region_inputs(batch, B, config.region_dim, config.location_dim)
+    image = get_tensor(batch, "image_feats")
+    if tuple(image.shape) != (B, config.region_dim) or not image.is_floating_point():
+        raise _shape_error("image_feats", f"float of shape ({B}, {config.region_dim}) = (batch, region_dim), the "
+                           "[IMG] feature", image)
     return _Inputs(ids, mask, types, feats, loc, rmask, image)
 
 
 # ---------------------------------------------------------------------------
 # The encoder
 # ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _init_bert_weights(module: nn.Module, std: float) -> None:
-    """BERT's initialisation, as vilbert-multi-task's ``init_weights``: N(0, std) weights, zero biases."""
-    if isinstance(module, nn.Linear):
-        module.weight.normal_(0.0, std)
-        if module.bias is not None:
-            module.bias.zero_()
-    elif isinstance(module, nn.Embedding):
-        module.weight.normal_(0.0, std)
-        if module.padding_idx is not None:
-            module.weight[module.padding_idx].zero_()
-    elif isinstance(module, nn.LayerNorm):
-        module.weight.fill_(1.0)
-        module.bias.zero_()
-    elif isinstance(module, MultiHeadAttention):
-        # Its input projections are raw Parameters (out_proj is an nn.Linear, handled above).
-        names = ("in_proj_weight",) if module.packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-        for name in names:
-            getattr(module, name).normal_(0.0, std)
-        if module.in_proj_bias is not None:
-            module.in_proj_bias.zero_()
-
-
-def _init_weights(root: nn.Module, config: ViLBERTConfig) -> None:
-    root.apply(functools.partial(_init_bert_weights, std=config.initializer_range))
 
 
 class ViLBERTAttentions(NamedTuple):
@@ -411,7 +386,7 @@ class ViLBERTOutput(NamedTuple):
 
 
 @register_model("vilbert")
-class ViLBERT(PretrainedModel):
+class ViLBERT(VisionLanguageModel):
     """The two-stream encoder (chapter 5). ``forward(batch, need_weights=False) ->`` :class:`ViLBERTOutput`.
 
     ``self.schedule`` is :func:`layer_schedule` of the config, and ``forward``
@@ -421,6 +396,7 @@ class ViLBERT(PretrainedModel):
     """
 
     config_class = ViLBERTConfig
+    encoder_attr = "vilbert"
 
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
@@ -445,7 +421,7 @@ class ViLBERT(PretrainedModel):
         self.visual_pooler = nn.Sequential(nn.Linear(c.visual_hidden_size, c.bi_hidden_size), nn.ReLU())
         self.schedule = layer_schedule(c)
         self.register_buffer("img_location", torch.tensor(c.img_location, dtype=torch.float32), persistent=False)
-        _init_weights(self, c)
+        self.init_weights()
 
     def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False) -> ViLBERTOutput:
         x = _read_batch(batch, self.config)
@@ -503,105 +479,54 @@ class ViLBERT(PretrainedModel):
         return x
 
 
-def _encoder_of(model: nn.Module) -> ViLBERT:
-    model = getattr(model, "_orig_mod", model)           # a torch.compile'd module
-    if isinstance(model, ViLBERT):
-        return model
-    encoder = getattr(model, "vilbert", None)
-    if not isinstance(encoder, ViLBERT):
-        raise TypeError(f"expected a ViLBERT or a model with a .vilbert encoder, got {type(model).__name__}")
-    return encoder
-
-
 # ---------------------------------------------------------------------------
 # Pretraining heads
 # ---------------------------------------------------------------------------
 
 
-class _Transform(nn.Sequential):
-    """BERT's prediction-head transform: ``LayerNorm(GELU(Linear(h)))``."""
-
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=eps))
-
-
-class MaskedLanguageHead(nn.Module):
-    """MLM head tied to the word embeddings: ``transform(h) @ E^T + b`` (chapter 4).
-
-    ``forward(hidden (B, T, H), word_embeddings (V, H)) -> (B, T, V)``. The
-    decoder matrix *is* the embedding matrix, passed in at call time, so it
-    cannot come untied (on save, load or ``.to()``); only the bias is its own.
-    """
-
-    def __init__(self, hidden_size: int, vocab_size: int, eps: float):
-        super().__init__()
-        self.transform = _Transform(hidden_size, eps)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
-    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
-        return F.linear(self.transform(hidden), word_embeddings, self.bias)
-
-
-class MaskedRegionHead(nn.Module):
-    """MRM head on the visual stream: ``Linear(transform(h))`` -> detector-class logits (chapter 4).
-
-    ``(B, R, visual_hidden) -> (B, R, num_region_classes)``; ViLBERT's ``BertImagePredictionHead``.
-    """
-
-    def __init__(self, hidden_size: int, num_classes: int, eps: float):
-        super().__init__()
-        self.transform = _Transform(hidden_size, eps)
-        self.decoder = nn.Linear(hidden_size, num_classes)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.decoder(self.transform(hidden))
-
-
-class PretrainingOutput(NamedTuple):
-    """What :class:`ViLBERTForPretraining` returns.
-
-    ``mlm_logits (B, T, vocab)``; ``mrm_logits (B, R, num_region_classes)`` at
-    the regions (``[IMG]`` left out); ``itm_logits (B, 2)`` (class 1 = match);
-    ``encoder``: the :class:`ViLBERTOutput`.
-    """
-
-    mlm_logits: Tensor
-    mrm_logits: Tensor
-    itm_logits: Tensor
-    encoder: ViLBERTOutput
-
-
 @register_model("vilbert_pretraining")
-class ViLBERTForPretraining(PretrainedModel):
-    """ViLBERT with its three pretraining heads (chapter 5): MLM, MRM-KL and alignment (ITM).
+class ViLBERTForPretraining(VisionLanguagePretraining):
+    """ViLBERT with its three pretraining heads (chapter 5): MLM, MRC-kl (the paper's MRM) and alignment (ITM).
 
-    ``forward(batch, need_weights=False) ->`` :class:`PretrainingOutput`. The
-    alignment head is ``Linear(dropout(pooled_text * pooled_visual))``: the
-    elementwise product of ``ReLU(W_t h_[CLS])`` and ``ReLU(W_v h_[IMG])``.
-    Train it with :func:`pretraining_step`.
+    ``forward(batch, task=None, *, need_weights=False) ->``
+    :class:`~fusionlib.models.vl_base.PretrainingOutput` with ``mlm_logits``,
+    ``mrc_logits`` (at the regions, ``[IMG]`` left out) and ``itm_logits``,
+    whatever ``task`` (the three heads are cheap, and every step of the paper
+    uses all three). The alignment head is
+    ``Linear(dropout(pooled_text * pooled_visual))``: the elementwise product
+    of ``ReLU(W_t h_[CLS])`` and ``ReLU(W_v h_[IMG])``. Train it with
+    :func:`pretraining_step`.
     """
 
     config_class = ViLBERTConfig
+    encoder_class = ViLBERT
 
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
         self.vilbert = ViLBERT(config)
-        self.mlm_head = MaskedLanguageHead(config.text_hidden_size, config.vocab_size, config.layer_norm_eps)
-        self.mrm_head = MaskedRegionHead(config.visual_hidden_size, config.num_region_classes, config.layer_norm_eps)
-        self.itm_dropout = nn.Dropout(config.dropout)
-        self.itm_head = nn.Linear(config.bi_hidden_size, 2)
-        for head in (self.mlm_head, self.mrm_head, self.itm_head):
-            _init_weights(head, config)
+        self.mlm_head = TiedMLMHead(self.vilbert.text_embeddings.word_embeddings, config.layer_norm_eps,
+                                    own_bias=True)
+        self.mrc_head = RegionClassificationHead(config.visual_hidden_size, config.num_region_classes,
+                                                 config.layer_norm_eps)
+        self.itm_head = ITMHead(config.bi_hidden_size, dropout=config.dropout)
+        # Only the new heads: the encoder initialised itself, and the MLM decoder's matrix is its word table.
+        self.init_weights(self.mlm_head.transform, self.mrc_head, self.itm_head)
 
-    def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False) -> PretrainingOutput:
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        return ("region_feats", self.config.location_key, "region_mask", "image_feats")
+
+    def forward(self, batch: dict[str, Tensor], task: str | None = None, *,
+                need_weights: bool = False) -> PretrainingOutput:
         out = self.vilbert(batch, need_weights=need_weights)
-        mlm = self.mlm_head(out.text_hidden, self.vilbert.text_embeddings.word_embeddings.weight)
-        mrm = self.mrm_head(out.visual_hidden[:, 1:])                  # regions only, not [IMG]
-        return PretrainingOutput(mlm, mrm, self.alignment_logits(out), out)
+        return PretrainingOutput(mlm_logits=self.mlm_head(out.text_hidden),
+                                 mrc_logits=self.mrc_head(out.visual_hidden[:, 1:]),     # regions only, not [IMG]
+                                 itm_logits=self.itm_head(out.pooled_text * out.pooled_visual), encoder=out)
 
-    def alignment_logits(self, out: ViLBERTOutput) -> Tensor:
+    def itm_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B, 2)``: ``Linear(dropout(pooled_text * pooled_visual))``, class 1 = the pair matches."""
-        return self.itm_head(self.itm_dropout(out.pooled_text * out.pooled_visual))
+        out = self.vilbert(batch)                         # no MLM/MRC logits needed
+        return self.itm_head(out.pooled_text * out.pooled_visual)
 
     def retrieval_score(self, batch: dict[str, Tensor]) -> Tensor:
         """How well each caption matches its image: ``(batch,)``, higher = better (chapter 5).
@@ -611,8 +536,8 @@ class ViLBERTForPretraining(PretrainedModel):
         zero-shot retrieval ranks them by ``softmax(logits)[match]``, without
         saturating at 1.
         """
-        itm = self.alignment_logits(self.vilbert(batch))    # no MLM/MRM logits needed
-        return itm[:, 1] - itm[:, 0]
+        itm_logits = self.itm_logits(batch)
+        return itm_logits[:, 1] - itm_logits[:, 0]
 
 
 # ---------------------------------------------------------------------------
@@ -646,9 +571,11 @@ class PretrainingInputs(NamedTuple):
     caption_index: Tensor
 
     def batch(self, original: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``original`` with the model inputs replaced by these."""
+        """``original`` with the model inputs replaced by these and the targets added: the prepared batch
+        that the model and :func:`~fusionlib.models.vl_base.pretraining_losses` read."""
         out = dict(original, input_ids=self.input_ids, attention_mask=self.attention_mask,
-                   region_feats=self.region_feats, image_feats=self.image_feats)
+                   region_feats=self.region_feats, image_feats=self.image_feats, mlm_labels=self.mlm_labels,
+                   region_masked=self.region_masked, itm_labels=self.itm_labels)
         if self.token_type_ids is not None:
             out["token_type_ids"] = self.token_type_ids
         return out
@@ -680,7 +607,7 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
        (:func:`fusionlib.itm.draw_pairs`).
     2. **Tokens** (``"mlm"``): BERT masking of the paired caption, 15% of
        the non-special tokens, 80/10/10 (:func:`fusionlib.masking.mask_tokens`).
-    3. **Regions** (``"mrm"``): each real region with p = 0.15; 90% of those
+    3. **Regions** (``"mrc_kl"``): each real region with p = 0.15; 90% of those
        zeroed, 10% kept (:func:`fusionlib.masking.mask_regions`). ``[IMG]``
        is never masked; its feature is recomputed as the mean of the masked
        real features, as ViLBERT's loader computes it after masking (the
@@ -698,7 +625,7 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
     x = _read_batch(batch, config)
     B, T = x.input_ids.shape
     device = x.input_ids.device
-    if "mrm" in tasks:
+    if "mrc_kl" in tasks:
         soft = get_tensor(batch, "region_soft_labels")
         expected = (B, x.region_feats.shape[1], config.num_region_classes)
         if tuple(soft.shape) != expected:
@@ -739,7 +666,7 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
         mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
 
     # 3. Regions.
-    if "mrm" in tasks:
+    if "mrc_kl" in tasks:
         regions = mask_regions(x.region_mask, generator, probability=region_probability,
                                zero_fraction=region_zero_fraction)
         region_feats = apply_region_mask(x.region_feats, regions.zeroed)
@@ -752,27 +679,6 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
                              region_masked, itm_labels, caption_index)
 
 
-def pretraining_losses(output: PretrainingOutput, inputs: PretrainingInputs, region_soft_labels: Tensor | None,
-                       tasks: Sequence[str] = PRETRAINING_TASKS) -> dict[str, Tensor]:
-    """The losses named in ``tasks`` (chapter 4): ``mlm`` (cross-entropy at masked tokens), ``mrm`` (KL
-    from the detector's distribution ``region_soft_labels (B, R, C)`` at masked regions) and ``itm``
-    (2-way cross-entropy) with ``itm_acc``. Each is a mean over what it scores, and 0 with a gradient
-    when nothing is scored (e.g. every pair in the batch mismatched)."""
-    out: dict[str, Tensor] = {}
-    if "mlm" in tasks:
-        out["mlm"] = mlm_loss(output.mlm_logits, inputs.mlm_labels)
-    if "mrm" in tasks:
-        if region_soft_labels is None:
-            raise ValueError("the mrm loss needs region_soft_labels (batch, regions, num_region_classes)")
-        out["mrm"] = mrc_kl_loss(output.mrm_logits, region_soft_labels, inputs.region_masked)
-    if "itm" in tasks:
-        out["itm"] = itm_loss(output.itm_logits, inputs.itm_labels)
-        scored = inputs.itm_labels != IGNORE_INDEX
-        correct = (output.itm_logits.argmax(dim=-1) == inputs.itm_labels) & scored
-        out["itm_acc"] = correct.sum() / scored.sum().clamp(min=1)
-    return out
-
-
 def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | None = None, *,
                      generator: torch.Generator | None = None, itm_probability: float = 0.5,
                      token_probability: float = 0.15, region_probability: float = 0.15,
@@ -780,34 +686,32 @@ def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | Non
     """One ViLBERT pretraining step, a ``step_fn`` for :func:`fusionlib.train.train` (chapter 5).
 
     ``task``: ``None`` / ``"train"`` (train's default task name) / ``"all"``
-    -> ``loss = mlm + mrm + itm``, equal weights, as ViLBERT; ``"mlm"``,
-    ``"mrm"`` or ``"itm"`` -> that loss alone, with only its own corruption
-    (``"itm"`` alone sees unmasked inputs: retrieval fine-tuning).
+    -> ``loss = mlm_loss + mrc_kl_loss + itm_loss``, equal weights, as ViLBERT;
+    ``"mlm"``, ``"mrc_kl"`` or ``"itm"`` -> that loss alone, with only its own
+    corruption (``"itm"`` alone sees unmasked inputs: retrieval fine-tuning).
     ``generator``: the CPU ``torch.Generator`` for every draw; by default one
     is seeded from the global generator (see :func:`fusionlib.runtime.step_generator`), so
     runs under :func:`fusionlib.train.train` are reproducible and resumable.
 
-    Returns ``{"loss", "mlm", "mrm", "itm", "itm_acc"}`` (the losses that the
-    task uses; metrics detached).
+    Returns ``{"loss", "<task>_loss", "mlm_accuracy", "itm_accuracy"}`` for the
+    tasks of the step, computed by :func:`~fusionlib.models.vl_base.pretraining_losses`
+    (every entry but ``loss`` detached).
     """
     tasks = _tasks(task)
-    config = _encoder_of(model).config
+    config = encoder_of(model, ViLBERT).config
     inputs = prepare_pretraining_inputs(batch, config, runtime.step_generator(generator), tasks, itm_probability,
                                         token_probability, region_probability, region_zero_fraction)
-    output = model(inputs.batch(batch))
-    losses = pretraining_losses(output, inputs, batch.get("region_soft_labels"), tasks)
-    result: dict[str, Tensor] = {"loss": sum(losses[t] for t in tasks)}
-    result.update({k: v.detach() for k, v in losses.items()})
-    return result
+    prepared = inputs.batch(batch)
+    return pretraining_losses(model(prepared), prepared, tasks)
 
 
 # ---------------------------------------------------------------------------
-# Downstream: VQA and retrieval
+# Downstream: VQA (retrieval: vl_base.pair_scores)
 # ---------------------------------------------------------------------------
 
 
 @register_model("vilbert_vqa")
-class ViLBERTForVQA(PretrainedModel):
+class ViLBERTForVQA(VisionLanguageModel):
     """ViLBERT answering questions (chapter 5): ``forward(batch, need_weights=False) -> logits (B, num_answers)``.
 
     As vilbert-multi-task's ``VILBertForVLTasks``: the product of the pooled
@@ -818,10 +722,12 @@ class ViLBERTForVQA(PretrainedModel):
     real words' final states ``(B, text_hidden)`` instead of the product
     (chapter 3's pooling; chapter 6 compares the models with it).
     With ``need_weights=True`` returns ``(logits, ViLBERTAttentions)``.
-    Start from pretraining with :meth:`from_pretraining`.
+    Start from pretraining with :meth:`from_encoder` (``num_answers=...``);
+    train with :func:`~fusionlib.models.vl_base.vqa_step`.
     """
 
     config_class = ViLBERTConfig
+    encoder_class = ViLBERT
 
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
@@ -834,7 +740,7 @@ class ViLBERTForVQA(PretrainedModel):
         width = config.text_hidden_size if config.vqa_pooling == "mean" else B
         self.classifier = nn.Sequential(nn.Linear(width, 2 * B), nn.ReLU(), nn.Dropout(config.classifier_dropout),
                                         nn.Linear(2 * B, config.num_answers))
-        _init_weights(self.classifier, config)
+        self.init_weights(self.classifier)
 
     def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False
                 ) -> Tensor | tuple[Tensor, ViLBERTAttentions]:
@@ -846,102 +752,10 @@ class ViLBERTForVQA(PretrainedModel):
         logits = self.classifier(self.dropout(pooled))
         return (logits, out.attentions) if need_weights else logits
 
-    @classmethod
-    def from_pretraining(cls, source: nn.Module | str | os.PathLike, num_answers: int,
-                         **config_changes: Any) -> "ViLBERTForVQA":
-        """A VQA model whose encoder is ``source``'s (a pretrained model, its encoder, or a saved folder).
-
-        The classifier starts fresh. ``config_changes`` may change what does
-        not shape the weights (``dropout``, ``classifier_dropout``...).
-        """
-        encoder = _source_encoder(source)
-        model = cls(encoder.config.replace(num_answers=num_answers, **config_changes))
-        load_encoder(model, encoder)
-        return model
-
-
-def vqa_step(model: nn.Module, batch: dict[str, Tensor], task: str | None = None) -> dict[str, Tensor]:
-    """A ``step_fn`` for VQA fine-tuning: cross-entropy over the answers, and the batch accuracy."""
-    logits = model(batch)
-    answer = get_tensor(batch, "answer")
-    if tuple(answer.shape) != (logits.shape[0],) or answer.dtype != torch.long:
-        raise _shape_error("answer", f"long of shape ({logits.shape[0]},)", answer)
-    loss = F.cross_entropy(logits, answer)
-    return {"loss": loss, "accuracy": (logits.detach().argmax(dim=-1) == answer).float().mean()}
-
-
-IMAGE_KEYS = ("region_feats", "region_loc5", "region_mask", "image_feats")
-TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-@torch.no_grad()
-def pair_scores(model: ViLBERTForPretraining, images: dict[str, Tensor], texts: dict[str, Tensor],
-                batch_size: int = 256) -> Tensor:
-    """Alignment scores of every (image, caption) pair: ``(N_images, N_texts)`` (chapter 5).
-
-    ``images``: ``region_feats (Ni, R, D)``, ``region_loc5``, ``region_mask``,
-    ``image_feats``; ``texts``: ``input_ids (Nt, T)``, ``attention_mask``.
-    Every pair goes through the whole model (co-attention makes each pair's
-    encoding its own), ``batch_size`` pairs at a time, in eval mode; the score
-    is :meth:`ViLBERTForPretraining.retrieval_score`. Feed the matrix to
-    :func:`fusionlib.metrics.image_text_recall`.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    scorer = getattr(model, "_orig_mod", model)
-    if not isinstance(scorer, ViLBERTForPretraining):
-        raise TypeError(f"model must be a ViLBERTForPretraining (its alignment head scores pairs), "
-                        f"got {type(scorer).__name__}")
-    for name, d, keys in (("images", images, IMAGE_KEYS), ("texts", texts, TEXT_KEYS)):
-        for key in keys:
-            get_tensor(d, key, what=name)
-    ni, nt = images["region_feats"].shape[0], texts["input_ids"].shape[0]
-    device = next(scorer.parameters()).device
-    was_training = scorer.training
-    scorer.eval()
-    scores = torch.empty(ni * nt, device=device)
-    try:
-        for start in range(0, ni * nt, batch_size):
-            pairs = torch.arange(start, min(start + batch_size, ni * nt))
-            i, j = pairs // nt, pairs % nt
-            batch = {k: images[k][i].to(device) for k in IMAGE_KEYS}
-            batch.update({k: texts[k][j].to(device) for k in TEXT_KEYS})
-            scores[start:start + len(pairs)] = scorer.retrieval_score(batch).float()
-    finally:
-        scorer.train(was_training)
-    return scores.view(ni, nt)
-
 
 # ---------------------------------------------------------------------------
-# Moving weights: pretrained encoder -> downstream model; BERT -> text stream
+# Moving weights: BERT -> text stream
 # ---------------------------------------------------------------------------
-
-
-def _source_encoder(source: nn.Module | str | os.PathLike) -> ViLBERT:
-    if isinstance(source, (str, os.PathLike)):
-        source = load_pretrained(source)
-    return _encoder_of(source)
-
-
-def load_encoder(model: nn.Module, source: nn.Module | str | os.PathLike) -> nn.Module:
-    """Copy the ViLBERT encoder of ``source`` (a model, its ``.vilbert``, or a folder written by
-    ``save_pretrained``) into ``model``'s encoder; heads are left alone. Returns ``model``.
-
-    Raises ``ValueError`` naming the config fields that differ when the two
-    encoders are not the same architecture.
-    """
-    target, src = _encoder_of(model), _source_encoder(source)
-    shape_fields = [f.name for f in dataclasses.fields(ViLBERTConfig)
-                    if f.name not in ("dropout", "attention_dropout", "classifier_dropout", "num_answers",
-                                      "vqa_pooling", "initializer_range", "pad_token_id", "mask_token_id",
-                                      "special_token_ids")]
-    differ = {f: (getattr(src.config, f), getattr(target.config, f)) for f in shape_fields
-              if getattr(src.config, f) != getattr(target.config, f)}
-    if differ:
-        raise ValueError(f"the source encoder's config differs from the model's in {sorted(differ)}: "
-                         + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items())))
-    target.load_state_dict(src.state_dict(), strict=True)
-    return model
 
 
 def _bert_name_map(num_layers: int) -> dict[str, str | tuple[str, str, str]]:
@@ -990,7 +804,7 @@ def load_text_stream_from_bert(model: nn.Module, path: str | os.PathLike) -> lis
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
-    encoder = _encoder_of(model)
+    encoder = encoder_of(model, ViLBERT)
     c = encoder.config
     # Quiet: the pooler we do not load would be reported as "unexpected" at every call.
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

@@ -88,7 +88,7 @@ def finetune_and_retrieve(model: uniter.UniterForPretraining, args: argparse.Nam
     test = TensorBatches(QuestionDataset(scenes["test"], feats["test"], tok, answers))
     for data in (low_label, test):
         data.standardise(stats)
-    vqa = uniter.UniterForVQA.from_pretrained_encoder(model, len(answers), vqa_pooling="mean")
+    vqa = uniter.UniterForVQA.from_encoder(model, num_answers=len(answers), vqa_pooling="mean")
     steps = args.finetune_steps
     config = TrainConfig(steps=steps, lr=args.lr, warmup_steps=steps // 10, betas=(0.9, 0.98), grad_clip=5.0,
                          seed=args.seed, amp=False)
@@ -98,7 +98,7 @@ def finetune_and_retrieve(model: uniter.UniterForPretraining, args: argparse.Nam
     scores = evaluate_vqa(vqa, make_tensor_loader(test, 1024, shuffle=False))
     retrieval_scenes = scenes["test"][: args.retrieval_images]
     ret = retrieval_set(retrieval_scenes, feats["test"], tok, stats)
-    similarity = uniter.itm_similarity(model, ret.images, ret.captions, batch_size=512)   # (N_i, N_c)
+    similarity = uniter.pair_scores(model, ret.images, ret.captions, batch_size=512)   # (N_i, N_c)
     return {"vqa": {k: scores[k] for k in ("accuracy", "relational_accuracy", "non_relational_accuracy")},
             "test_questions": len(test), "low_label_questions": len(low_label),
             "retrieval": image_text_recall(similarity, ret.caption_image),
