@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 
-def _check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
-                            dropout_p: float) -> None:
+def _check_attention_inputs(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float
+) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -50,32 +51,48 @@ def _check_attention_inputs(query: Tensor, key: Tensor, value: Tensor, attn_mask
         if t.dtype != query.dtype:
             raise ValueError(f"{name} dtype must match query dtype {query.dtype}, got {t.dtype}")
         if t.device != query.device:
-            raise ValueError(f"{name} device must match query device {query.device}, got {t.device}")
+            raise ValueError(
+                f"{name} device must match query device {query.device}, got {t.device}"
+            )
     batch = tuple(query.shape[:-2])
     if tuple(key.shape[:-2]) != batch:
-        raise ValueError(f"key must have shape ({', '.join(map(str, batch))}, S, {query.shape[-1]}) "
-                         f"to match query {tuple(query.shape)}, got {tuple(key.shape)}")
+        raise ValueError(
+            f"key must have shape ({', '.join(map(str, batch))}, S, {query.shape[-1]}) "
+            f"to match query {tuple(query.shape)}, got {tuple(key.shape)}"
+        )
     if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key's last dim must equal query's ({query.shape[-1]}), got key shape {tuple(key.shape)}")
+        raise ValueError(
+            f"key's last dim must equal query's ({query.shape[-1]}), got key shape {tuple(key.shape)}"
+        )
     if tuple(value.shape[:-2]) != batch or value.shape[-2] != key.shape[-2]:
         expected = (*batch, key.shape[-2], "Ev")
-        raise ValueError(f"value must have shape {expected} to match query/key, got {tuple(value.shape)}")
+        raise ValueError(
+            f"value must have shape {expected} to match query/key, got {tuple(value.shape)}"
+        )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+            raise TypeError(
+                f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
+            )
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise ValueError(f"attn_mask must be bool or the query dtype {query.dtype}, got {attn_mask.dtype}")
+            raise ValueError(
+                f"attn_mask must be bool or the query dtype {query.dtype}, got {attn_mask.dtype}"
+            )
         if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask device must match query device {query.device}, got {attn_mask.device}")
+            raise ValueError(
+                f"attn_mask device must match query device {query.device}, got {attn_mask.device}"
+            )
         target = (*batch, query.shape[-2], key.shape[-2])
         try:
             broadcast = torch.broadcast_shapes(tuple(attn_mask.shape), target)
         except RuntimeError:
             broadcast = None
         if broadcast != target:
-            raise ValueError(f"attn_mask must broadcast to (..., L, S) = {target}, got {tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must broadcast to (..., L, S) = {target}, got {tuple(attn_mask.shape)}"
+            )
 
 
 def scaled_dot_product_attention(
@@ -112,7 +129,7 @@ def scaled_dot_product_attention(
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
 
-    scores = (query @ key.transpose(-2, -1)) * scale            # (..., L, S)
+    scores = (query @ key.transpose(-2, -1)) * scale  # (..., L, S)
     if is_causal:
         scores = scores.masked_fill(~causal_mask(L, S, device=query.device), float("-inf"))
     if attn_mask is not None:
@@ -151,7 +168,9 @@ def padding_mask(lengths: Tensor, max_len: int | None = None) -> Tensor:
 def from_torch_mask(mask: Tensor) -> Tensor:
     """Turn a :class:`nn.MultiheadAttention` boolean mask (True = blocked) into ours (True = allowed)."""
     if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool to convert, got {mask.dtype}; float masks mean the same in both")
+        raise ValueError(
+            f"mask must be bool to convert, got {mask.dtype}; float masks mean the same in both"
+        )
     return ~mask
 
 
@@ -175,13 +194,24 @@ class MultiHeadAttention(nn.Module):
         Returns ``(output (B, L, E), weights (B, H, L, S) or None)``.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 kdim: int | None = None, vdim: int | None = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+    ):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}")
+            raise ValueError(
+                f"embed_dim and num_heads must be positive, got {embed_dim}, {num_heads}"
+            )
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
@@ -213,74 +243,99 @@ class MultiHeadAttention(nn.Module):
     def _projections(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool):
         E = self.embed_dim
         b = self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:2 * E], b[2 * E:])
+        bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E : 2 * E], b[2 * E :])
         if self.packed:
             if self_attention:
                 return F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)
             w = self.in_proj_weight
-            wq, wk, wv = w[:E], w[E:2 * E], w[2 * E:]
+            wq, wk, wv = w[:E], w[E : 2 * E], w[2 * E :]
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
 
     def _split_heads(self, x: Tensor) -> Tensor:
-        B, N, _ = x.shape                                           # (B, N, E)
+        B, N, _ = x.shape  # (B, N, E)
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, Dh)
 
-    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None, *,
-                key_mask: Tensor | None = None, attn_mask: Tensor | None = None,
-                is_causal: bool = False, need_weights: bool = False,
-                average_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        key_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+        average_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         self_attention = key is None and value is None
         if self_attention:
             key = value = query
         elif key is None or value is None:
-            raise ValueError("pass both key and value for cross-attention, or neither for self-attention")
+            raise ValueError(
+                "pass both key and value for cross-attention, or neither for self-attention"
+            )
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must have shape (batch, L, {self.embed_dim}), got {tuple(query.shape)}")
+            raise ValueError(
+                f"query must have shape (batch, L, {self.embed_dim}), got {tuple(query.shape)}"
+            )
         B, L, _ = query.shape
         if key.dim() != 3 or key.shape[0] != B or key.shape[-1] != self.kdim:
             raise ValueError(f"key must have shape ({B}, S, {self.kdim}), got {tuple(key.shape)}")
         S = key.shape[1]
         if value.dim() != 3 or tuple(value.shape[:2]) != (B, S) or value.shape[-1] != self.vdim:
-            raise ValueError(f"value must have shape ({B}, {S}, {self.vdim}), got {tuple(value.shape)}")
+            raise ValueError(
+                f"value must have shape ({B}, {S}, {self.vdim}), got {tuple(value.shape)}"
+            )
 
         mask = self._combine_masks(key_mask, attn_mask, B, L, S, query)
-        q, k, v = (self._split_heads(t) for t in self._projections(query, key, value, self_attention))
+        q, k, v = (
+            self._split_heads(t) for t in self._projections(query, key, value, self_attention)
+        )
         p = self.dropout if self.training else 0.0
 
         if need_weights:
-            out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p=p, is_causal=is_causal)
+            out, weights = scaled_dot_product_attention(
+                q, k, v, mask, dropout_p=p, is_causal=is_causal
+            )
         else:
             # The fused kernel (flash / memory-efficient / math, picked by PyTorch).
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal
+            )
             weights = None
-        out = out.transpose(1, 2).reshape(B, L, self.embed_dim)       # merge heads: (B, L, E)
+        out = out.transpose(1, 2).reshape(B, L, self.embed_dim)  # merge heads: (B, L, E)
         if weights is not None and average_weights:
-            weights = weights.mean(dim=1)                              # (B, L, S)
+            weights = weights.mean(dim=1)  # (B, L, S)
         return self.out_proj(out), weights
 
     @staticmethod
-    def _combine_masks(key_mask: Tensor | None, attn_mask: Tensor | None, B: int, L: int, S: int,
-                       query: Tensor) -> Tensor | None:
+    def _combine_masks(
+        key_mask: Tensor | None, attn_mask: Tensor | None, B: int, L: int, S: int, query: Tensor
+    ) -> Tensor | None:
         if key_mask is not None:
             if key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, S):
-                raise ValueError(f"key_mask must be bool of shape ({B}, {S}) with True at real keys, "
-                                 f"got {key_mask.dtype} {tuple(key_mask.shape)}")
-            key_mask = key_mask[:, None, None, :]                      # (B, 1, 1, S)
+                raise ValueError(
+                    f"key_mask must be bool of shape ({B}, {S}) with True at real keys, "
+                    f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+                )
+            key_mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
         if attn_mask is None:
             return key_mask
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             raise ValueError(f"attn_mask must be bool or {query.dtype}, got {attn_mask.dtype}")
-        if attn_mask.dim() == 3:                                       # (B, L, S): one mask per sample
+        if attn_mask.dim() == 3:  # (B, L, S): one mask per sample
             attn_mask = attn_mask[:, None]
         try:
             ok = torch.broadcast_shapes(tuple(attn_mask.shape), (B, 1, L, S))[-2:] == (L, S)
         except RuntimeError:
             ok = False
         if not ok or attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask must broadcast to (B, H, L, S) = ({B}, H, {L}, {S}), "
-                             f"got {tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must broadcast to (B, H, L, S) = ({B}, H, {L}, {S}), "
+                f"got {tuple(attn_mask.shape)}"
+            )
         if key_mask is None:
             return attn_mask
         if attn_mask.dtype == torch.bool:
@@ -291,10 +346,18 @@ class MultiHeadAttention(nn.Module):
     def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
         """A copy of a ``batch_first`` :class:`nn.MultiheadAttention` with identical weights."""
         if not mha.batch_first:
-            raise ValueError("from_torch expects nn.MultiheadAttention(batch_first=True); "
-                             "batch_first=False reads (seq, batch, dim)")
-        ours = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                   kdim=mha.kdim, vdim=mha.vdim)
+            raise ValueError(
+                "from_torch expects nn.MultiheadAttention(batch_first=True); "
+                "batch_first=False reads (seq, batch, dim)"
+            )
+        ours = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+        )
         with torch.no_grad():
             if ours.packed:
                 ours.in_proj_weight.copy_(mha.in_proj_weight)
@@ -308,5 +371,7 @@ class MultiHeadAttention(nn.Module):
         return ours.to(mha.out_proj.weight.device, mha.out_proj.weight.dtype)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, "
-                f"vdim={self.vdim}, dropout={self.dropout}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, kdim={self.kdim}, "
+            f"vdim={self.vdim}, dropout={self.dropout}"
+        )

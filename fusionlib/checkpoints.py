@@ -112,10 +112,12 @@ def _canonical(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_canonical(v) for v in obj]
     if isinstance(obj, float) and obj.is_integer():
-        return obj                      # json keeps 1.0 distinct from 1; so do we
+        return obj  # json keeps 1.0 distinct from 1; so do we
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"a checkpoint spec may hold only JSON values and dataclasses, got {type(obj).__name__}: {obj!r}")
+    raise TypeError(
+        f"a checkpoint spec may hold only JSON values and dataclasses, got {type(obj).__name__}: {obj!r}"
+    )
 
 
 def fingerprint(spec: Mapping[str, Any]) -> str:
@@ -130,20 +132,20 @@ def fingerprint(spec: Mapping[str, Any]) -> str:
 class CheckpointRecord:
     """One line of the manifest: what a checkpoint is, how it was trained and what it scores."""
 
-    name: str                      # "ch03/cross_attention": also its folder under the root
-    chapter: str                   # "03_cross_attention_fusion"
-    recipe: str                    # "smoke" | "small" | "full"
-    fingerprint: str               # fingerprint(spec)
-    spec: dict[str, Any]           # model class and config, code version, data, train config, batch, seed
+    name: str  # "ch03/cross_attention": also its folder under the root
+    chapter: str  # "03_cross_attention_fusion"
+    recipe: str  # "smoke" | "small" | "full"
+    fingerprint: str  # fingerprint(spec)
+    spec: dict[str, Any]  # model class and config, code version, data, train config, batch, seed
     steps: int
     batch_size: int
-    device: str                    # "cpu (2 threads)" or the GPU's name
+    device: str  # "cpu (2 threads)" or the GPU's name
     torch: str
-    wall_seconds: float            # training only
-    commit: str                    # the repository's commit when it was trained ("unknown" outside git)
-    metrics: dict[str, Any]        # measured from the stored weights
-    sha256: str                    # of model.safetensors
-    dtype: str                     # how the weights are stored
+    wall_seconds: float  # training only
+    commit: str  # the repository's commit when it was trained ("unknown" outside git)
+    metrics: dict[str, Any]  # measured from the stored weights
+    sha256: str  # of model.safetensors
+    dtype: str  # how the weights are stored
     date: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +156,9 @@ class CheckpointRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         missing = names - set(d)
         if missing:
-            raise ValueError(f"checkpoint record {d.get('name', '?')!r} lacks fields {sorted(missing)}")
+            raise ValueError(
+                f"checkpoint record {d.get('name', '?')!r} lacks fields {sorted(missing)}"
+            )
         return cls(**{k: d[k] for k in names})
 
 
@@ -167,18 +171,25 @@ def read_manifest(root: str | os.PathLike | None = None) -> dict[str, Checkpoint
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     if data.get("format_version") != MANIFEST_VERSION:
-        raise ValueError(f"{path} has format_version {data.get('format_version')!r}, expected {MANIFEST_VERSION}")
+        raise ValueError(
+            f"{path} has format_version {data.get('format_version')!r}, expected {MANIFEST_VERSION}"
+        )
     return {name: CheckpointRecord.from_dict(r) for name, r in data["checkpoints"].items()}
 
 
 def _write_manifest(records: Mapping[str, CheckpointRecord], root: str) -> None:
-    atomic_write_json(os.path.join(root, MANIFEST_NAME),
-                      {"format_version": MANIFEST_VERSION,
-                       "checkpoints": {name: records[name].to_dict() for name in sorted(records)}})
+    atomic_write_json(
+        os.path.join(root, MANIFEST_NAME),
+        {
+            "format_version": MANIFEST_VERSION,
+            "checkpoints": {name: records[name].to_dict() for name in sorted(records)},
+        },
+    )
 
 
-def find_checkpoint(name: str, spec: Mapping[str, Any],
-                    roots: tuple[str, ...] | None = None) -> tuple[CheckpointRecord, str] | None:
+def find_checkpoint(
+    name: str, spec: Mapping[str, Any], roots: tuple[str, ...] | None = None
+) -> tuple[CheckpointRecord, str] | None:
     """The record and root of a checkpoint called ``name`` whose fingerprint is ``fingerprint(spec)``, or None.
 
     ``roots`` defaults to the committed folder, then the cache.
@@ -193,8 +204,13 @@ def find_checkpoint(name: str, spec: Mapping[str, Any],
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=runtime.repo_root(),
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=runtime.repo_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -207,11 +223,22 @@ def _device_label(device: torch.device) -> str:
     return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
 
 
-def save_checkpoint(model: nn.Module, *, name: str, chapter: str, recipe: str, spec: Mapping[str, Any],
-                    steps: int, batch_size: int, device: torch.device | str, wall_seconds: float,
-                    history: Mapping[str, Any] | None = None,
-                    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None,
-                    dtype: str = "float16", root: str | os.PathLike | None = None) -> CheckpointRecord:
+def save_checkpoint(
+    model: nn.Module,
+    *,
+    name: str,
+    chapter: str,
+    recipe: str,
+    spec: Mapping[str, Any],
+    steps: int,
+    batch_size: int,
+    device: torch.device | str,
+    wall_seconds: float,
+    history: Mapping[str, Any] | None = None,
+    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+    dtype: str = "float16",
+    root: str | os.PathLike | None = None,
+) -> CheckpointRecord:
     """Store ``model`` (a :class:`fusionlib.models.PretrainedModel`) under ``<root>/<name>`` and record it.
 
     The weights are cast to ``dtype`` for storage; ``evaluate(model)`` is then
@@ -219,7 +246,9 @@ def save_checkpoint(model: nn.Module, *, name: str, chapter: str, recipe: str, s
     reader loads. Refuses to replace a checkpoint of a larger recipe.
     """
     if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"model must be a fusionlib PretrainedModel (with save_pretrained), got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a fusionlib PretrainedModel (with save_pretrained), got {type(model).__name__}"
+        )
     recipe_rank(recipe)
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
@@ -229,8 +258,10 @@ def save_checkpoint(model: nn.Module, *, name: str, chapter: str, recipe: str, s
     records = read_manifest(root)
     old = records.get(name)
     if old is not None and recipe_rank(old.recipe) > recipe_rank(recipe):
-        raise ValueError(f"{root}/{name} holds the {old.recipe!r} recipe's checkpoint; a {recipe!r} run may not "
-                         "replace it (write it to another root)")
+        raise ValueError(
+            f"{root}/{name} holds the {old.recipe!r} recipe's checkpoint; a {recipe!r} run may not "
+            "replace it (write it to another root)"
+        )
     stored = copy.deepcopy(model).to("cpu", dtype=STORAGE_DTYPES[dtype])
 
     def write(folder: str) -> None:
@@ -243,13 +274,23 @@ def save_checkpoint(model: nn.Module, *, name: str, chapter: str, recipe: str, s
     metrics = dict(evaluate(reloaded)) if evaluate is not None else {}
     device = torch.device(device)
     record = CheckpointRecord(
-        name=name, chapter=chapter, recipe=recipe, fingerprint=fingerprint(spec), spec=_canonical(spec),
-        steps=int(steps), batch_size=int(batch_size), device=_device_label(device), torch=torch.__version__,
-        wall_seconds=round(float(wall_seconds), 1), commit=_git_commit(),
+        name=name,
+        chapter=chapter,
+        recipe=recipe,
+        fingerprint=fingerprint(spec),
+        spec=_canonical(spec),
+        steps=int(steps),
+        batch_size=int(batch_size),
+        device=_device_label(device),
+        torch=torch.__version__,
+        wall_seconds=round(float(wall_seconds), 1),
+        commit=_git_commit(),
         metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
-        sha256=sha256_file(os.path.join(folder, "model.safetensors")), dtype=dtype,
-        date=time.strftime("%Y-%m-%d"))
-    records = read_manifest(root)            # re-read: another process may have added its own record
+        sha256=sha256_file(os.path.join(folder, "model.safetensors")),
+        dtype=dtype,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    records = read_manifest(root)  # re-read: another process may have added its own record
     records[name] = record
     _write_manifest(records, root)
     return record
@@ -262,13 +303,16 @@ def _load_weights_dir(folder: str) -> nn.Module:
     return model.float().eval()
 
 
-def load_checkpoint(name: str, root: str | os.PathLike | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointRecord, dict | None]:
+def load_checkpoint(
+    name: str, root: str | os.PathLike | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointRecord, dict | None]:
     """``(model in float32, record, history or None)`` for checkpoint ``name``; the sha256 is checked first."""
     root = os.fspath(root) if root is not None else checkpoint_root()
     records = read_manifest(root)
     if name not in records:
-        raise KeyError(f"no checkpoint {name!r} in {root}/{MANIFEST_NAME}; it has {sorted(records)}")
+        raise KeyError(
+            f"no checkpoint {name!r} in {root}/{MANIFEST_NAME}; it has {sorted(records)}"
+        )
     record = records[name]
     folder = os.path.join(root, name)
     weights = os.path.join(folder, "model.safetensors")
@@ -276,8 +320,10 @@ def load_checkpoint(name: str, root: str | os.PathLike | None = None,
         raise FileNotFoundError(f"{weights} is missing (the manifest lists {name!r})")
     digest = sha256_file(weights)
     if digest != record.sha256:
-        raise ValueError(f"{weights} has sha256 {digest}, the manifest records {record.sha256}: "
-                         "the file is corrupt or was replaced without updating the manifest")
+        raise ValueError(
+            f"{weights} has sha256 {digest}, the manifest records {record.sha256}: "
+            "the file is corrupt or was replaced without updating the manifest"
+        )
     model = _load_weights_dir(folder).to(map_location)
     history = None
     if os.path.isfile(os.path.join(folder, HISTORY_NAME)):
@@ -288,13 +334,19 @@ def load_checkpoint(name: str, root: str | os.PathLike | None = None,
 
 def describe(record: CheckpointRecord, headline: str | None = None) -> str:
     """'trained with the full recipe on <device> in 8.1 min, test relational 93.6%' for a record."""
-    text = (f"trained with the {record.recipe} recipe on {record.device} in "
-            f"{runtime.format_seconds(record.wall_seconds)} ({record.steps:,} steps x {record.batch_size})")
+    text = (
+        f"trained with the {record.recipe} recipe on {record.device} in "
+        f"{runtime.format_seconds(record.wall_seconds)} ({record.steps:,} steps x {record.batch_size})"
+    )
     if headline is not None:
         if headline not in record.metrics:
-            raise KeyError(f"headline {headline!r} is not among the recorded metrics {sorted(record.metrics)}")
+            raise KeyError(
+                f"headline {headline!r} is not among the recorded metrics {sorted(record.metrics)}"
+            )
         value = record.metrics[headline]
-        shown = f"{100 * value:.1f}%" if isinstance(value, float) and 0 <= value <= 1 else f"{value}"
+        shown = (
+            f"{100 * value:.1f}%" if isinstance(value, float) and 0 <= value <= 1 else f"{value}"
+        )
         text += f", test {headline.replace('_', ' ')} {shown}"
     return text
 
@@ -304,17 +356,25 @@ class Obtained:
     """What :func:`train_or_load` returns: the model and how it came to be."""
 
     model: nn.Module
-    record: CheckpointRecord           # for a model trained here, the record written to the cache
-    history: dict[str, Any] | None     # History.to_dict() of its training
-    loaded: bool                       # True: read from disk; False: trained in this call
-    root: str                          # where the checkpoint lives
+    record: CheckpointRecord  # for a model trained here, the record written to the cache
+    history: dict[str, Any] | None  # History.to_dict() of its training
+    loaded: bool  # True: read from disk; False: trained in this call
+    root: str  # where the checkpoint lives
 
 
-def train_or_load(name: str, *, chapter: str, specs: Mapping[str, Mapping[str, Any]], train_recipe: str,
-                  train: Callable[[], tuple[nn.Module, Mapping[str, Any], float]],
-                  evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None,
-                  headline: str | None = None, mode: str | None = None,
-                  device: torch.device | str | None = None, verbose: bool = True) -> Obtained:
+def train_or_load(
+    name: str,
+    *,
+    chapter: str,
+    specs: Mapping[str, Mapping[str, Any]],
+    train_recipe: str,
+    train: Callable[[], tuple[nn.Module, Mapping[str, Any], float]],
+    evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+    headline: str | None = None,
+    mode: str | None = None,
+    device: torch.device | str | None = None,
+    verbose: bool = True,
+) -> Obtained:
     """Load checkpoint ``name`` if one matches, else train it; print which happened.
 
     Args:
@@ -341,23 +401,40 @@ def train_or_load(name: str, *, chapter: str, specs: Mapping[str, Mapping[str, A
             record, root = found
             model, record, history = load_checkpoint(name, root, map_location=device)
             if verbose:
-                where = "" if root == checkpoint_root() else f" from {os.path.relpath(root, runtime.repo_root())}"
+                where = (
+                    ""
+                    if root == checkpoint_root()
+                    else f" from {os.path.relpath(root, runtime.repo_root())}"
+                )
                 print(f"loaded {name}{where}: {describe(record, headline)}")
             return Obtained(model, record, history, True, root)
         if mode == "never":
             raise FileNotFoundError(
                 f"no checkpoint {name!r} matches the recipes {sorted(specs, key=recipe_rank)} "
                 f"(fingerprints {[fingerprint(s) for s in specs.values()]}); set {TRAIN_ENV}=auto to train it, "
-                "or run scripts/train_book.py")
+                "or run scripts/train_book.py"
+            )
     model, history, seconds = train()
     root = cache_checkpoint_root()
-    record = save_checkpoint(model, name=name, chapter=chapter, recipe=train_recipe, spec=specs[train_recipe],
-                             steps=int(specs[train_recipe].get("train", {}).get("steps", 0)),
-                             batch_size=int(specs[train_recipe].get("batch_size", 0)), device=device,
-                             wall_seconds=seconds, history=history, evaluate=evaluate, root=root)
+    record = save_checkpoint(
+        model,
+        name=name,
+        chapter=chapter,
+        recipe=train_recipe,
+        spec=specs[train_recipe],
+        steps=int(specs[train_recipe].get("train", {}).get("steps", 0)),
+        batch_size=int(specs[train_recipe].get("batch_size", 0)),
+        device=device,
+        wall_seconds=seconds,
+        history=history,
+        evaluate=evaluate,
+        root=root,
+    )
     if verbose:
-        print(f"trained {name} here with the {train_recipe} recipe in {runtime.format_seconds(seconds)}; "
-              f"kept in {os.path.relpath(os.path.join(root, name), runtime.repo_root())}")
+        print(
+            f"trained {name} here with the {train_recipe} recipe in {runtime.format_seconds(seconds)}; "
+            f"kept in {os.path.relpath(os.path.join(root, name), runtime.repo_root())}"
+        )
     # What a reader loads next time is the stored (float16) copy: use it now too, so the numbers agree.
     model, record, history = load_checkpoint(name, root, map_location=device)
     return Obtained(model, record, history, False, root)

@@ -125,14 +125,18 @@ def init_distributed(backend: str | None = None) -> DistributedInfo:
     use_cuda = torch.cuda.is_available() if backend is None else backend == "nccl"
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
-                             "use --nproc_per_node <= the number of GPUs")
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are visible; "
+                "use --nproc_per_node <= the number of GPUs"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
-        return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
+        return DistributedInfo(
+            dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device
+        )
     if world_size == 1:
         return DistributedInfo(0, 1, local_rank, None, device)
     backend = backend or ("nccl" if use_cuda else "gloo")
@@ -140,9 +144,12 @@ def init_distributed(backend: str | None = None) -> DistributedInfo:
         raise ValueError(f"backend must be 'nccl' (GPUs) or 'gloo' (CPU), got {backend!r}")
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
-            raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set: launch with torchrun, which sets it")
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            device_id=device if backend == "nccl" else None)
+            raise ValueError(
+                f"WORLD_SIZE={world_size} but {name} is not set: launch with torchrun, which sets it"
+            )
+    dist.init_process_group(
+        backend, rank=rank, world_size=world_size, device_id=device if backend == "nccl" else None
+    )
     return DistributedInfo(rank, world_size, local_rank, backend, device)
 
 
@@ -189,7 +196,9 @@ def seed_for_rank(seed: int, rank: int | None = None) -> int:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if rank == 0:
         return seed
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -209,21 +218,35 @@ class ShardedBatchSampler(Sampler[list[int]]):
     calls :meth:`set_epoch` at every new epoch.
     """
 
-    def __init__(self, dataset_size: int, global_batch_size: int, rank: int | None = None,
-                 world_size: int | None = None, shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        dataset_size: int,
+        global_batch_size: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
         rank = get_rank() if rank is None else rank
         world_size = get_world_size() if world_size is None else world_size
-        for name, value in (("dataset_size", dataset_size), ("global_batch_size", global_batch_size),
-                            ("world_size", world_size)):
+        for name, value in (
+            ("dataset_size", dataset_size),
+            ("global_batch_size", global_batch_size),
+            ("world_size", world_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if global_batch_size % world_size:
-            raise ValueError(f"global_batch_size={global_batch_size} must be divisible by world_size={world_size} "
-                             "(every rank gets the same number of samples)")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be divisible by world_size={world_size} "
+                "(every rank gets the same number of samples)"
+            )
         if global_batch_size > dataset_size:
-            raise ValueError(f"global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} exceeds the dataset's {dataset_size} samples"
+            )
         self.dataset_size, self.global_batch_size = dataset_size, global_batch_size
         self.rank, self.world_size = rank, world_size
         self.local_batch_size = global_batch_size // world_size
@@ -237,18 +260,28 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+            g = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+            )
             order = torch.randperm(self.dataset_size, generator=g)
         else:
             order = torch.arange(self.dataset_size)
         b = self.local_batch_size
         for start in range(0, len(self) * self.global_batch_size, self.global_batch_size):
             lo = start + self.rank * b
-            yield order[lo:lo + b].tolist()
+            yield order[lo : lo + b].tolist()
 
 
-def sharded_loader(dataset: Dataset, global_batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                   rank: int | None = None, world_size: int | None = None, **loader_kwargs: Any) -> DataLoader:
+def sharded_loader(
+    dataset: Dataset,
+    global_batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    **loader_kwargs: Any,
+) -> DataLoader:
     """A ``DataLoader`` over this rank's slices of the global batches (:class:`ShardedBatchSampler`).
 
     ``loader_kwargs`` go to ``DataLoader`` (``collate_fn``, ``num_workers``...;
@@ -257,7 +290,9 @@ def sharded_loader(dataset: Dataset, global_batch_size: int, *, shuffle: bool = 
     """
     for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
         if key in loader_kwargs:
-            raise ValueError(f"sharded_loader decides {key!r} itself; pass global_batch_size and shuffle")
+            raise ValueError(
+                f"sharded_loader decides {key!r} itself; pass global_batch_size and shuffle"
+            )
     sampler = ShardedBatchSampler(len(dataset), global_batch_size, rank, world_size, shuffle, seed)
     return DataLoader(dataset, batch_sampler=sampler, **loader_kwargs)
 
@@ -285,8 +320,9 @@ class DistributedModel(DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device | str,
-               find_unused_parameters: bool = False) -> DistributedModel:
+def wrap_model(
+    model: torch.nn.Module, device: torch.device | str, find_unused_parameters: bool = False
+) -> DistributedModel:
     """``model`` (already on ``device``) in a :class:`DistributedModel` (:func:`fusionlib.train.train` calls it).
 
     DDP's constructor copies rank 0's weights to every rank, so all copies
@@ -326,7 +362,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.local:(ctx.rank + 1) * ctx.local]
+        return grad[ctx.rank * ctx.local : (ctx.rank + 1) * ctx.local]
 
 
 def _check_same_shape_on_all_ranks(name: str, x: Tensor) -> None:
@@ -334,8 +370,10 @@ def _check_same_shape_on_all_ranks(name: str, x: Tensor) -> None:
     shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
     dist.all_gather(shapes, shape)
     if any(not torch.equal(s, shape) for s in shapes):
-        raise ValueError(f"{name} must have the same shape on every rank to be gathered, got "
-                         f"{[tuple(s.tolist()) for s in shapes]}; use sharded_loader (equal local batches)")
+        raise ValueError(
+            f"{name} must have the same shape on every rank to be gathered, got "
+            f"{[tuple(s.tolist()) for s in shapes]}; use sharded_loader (equal local batches)"
+        )
 
 
 def all_gather_with_grad(x: Tensor) -> Tensor:
@@ -358,13 +396,17 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     if not is_distributed():
         return x
     x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)      # gloo has no AVG
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)  # gloo has no AVG
     return x / dist.get_world_size()
 
 
-def contrastive_loss_across_ranks(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
-                                  group_ids: Tensor | None = None,
-                                  max_logit_scale: float = losses.MAX_LOGIT_SCALE) -> Tensor:
+def contrastive_loss_across_ranks(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor | float,
+    group_ids: Tensor | None = None,
+    max_logit_scale: float = losses.MAX_LOGIT_SCALE,
+) -> Tensor:
     r"""Symmetric InfoNCE over the *global* batch, each rank scoring its own rows (chapters 4, 7).
 
     In one process this is :func:`fusionlib.losses.contrastive_loss`. With
@@ -384,13 +426,17 @@ def contrastive_loss_across_ranks(image_emb: Tensor, text_emb: Tensor, logit_sca
     """
     if not is_distributed():
         return losses.contrastive_loss(image_emb, text_emb, logit_scale, group_ids, max_logit_scale)
-    image_emb, text_emb, scale = losses.contrastive_inputs(image_emb, text_emb, logit_scale, max_logit_scale)
-    all_images = all_gather_with_grad(image_emb)                        # (W b, d)
+    image_emb, text_emb, scale = losses.contrastive_inputs(
+        image_emb, text_emb, logit_scale, max_logit_scale
+    )
+    all_images = all_gather_with_grad(image_emb)  # (W b, d)
     all_texts = all_gather_with_grad(text_emb)
     b = image_emb.shape[0]
-    target = get_rank() * b + torch.arange(b, device=image_emb.device)  # global column of each positive
-    image_logits = scale * image_emb @ all_texts.t()                    # (b, W b): my images x every caption
-    text_logits = scale * text_emb @ all_images.t()                     # (b, W b): my captions x every image
+    target = get_rank() * b + torch.arange(
+        b, device=image_emb.device
+    )  # global column of each positive
+    image_logits = scale * image_emb @ all_texts.t()  # (b, W b): my images x every caption
+    text_logits = scale * text_emb @ all_images.t()  # (b, W b): my captions x every image
     if group_ids is not None:
         group_ids = losses.check_group_ids(group_ids, b, image_emb.device)
         parts = [torch.empty_like(group_ids) for _ in range(get_world_size())]

@@ -77,53 +77,90 @@ class TextEmbeddings(nn.Module):
     ``word_embeddings.weight`` is what an MLM head ties its output to (chapter 4).
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, max_position: int = 64, type_vocab_size: int = 2,
-                 dropout: float = 0.1, pad_token_id: int | None = 0, layer_norm_eps: float = LAYER_NORM_EPS):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        max_position: int = 64,
+        type_vocab_size: int = 2,
+        dropout: float = 0.1,
+        pad_token_id: int | None = 0,
+        layer_norm_eps: float = LAYER_NORM_EPS,
+    ):
         super().__init__()
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.max_position = _positive_int("max_position", max_position)
         self.type_vocab_size = _positive_int("type_vocab_size", type_vocab_size)
         if pad_token_id is not None and not 0 <= pad_token_id < vocab_size:
-            raise ValueError(f"pad_token_id must be None or in [0, {vocab_size}), got {pad_token_id}")
+            raise ValueError(
+                f"pad_token_id must be None or in [0, {vocab_size}), got {pad_token_id}"
+            )
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)
         self.position_embeddings = nn.Embedding(max_position, hidden_size)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(_check_dropout(dropout))
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None) -> Tensor:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            got = f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) else type(input_ids)
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        if (
+            not isinstance(input_ids, Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype != torch.long
+        ):
+            got = (
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+                if isinstance(input_ids, Tensor)
+                else type(input_ids)
+            )
             raise ValueError(f"input_ids must be long of shape (batch, seq), got {got}")
         B, T = input_ids.shape
         if T > self.max_position:
-            raise ValueError(f"input_ids has {T} tokens, more than max_position={self.max_position}; "
-                             "build the model with a larger max_position")
+            raise ValueError(
+                f"input_ids has {T} tokens, more than max_position={self.max_position}; "
+                "build the model with a larger max_position"
+            )
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)
         elif tuple(position_ids.shape) not in ((T,), (B, T)):
-            raise ValueError(f"position_ids must have shape ({T},) or ({B}, {T}), got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"position_ids must have shape ({T},) or ({B}, {T}), got {tuple(position_ids.shape)}"
+            )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         elif tuple(token_type_ids.shape) != (B, T):
-            raise ValueError(f"token_type_ids must have shape ({B}, {T}), got {tuple(token_type_ids.shape)}")
+            raise ValueError(
+                f"token_type_ids must have shape ({B}, {T}), got {tuple(token_type_ids.shape)}"
+            )
         if _checking() and input_ids.numel():
             # An out-of-range id is a clear error here but a device-side assert on CUDA.
             # One read-back for all three checks: each read-back stalls the GPU queue.
-            bad = torch.stack([((input_ids < 0) | (input_ids >= self.vocab_size)).any(),
-                               ((token_type_ids < 0) | (token_type_ids >= self.type_vocab_size)).any(),
-                               ((position_ids < 0) | (position_ids >= self.max_position)).any()]).tolist()
+            bad = torch.stack(
+                [
+                    ((input_ids < 0) | (input_ids >= self.vocab_size)).any(),
+                    ((token_type_ids < 0) | (token_type_ids >= self.type_vocab_size)).any(),
+                    ((position_ids < 0) | (position_ids >= self.max_position)).any(),
+                ]
+            ).tolist()
             if bad[0]:
-                raise ValueError(f"input_ids must be in [0, vocab_size={self.vocab_size}), got values in "
-                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+                raise ValueError(
+                    f"input_ids must be in [0, vocab_size={self.vocab_size}), got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                )
             if bad[1]:
                 raise ValueError(f"token_type_ids must be in [0, {self.type_vocab_size})")
             if bad[2]:
                 raise ValueError(f"position_ids must be in [0, max_position={self.max_position})")
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-             + self.token_type_embeddings(token_type_ids))
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids)
+            + self.token_type_embeddings(token_type_ids)
+        )
         return self.dropout(self.norm(x))
 
 
@@ -141,33 +178,62 @@ class RegionEmbeddings(nn.Module):
     attention masks keep them out.
     """
 
-    def __init__(self, feature_dim: int, hidden_size: int, location_dim: int = 5, dropout: float = 0.1,
-                 location_layers: int = 1, layer_norm_eps: float = LAYER_NORM_EPS):
+    def __init__(
+        self,
+        feature_dim: int,
+        hidden_size: int,
+        location_dim: int = 5,
+        dropout: float = 0.1,
+        location_layers: int = 1,
+        layer_norm_eps: float = LAYER_NORM_EPS,
+    ):
         super().__init__()
         self.feature_dim = _positive_int("feature_dim", feature_dim)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.location_dim = _positive_int("location_dim", location_dim)
         if location_layers not in (1, 2):
-            raise ValueError(f"location_layers must be 1 (ViLBERT's Linear) or 2 (an MLP), got {location_layers!r}")
+            raise ValueError(
+                f"location_layers must be 1 (ViLBERT's Linear) or 2 (an MLP), got {location_layers!r}"
+            )
         self.location_layers = location_layers
         self.feature_proj = nn.Linear(feature_dim, hidden_size)
         if location_layers == 1:
             self.location_proj = nn.Linear(location_dim, hidden_size)
         else:
-            self.location_proj = nn.Sequential(nn.Linear(location_dim, hidden_size), nn.GELU(),
-                                               nn.Linear(hidden_size, hidden_size))
+            self.location_proj = nn.Sequential(
+                nn.Linear(location_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+            )
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(_check_dropout(dropout))
 
     def forward(self, region_feats: Tensor, region_loc: Tensor) -> Tensor:
-        if (not isinstance(region_feats, Tensor) or region_feats.dim() != 3
-                or region_feats.shape[-1] != self.feature_dim):
-            got = tuple(region_feats.shape) if isinstance(region_feats, Tensor) else type(region_feats).__name__
-            raise ValueError(f"region_feats must have shape (batch, regions, {self.feature_dim}), got {got}")
+        if (
+            not isinstance(region_feats, Tensor)
+            or region_feats.dim() != 3
+            or region_feats.shape[-1] != self.feature_dim
+        ):
+            got = (
+                tuple(region_feats.shape)
+                if isinstance(region_feats, Tensor)
+                else type(region_feats).__name__
+            )
+            raise ValueError(
+                f"region_feats must have shape (batch, regions, {self.feature_dim}), got {got}"
+            )
         B, R, _ = region_feats.shape
-        if not isinstance(region_loc, Tensor) or tuple(region_loc.shape) != (B, R, self.location_dim):
-            got = tuple(region_loc.shape) if isinstance(region_loc, Tensor) else type(region_loc).__name__
-            raise ValueError(f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}")
+        if not isinstance(region_loc, Tensor) or tuple(region_loc.shape) != (
+            B,
+            R,
+            self.location_dim,
+        ):
+            got = (
+                tuple(region_loc.shape)
+                if isinstance(region_loc, Tensor)
+                else type(region_loc).__name__
+            )
+            raise ValueError(
+                f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}"
+            )
         x = self.feature_proj(region_feats) + self.location_proj(region_loc.to(region_feats.dtype))
         return self.dropout(self.norm(x))
 
@@ -200,8 +266,15 @@ class UniterImageEmbeddings(nn.Module):
     output weight to :attr:`img_linear` (``img_linear.weight`` transposed).
     """
 
-    def __init__(self, feature_dim: int, hidden_size: int, location_dim: int = 7, dropout: float = 0.1,
-                 mask_embedding: bool = True, layer_norm_eps: float = LAYER_NORM_EPS):
+    def __init__(
+        self,
+        feature_dim: int,
+        hidden_size: int,
+        location_dim: int = 7,
+        dropout: float = 0.1,
+        mask_embedding: bool = True,
+        layer_norm_eps: float = LAYER_NORM_EPS,
+    ):
         super().__init__()
         self.feature_dim = _positive_int("feature_dim", feature_dim)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
@@ -211,34 +284,75 @@ class UniterImageEmbeddings(nn.Module):
         self.pos_linear = nn.Linear(location_dim, hidden_size)
         self.pos_layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         # UNITER's mask_embedding.weight[1]; BERT-style N(0, 0.02) start.
-        self.mask_embedding = nn.Parameter(torch.randn(feature_dim) * 0.02) if mask_embedding else None
+        self.mask_embedding = (
+            nn.Parameter(torch.randn(feature_dim) * 0.02) if mask_embedding else None
+        )
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(_check_dropout(dropout))
 
-    def forward(self, region_feats: Tensor, region_loc: Tensor, type_embeddings: Tensor,
-                region_zeroed: Tensor | None = None) -> Tensor:
-        if (not isinstance(region_feats, Tensor) or region_feats.dim() != 3
-                or region_feats.shape[-1] != self.feature_dim or not region_feats.is_floating_point()):
-            got = (f"{region_feats.dtype} {tuple(region_feats.shape)}" if isinstance(region_feats, Tensor)
-                   else type(region_feats).__name__)
-            raise ValueError(f"region_feats must be float of shape (batch, regions, {self.feature_dim}), got {got}")
+    def forward(
+        self,
+        region_feats: Tensor,
+        region_loc: Tensor,
+        type_embeddings: Tensor,
+        region_zeroed: Tensor | None = None,
+    ) -> Tensor:
+        if (
+            not isinstance(region_feats, Tensor)
+            or region_feats.dim() != 3
+            or region_feats.shape[-1] != self.feature_dim
+            or not region_feats.is_floating_point()
+        ):
+            got = (
+                f"{region_feats.dtype} {tuple(region_feats.shape)}"
+                if isinstance(region_feats, Tensor)
+                else type(region_feats).__name__
+            )
+            raise ValueError(
+                f"region_feats must be float of shape (batch, regions, {self.feature_dim}), got {got}"
+            )
         B, R, _ = region_feats.shape
-        if not isinstance(region_loc, Tensor) or tuple(region_loc.shape) != (B, R, self.location_dim):
-            got = tuple(region_loc.shape) if isinstance(region_loc, Tensor) else type(region_loc).__name__
-            raise ValueError(f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}")
+        if not isinstance(region_loc, Tensor) or tuple(region_loc.shape) != (
+            B,
+            R,
+            self.location_dim,
+        ):
+            got = (
+                tuple(region_loc.shape)
+                if isinstance(region_loc, Tensor)
+                else type(region_loc).__name__
+            )
+            raise ValueError(
+                f"region_loc must have shape ({B}, {R}, {self.location_dim}), got {got}"
+            )
         if not isinstance(type_embeddings, Tensor) or tuple(type_embeddings.shape) not in (
-                (B, R, self.hidden_size), (self.hidden_size,)):
-            got = (tuple(type_embeddings.shape) if isinstance(type_embeddings, Tensor)
-                   else type(type_embeddings).__name__)
-            raise ValueError(f"type_embeddings must have shape ({B}, {R}, {self.hidden_size}) or "
-                             f"({self.hidden_size},), got {got}")
+            (B, R, self.hidden_size),
+            (self.hidden_size,),
+        ):
+            got = (
+                tuple(type_embeddings.shape)
+                if isinstance(type_embeddings, Tensor)
+                else type(type_embeddings).__name__
+            )
+            raise ValueError(
+                f"type_embeddings must have shape ({B}, {R}, {self.hidden_size}) or "
+                f"({self.hidden_size},), got {got}"
+            )
         if region_zeroed is not None:
-            if (not isinstance(region_zeroed, Tensor) or region_zeroed.dtype != torch.bool
-                    or tuple(region_zeroed.shape) != (B, R)):
-                got = (f"{region_zeroed.dtype} {tuple(region_zeroed.shape)}" if isinstance(region_zeroed, Tensor)
-                       else type(region_zeroed).__name__)
-                raise ValueError(f"region_zeroed must be bool of shape ({B}, {R}) (True = masked region), got {got}")
-            zeroed = region_zeroed.unsqueeze(-1)                              # (B, R, 1)
+            if (
+                not isinstance(region_zeroed, Tensor)
+                or region_zeroed.dtype != torch.bool
+                or tuple(region_zeroed.shape) != (B, R)
+            ):
+                got = (
+                    f"{region_zeroed.dtype} {tuple(region_zeroed.shape)}"
+                    if isinstance(region_zeroed, Tensor)
+                    else type(region_zeroed).__name__
+                )
+                raise ValueError(
+                    f"region_zeroed must be bool of shape ({B}, {R}) (True = masked region), got {got}"
+                )
+            zeroed = region_zeroed.unsqueeze(-1)  # (B, R, 1)
             # masked_fill, not a product: a masked region's old feature must not leak (0 * inf = NaN).
             region_feats = region_feats.masked_fill(zeroed, 0.0)
             if self.mask_embedding is not None:

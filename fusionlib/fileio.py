@@ -46,7 +46,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
 
 
 def _umask() -> int:
-    mask = os.umask(0)          # the only way to read it is to set it; put it back at once
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
     os.umask(mask)
     return mask
 

@@ -67,10 +67,10 @@ def pairwise_iou(boxes: Tensor) -> Tensor:
     against it). Boxes of zero area (padding) get IoU 0 with everything.
     """
     boxes = _check_boxes(boxes)
-    top_left = torch.maximum(boxes[..., :, None, :2], boxes[..., None, :, :2])      # (B, R, R, 2)
+    top_left = torch.maximum(boxes[..., :, None, :2], boxes[..., None, :, :2])  # (B, R, R, 2)
     bottom_right = torch.minimum(boxes[..., :, None, 2:], boxes[..., None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)                        # (B, R, R)
-    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)                 # (B, R)
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)  # (B, R, R)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(-1)  # (B, R)
     union = area[..., :, None] + area[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
 
@@ -85,15 +85,19 @@ def pairwise_geometry(boxes: Tensor) -> Tensor:
     give finite values; the attention's key mask ignores them.
     """
     boxes = _check_boxes(boxes)
-    centres = box_centres(boxes)                                       # (B, R, 2)
-    size = ((boxes[..., 2] - boxes[..., 0]) + (boxes[..., 3] - boxes[..., 1])).clamp(min=0) / 2    # (B, R)
-    unit = ((size[..., :, None] + size[..., None, :]) / 2).clamp(min=1e-6).unsqueeze(-1)           # (B, R, R, 1)
-    offset = (centres.unsqueeze(1) - centres.unsqueeze(2)) / unit      # (B, R, R, 2): c_j - c_i
+    centres = box_centres(boxes)  # (B, R, 2)
+    size = ((boxes[..., 2] - boxes[..., 0]) + (boxes[..., 3] - boxes[..., 1])).clamp(
+        min=0
+    ) / 2  # (B, R)
+    unit = (
+        ((size[..., :, None] + size[..., None, :]) / 2).clamp(min=1e-6).unsqueeze(-1)
+    )  # (B, R, R, 1)
+    offset = (centres.unsqueeze(1) - centres.unsqueeze(2)) / unit  # (B, R, R, 2): c_j - c_i
     # sqrt has an infinite gradient at 0 (the diagonal); the epsilon keeps it finite.
-    distance = (offset.pow(2).sum(-1, keepdim=True) + 1e-12).sqrt()    # (B, R, R, 1)
+    distance = (offset.pow(2).sum(-1, keepdim=True) + 1e-12).sqrt()  # (B, R, R, 1)
     R = boxes.shape[1]
     same = torch.eye(R, dtype=boxes.dtype, device=boxes.device).expand(boxes.shape[0], R, R)
-    iou = pairwise_iou(boxes).unsqueeze(-1)                            # (B, R, R, 1)
+    iou = pairwise_iou(boxes).unsqueeze(-1)  # (B, R, R, 1)
     return torch.cat([offset, distance, iou, same.unsqueeze(-1)], dim=-1)
 
 
@@ -129,7 +133,9 @@ class GeometryBias(nn.Module):
       able to gather neighbours and the rest is learned.
     """
 
-    def __init__(self, num_heads: int, hidden_size: int = 32, self_logit: float = 4.0, init: str = "identity"):
+    def __init__(
+        self, num_heads: int, hidden_size: int = 32, self_logit: float = 4.0, init: str = "identity"
+    ):
         super().__init__()
         for name, value in (("num_heads", num_heads), ("hidden_size", hidden_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -138,8 +144,9 @@ class GeometryBias(nn.Module):
             raise ValueError(f"init must be one of {GEOMETRY_INITS}, got {init!r}")
         self.num_heads = num_heads
         self.linear = nn.Linear(GEOMETRY_FEATURES, num_heads, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(GEOMETRY_FEATURES, hidden_size), nn.ReLU(),
-                                 nn.Linear(hidden_size, num_heads))
+        self.mlp = nn.Sequential(
+            nn.Linear(GEOMETRY_FEATURES, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_heads)
+        )
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         identity = (0.0, 0.0, 0.0, 0.0, float(self_logit))
@@ -154,6 +161,6 @@ class GeometryBias(nn.Module):
             self.linear.weight.copy_(torch.tensor(rows))
 
     def forward(self, region_boxes: Tensor) -> Tensor:
-        geometry = pairwise_geometry(region_boxes)                    # (B, R, R, 5)
-        bias = self.linear(geometry) + self.mlp(geometry)             # (B, R, R, heads)
-        return bias.permute(0, 3, 1, 2)                               # (B, heads, R, R)
+        geometry = pairwise_geometry(region_boxes)  # (B, R, R, 5)
+        bias = self.linear(geometry) + self.mlp(geometry)  # (B, R, R, heads)
+        return bias.permute(0, 3, 1, 2)  # (B, heads, R, R)

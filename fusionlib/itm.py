@@ -61,8 +61,12 @@ class ItmPairs(NamedTuple):
     edit_kind: Tensor
 
 
-def check_settings(negatives: str, hard_share: float, hard_kinds: Sequence[str] = EDIT_KINDS,
-                   names: tuple[str, str, str] = ("negatives", "hard_share", "hard_kinds")) -> tuple[str, ...]:
+def check_settings(
+    negatives: str,
+    hard_share: float,
+    hard_kinds: Sequence[str] = EDIT_KINDS,
+    names: tuple[str, str, str] = ("negatives", "hard_share", "hard_kinds"),
+) -> tuple[str, ...]:
     """Raise ``ValueError`` naming the setting when one is not allowed; return ``hard_kinds`` as a tuple.
 
     ``names`` are what the caller calls the three settings in its messages:
@@ -72,27 +76,50 @@ def check_settings(negatives: str, hard_share: float, hard_kinds: Sequence[str] 
     negatives_name, share_name, kinds_name = names
     if negatives not in ITM_NEGATIVES:
         raise ValueError(f"{negatives_name} must be one of {ITM_NEGATIVES}, got {negatives!r}")
-    if isinstance(hard_share, bool) or not isinstance(hard_share, (int, float)) or not 0.0 <= hard_share <= 1.0:
+    if (
+        isinstance(hard_share, bool)
+        or not isinstance(hard_share, (int, float))
+        or not 0.0 <= hard_share <= 1.0
+    ):
         raise ValueError(f"{share_name} must be a number in [0, 1], got {hard_share!r}")
-    if isinstance(hard_kinds, str) or not isinstance(hard_kinds, Sequence) or not hard_kinds \
-            or any(k not in EDIT_KINDS for k in hard_kinds) or len(set(hard_kinds)) != len(hard_kinds):
-        raise ValueError(f"{kinds_name} must be distinct kinds among {EDIT_KINDS}, got {hard_kinds!r}")
+    if (
+        isinstance(hard_kinds, str)
+        or not isinstance(hard_kinds, Sequence)
+        or not hard_kinds
+        or any(k not in EDIT_KINDS for k in hard_kinds)
+        or len(set(hard_kinds)) != len(hard_kinds)
+    ):
+        raise ValueError(
+            f"{kinds_name} must be distinct kinds among {EDIT_KINDS}, got {hard_kinds!r}"
+        )
     return tuple(hard_kinds)
 
 
-CONFIG_NAMES = ("itm_negatives", "hard_negative_share", "hard_negative_kinds")   # the fields of the model configs
+CONFIG_NAMES = (
+    "itm_negatives",
+    "hard_negative_share",
+    "hard_negative_kinds",
+)  # the fields of the model configs
 
 
 def _key(batch: Mapping[str, Tensor], key: str, why: str) -> Tensor:
     value = batch.get(key)
     if not isinstance(value, Tensor):
-        raise ValueError(f"{why} needs batch[{key!r}], which this batch does not have (keys: {sorted(batch)})")
+        raise ValueError(
+            f"{why} needs batch[{key!r}], which this batch does not have (keys: {sorted(batch)})"
+        )
     return value
 
 
-def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probability: float = 0.5,
-               negatives: str = "false", hard_share: float = 0.0, swap: str = "text",
-               hard_kinds: Sequence[str] = EDIT_KINDS) -> ItmPairs:
+def draw_pairs(
+    batch: Mapping[str, Tensor],
+    generator: torch.Generator,
+    probability: float = 0.5,
+    negatives: str = "false",
+    hard_share: float = 0.0,
+    swap: str = "text",
+    hard_kinds: Sequence[str] = EDIT_KINDS,
+) -> ItmPairs:
     """Decide, for each sample of ``batch``, whether it stays a match or becomes a negative, and how.
 
     Each sample becomes a negative with ``probability``; of those, a share
@@ -114,37 +141,55 @@ def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probabil
     hard_kinds = check_settings(negatives, hard_share, hard_kinds)
     if swap not in SWAPS:
         raise ValueError(f"swap must be one of {SWAPS}, got {swap!r}")
-    if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+    if (
+        isinstance(probability, bool)
+        or not isinstance(probability, (int, float))
+        or not 0 <= probability <= 1
+    ):
         raise ValueError(f"probability must be a number in [0, 1], got {probability!r}")
     image_index = _key(batch, "image_index", "ITM (negatives must never show the same image)")
     B = image_index.shape[0]
     if tuple(image_index.shape) != (B,) or image_index.is_floating_point():
-        raise ValueError(f"batch['image_index'] must be integer (batch,), got {image_index.dtype} "
-                         f"{tuple(image_index.shape)}")
+        raise ValueError(
+            f"batch['image_index'] must be integer (batch,), got {image_index.dtype} "
+            f"{tuple(image_index.shape)}"
+        )
     allowed = None
     if negatives == "false":
         from .data import truth
 
-        why = ("itm_negatives='false' (the truth judge of the synthetic world; for a corpus without one, "
-               "use itm_negatives='random')")
+        why = (
+            "itm_negatives='false' (the truth judge of the synthetic world; for a corpus without one, "
+            "use itm_negatives='random')"
+        )
         facts, objects = _key(batch, "text_facts", why), _key(batch, "image_objects", why)
         if facts.shape[0] != B or objects.shape[0] != B:
-            raise ValueError(f"batch['text_facts'] and batch['image_objects'] must have {B} rows like "
-                             f"image_index, got {tuple(facts.shape)} and {tuple(objects.shape)}")
-        true = truth.evaluate(facts, objects).cpu()                  # (B, B): text i is true of image j
-        allowed = ~true.T if swap == "text" else ~true                # [i, j]: may j be i's partner?
-    drawn = random_negatives(B, generator, p=probability, group_ids=image_index.cpu(), allowed=allowed)
+            raise ValueError(
+                f"batch['text_facts'] and batch['image_objects'] must have {B} rows like "
+                f"image_index, got {tuple(facts.shape)} and {tuple(objects.shape)}"
+            )
+        true = truth.evaluate(facts, objects).cpu()  # (B, B): text i is true of image j
+        allowed = ~true.T if swap == "text" else ~true  # [i, j]: may j be i's partner?
+    drawn = random_negatives(
+        B, generator, p=probability, group_ids=image_index.cpu(), allowed=allowed
+    )
     partner, labels = drawn.partner.cpu(), drawn.labels.cpu()
     edit = torch.full((B,), -1, dtype=torch.long)
     edit_kind = torch.full((B,), -1, dtype=torch.long)
     if hard_share > 0:
-        kinds = _key(batch, "edit_kinds", f"hard_negative_share={hard_share} (build the CaptionDataset with edits=E)")
+        kinds = _key(
+            batch,
+            "edit_kinds",
+            f"hard_negative_share={hard_share} (build the CaptionDataset with edits=E)",
+        )
         _key(batch, "edit_input_ids", f"hard_negative_share={hard_share}")
         kinds = kinds.cpu()
         if kinds.dim() != 2 or kinds.shape[0] != B:
-            raise ValueError(f"batch['edit_kinds'] must be (batch, edits) = ({B}, E), got {tuple(kinds.shape)}")
+            raise ValueError(
+                f"batch['edit_kinds'] must be (batch, edits) = ({B}, E), got {tuple(kinds.shape)}"
+            )
         wanted = torch.tensor([EDIT_KINDS.index(k) for k in hard_kinds])
-        valid = torch.isin(kinds, wanted)                                      # (B, E): usable edits
+        valid = torch.isin(kinds, wanted)  # (B, E): usable edits
         hard = (labels == 0) & (torch.rand(B, generator=generator) < hard_share) & valid.any(dim=1)
         # Kind-balanced: each kind the text has gets the same weight, split among its edits.
         same_kind = (kinds[:, :, None] == kinds[:, None, :]) & valid[:, None, :]
@@ -158,8 +203,13 @@ def draw_pairs(batch: Mapping[str, Tensor], generator: torch.Generator, probabil
     return ItmPairs(partner, labels, edit, edit_kind)
 
 
-def edit_texts(input_ids: Tensor, attention_mask: Tensor, batch: Mapping[str, Tensor], edit: Tensor,
-               pad_token_id: int) -> tuple[Tensor, Tensor]:
+def edit_texts(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    batch: Mapping[str, Tensor],
+    edit: Tensor,
+    pad_token_id: int,
+) -> tuple[Tensor, Tensor]:
     """``input_ids``/``attention_mask (B, T)`` with row ``i`` replaced by its edit ``edit[i]`` where ``edit[i] >= 0``.
 
     The edits come from ``batch["edit_input_ids"] (B, E, Te)``. Both are
@@ -171,11 +221,13 @@ def edit_texts(input_ids: Tensor, attention_mask: Tensor, batch: Mapping[str, Te
     edits = _key(batch, "edit_input_ids", "edited texts")
     B, T = input_ids.shape
     if edits.dim() != 3 or edits.shape[0] != B:
-        raise ValueError(f"batch['edit_input_ids'] must be (batch, edits, tokens) = ({B}, E, Te), "
-                         f"got {tuple(edits.shape)}")
+        raise ValueError(
+            f"batch['edit_input_ids'] must be (batch, edits, tokens) = ({B}, E, Te), "
+            f"got {tuple(edits.shape)}"
+        )
     device = input_ids.device
     rows = edit.to(device)
-    chosen = edits.to(device)[torch.arange(B, device=device), rows.clamp(min=0)]     # (B, Te)
+    chosen = edits.to(device)[torch.arange(B, device=device), rows.clamp(min=0)]  # (B, Te)
     width = max(T, chosen.shape[1])
     ids = torch.nn.functional.pad(input_ids, (0, width - T), value=pad_token_id)
     mask = torch.nn.functional.pad(attention_mask, (0, width - T), value=False)
@@ -192,10 +244,18 @@ def edit_texts(input_ids: Tensor, attention_mask: Tensor, batch: Mapping[str, Te
 # ---------------------------------------------------------------------------
 
 
-def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str = "itm", *,
-                  probability: float = 0.5, negatives: str = "false", hard_share: float = 0.0,
-                  hard_kinds: Sequence[str] = EDIT_KINDS, pad_token_id: int,
-                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def matching_step(
+    model: torch.nn.Module,
+    batch: Mapping[str, Tensor],
+    task: str = "itm",
+    *,
+    probability: float = 0.5,
+    negatives: str = "false",
+    hard_share: float = 0.0,
+    hard_kinds: Sequence[str] = EDIT_KINDS,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
     """ITM for any model that maps a batch to match logits ``(B, 2)``: a ``step_fn`` for :func:`fusionlib.train.train`.
 
     The pairs come from :func:`draw_pairs` with ``swap="text"`` (each image
@@ -207,12 +267,14 @@ def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str
     (``hard_accuracy``: on the minimal edits of the batch, NaN if none).
     """
     generator = runtime.step_generator(generator)
-    pairs = draw_pairs(batch, generator, probability, negatives, hard_share, swap="text", hard_kinds=hard_kinds)
+    pairs = draw_pairs(
+        batch, generator, probability, negatives, hard_share, swap="text", hard_kinds=hard_kinds
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     partner = pairs.partner.to(ids.device)
     ids, mask = edit_texts(ids[partner], mask[partner], batch, pairs.edit, pad_token_id)
     logits = model(dict(batch, input_ids=ids, attention_mask=mask))
-    if isinstance(logits, tuple):                      # (logits, attention maps)
+    if isinstance(logits, tuple):  # (logits, attention maps)
         logits = logits[0]
     if logits.dim() != 2 or logits.shape[1] != 2:
         raise ValueError(f"model must return match logits (batch, 2), got {tuple(logits.shape)}")
@@ -220,7 +282,11 @@ def matching_step(model: torch.nn.Module, batch: Mapping[str, Tensor], task: str
     loss = torch.nn.functional.cross_entropy(logits.float(), labels)
     correct = (logits.detach().argmax(-1) == labels).float()
     hard = (pairs.edit >= 0).to(logits.device)
-    hard_accuracy = correct[hard].mean() if bool(hard.any()) else torch.full((), float("nan"), device=logits.device)
+    hard_accuracy = (
+        correct[hard].mean()
+        if bool(hard.any())
+        else torch.full((), float("nan"), device=logits.device)
+    )
     return {"loss": loss, "accuracy": correct.mean(), "hard_accuracy": hard_accuracy}
 
 
@@ -253,12 +319,18 @@ def edit_pairs(batch: Mapping[str, Tensor], pad_token_id: int) -> EditPairs:
     if len(owner) == 0:
         raise ValueError("the batch holds no minimal edits (every edit_kinds entry is -1)")
     rows = {k: v for k, v in batch.items() if k not in ("edit_input_ids", "edit_kinds")}
-    edited = {k: v[owner.to(v.device)] for k, v in rows.items() if k not in ("input_ids", "attention_mask")}
+    edited = {
+        k: v[owner.to(v.device)]
+        for k, v in rows.items()
+        if k not in ("input_ids", "attention_mask")
+    }
     edited_ids = ids[owner.to(ids.device), which.to(ids.device)]
     real = edited_ids != pad_token_id
     longest = int(real.sum(dim=1).max())
     edited["input_ids"], edited["attention_mask"] = edited_ids[:, :longest], real[:, :longest]
-    return EditPairs(rows, edited, owner.cpu(), kinds[owner.to(kinds.device), which.to(kinds.device)].cpu())
+    return EditPairs(
+        rows, edited, owner.cpu(), kinds[owner.to(kinds.device), which.to(kinds.device)].cpu()
+    )
 
 
 @torch.no_grad()
@@ -269,16 +341,20 @@ def score_pairs(score_fn, batch: Mapping[str, Tensor], batch_size: int = 512) ->
     n = batch["input_ids"].shape[0]
     out = []
     for start in range(0, n, batch_size):
-        chunk = {k: v[start:start + batch_size] for k, v in batch.items()}
+        chunk = {k: v[start : start + batch_size] for k, v in batch.items()}
         scores = score_fn(chunk)
         if scores.shape != (min(batch_size, n - start),):
-            raise ValueError(f"score_fn must return one score per pair ({min(batch_size, n - start)},), "
-                             f"got {tuple(scores.shape)}")
+            raise ValueError(
+                f"score_fn must return one score per pair ({min(batch_size, n - start)},), "
+                f"got {tuple(scores.shape)}"
+            )
         out.append(scores.float().cpu())
     return torch.cat(out)
 
 
-def edit_accuracy(matched_scores: Tensor, edited_scores: Tensor, pairs: EditPairs) -> dict[str, float]:
+def edit_accuracy(
+    matched_scores: Tensor, edited_scores: Tensor, pairs: EditPairs
+) -> dict[str, float]:
     """How often a text scores above its minimal edit on the same image, overall and per edit kind (chapter 4).
 
     Each (text, edit) pair is a two-way choice on one image (one half of
@@ -290,9 +366,13 @@ def edit_accuracy(matched_scores: Tensor, edited_scores: Tensor, pairs: EditPair
     """
     n, m = pairs.owner.max().item() + 1, len(pairs.owner)
     if matched_scores.dim() != 1 or matched_scores.shape[0] < n:
-        raise ValueError(f"matched_scores must be (N,) with N >= {n}, got {tuple(matched_scores.shape)}")
+        raise ValueError(
+            f"matched_scores must be (N,) with N >= {n}, got {tuple(matched_scores.shape)}"
+        )
     if tuple(edited_scores.shape) != (m,):
-        raise ValueError(f"edited_scores must be ({m},), one per edit, got {tuple(edited_scores.shape)}")
+        raise ValueError(
+            f"edited_scores must be ({m},), one per edit, got {tuple(edited_scores.shape)}"
+        )
     if bool(torch.isnan(matched_scores).any() | torch.isnan(edited_scores).any()):
         raise ValueError("scores must not be NaN")
     own = matched_scores.cpu()[pairs.owner]

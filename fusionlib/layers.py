@@ -64,15 +64,25 @@ LAYER_NORM_EPS = 1e-12
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu}
 
 
-def _check_layer_args(hidden_size: int, num_heads: int, ffn_size: int | None, dropout: float,
-                      attention_dropout: float | None, activation: str) -> tuple[int, float]:
+def _check_layer_args(
+    hidden_size: int,
+    num_heads: int,
+    ffn_size: int | None,
+    dropout: float,
+    attention_dropout: float | None,
+    activation: str,
+) -> tuple[int, float]:
     if not isinstance(hidden_size, int) or hidden_size <= 0:
         raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
     if not isinstance(num_heads, int) or num_heads <= 0 or hidden_size % num_heads:
-        raise ValueError(f"num_heads must be a positive int dividing hidden_size={hidden_size}, got {num_heads!r}")
+        raise ValueError(
+            f"num_heads must be a positive int dividing hidden_size={hidden_size}, got {num_heads!r}"
+        )
     ffn_size = 4 * hidden_size if ffn_size is None else ffn_size
     if not isinstance(ffn_size, int) or ffn_size <= 0:
-        raise ValueError(f"ffn_size must be a positive int or None (4 * hidden_size), got {ffn_size!r}")
+        raise ValueError(
+            f"ffn_size must be a positive int or None (4 * hidden_size), got {ffn_size!r}"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     attention_dropout = dropout if attention_dropout is None else attention_dropout
@@ -90,8 +100,10 @@ def check_mask(name: str, mask: Tensor | None, batch: int, length: int) -> None:
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool or tuple(mask.shape) != (batch, length):
-        raise ValueError(f"{name} must be bool of shape ({batch}, {length}) with True at real positions, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must be bool of shape ({batch}, {length}) with True at real positions, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
 
 
 def _check_sequence(name: str, x: Tensor, width: int) -> None:
@@ -113,7 +125,9 @@ class FeedForward(nn.Module):
     def __init__(self, hidden_size: int, ffn_size: int, activation: str = "gelu"):
         super().__init__()
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
         self.linear1 = nn.Linear(hidden_size, ffn_size)
         self.linear2 = nn.Linear(ffn_size, hidden_size)
         self.activation = activation
@@ -135,8 +149,9 @@ class _Residual(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
-    def forward(self, x: Tensor, sublayer: Callable[[Tensor], tuple[Tensor, Tensor | None]]
-                ) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, x: Tensor, sublayer: Callable[[Tensor], tuple[Tensor, Tensor | None]]
+    ) -> tuple[Tensor, Tensor | None]:
         if self.norm_first:
             out, weights = sublayer(self.norm(x))
             return x + self.dropout(out), weights
@@ -162,24 +177,43 @@ class TransformerLayer(nn.Module):
     batch_first=True, activation="gelu")`` computes (tested).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, ffn_size: int | None = None, dropout: float = 0.1,
-                 attention_dropout: float | None = None, norm_first: bool = False, activation: str = "gelu",
-                 layer_norm_eps: float = LAYER_NORM_EPS):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        ffn_size: int | None = None,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
+        norm_first: bool = False,
+        activation: str = "gelu",
+        layer_norm_eps: float = LAYER_NORM_EPS,
+    ):
         super().__init__()
-        ffn_size, attention_dropout = _check_layer_args(hidden_size, num_heads, ffn_size, dropout,
-                                                        attention_dropout, activation)
+        ffn_size, attention_dropout = _check_layer_args(
+            hidden_size, num_heads, ffn_size, dropout, attention_dropout, activation
+        )
         self.hidden_size, self.num_heads, self.norm_first = hidden_size, num_heads, norm_first
         self.attention = MultiHeadAttention(hidden_size, num_heads, dropout=attention_dropout)
         self.attention_residual = _Residual(hidden_size, dropout, norm_first, layer_norm_eps)
         self.ffn = FeedForward(hidden_size, ffn_size, activation)
         self.ffn_residual = _Residual(hidden_size, dropout, norm_first, layer_norm_eps)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, attn_mask: Tensor | None = None,
-                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         _check_sequence("x", x, self.hidden_size)
         check_mask("mask", mask, x.shape[0], x.shape[1])
         x, weights = self.attention_residual(
-            x, lambda h: self.attention(h, key_mask=mask, attn_mask=attn_mask, need_weights=need_weights))
+            x,
+            lambda h: self.attention(
+                h, key_mask=mask, attn_mask=attn_mask, need_weights=need_weights
+            ),
+        )
         x, _ = self.ffn_residual(x, lambda h: (self.ffn(h), None))
         return x, weights
 
@@ -222,47 +256,74 @@ class CrossAttentionLayer(nn.Module):
     through on their residual alone.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, ffn_size: int | None = None, dropout: float = 0.1,
-                 attention_dropout: float | None = None, context_dim: int | None = None,
-                 self_attention: bool = True, norm_first: bool = False, activation: str = "gelu",
-                 layer_norm_eps: float = LAYER_NORM_EPS):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        ffn_size: int | None = None,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
+        context_dim: int | None = None,
+        self_attention: bool = True,
+        norm_first: bool = False,
+        activation: str = "gelu",
+        layer_norm_eps: float = LAYER_NORM_EPS,
+    ):
         super().__init__()
-        ffn_size, attention_dropout = _check_layer_args(hidden_size, num_heads, ffn_size, dropout,
-                                                        attention_dropout, activation)
+        ffn_size, attention_dropout = _check_layer_args(
+            hidden_size, num_heads, ffn_size, dropout, attention_dropout, activation
+        )
         context_dim = hidden_size if context_dim is None else context_dim
         if not isinstance(context_dim, int) or context_dim <= 0:
-            raise ValueError(f"context_dim must be a positive int or None (= hidden_size), got {context_dim!r}")
+            raise ValueError(
+                f"context_dim must be a positive int or None (= hidden_size), got {context_dim!r}"
+            )
         self.hidden_size, self.num_heads, self.context_dim = hidden_size, num_heads, context_dim
         self.norm_first = norm_first
         if self_attention:
-            self.self_attention = MultiHeadAttention(hidden_size, num_heads, dropout=attention_dropout)
+            self.self_attention = MultiHeadAttention(
+                hidden_size, num_heads, dropout=attention_dropout
+            )
             self.self_residual = _Residual(hidden_size, dropout, norm_first, layer_norm_eps)
         else:
             self.self_attention = None
             self.self_residual = None
-        self.cross_attention = MultiHeadAttention(hidden_size, num_heads, dropout=attention_dropout,
-                                                  kdim=context_dim, vdim=context_dim)
+        self.cross_attention = MultiHeadAttention(
+            hidden_size, num_heads, dropout=attention_dropout, kdim=context_dim, vdim=context_dim
+        )
         self.cross_residual = _Residual(hidden_size, dropout, norm_first, layer_norm_eps)
         self.ffn = FeedForward(hidden_size, ffn_size, activation)
         self.ffn_residual = _Residual(hidden_size, dropout, norm_first, layer_norm_eps)
 
-    def forward(self, x: Tensor, context: Tensor, x_mask: Tensor | None = None,
-                context_mask: Tensor | None = None, *, need_weights: bool = False
-                ) -> tuple[Tensor, CrossAttentionWeights | None]:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        x_mask: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        *,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, CrossAttentionWeights | None]:
         _check_sequence("x", x, self.hidden_size)
         _check_sequence("context", context, self.context_dim)
         if context.shape[0] != x.shape[0]:
-            raise ValueError(f"context must have batch size {x.shape[0]} like x, got {tuple(context.shape)}")
+            raise ValueError(
+                f"context must have batch size {x.shape[0]} like x, got {tuple(context.shape)}"
+            )
         check_mask("x_mask", x_mask, x.shape[0], x.shape[1])
         check_mask("context_mask", context_mask, context.shape[0], context.shape[1])
 
         self_weights = None
         if self.self_attention is not None:
             x, self_weights = self.self_residual(
-                x, lambda h: self.self_attention(h, key_mask=x_mask, need_weights=need_weights))
+                x, lambda h: self.self_attention(h, key_mask=x_mask, need_weights=need_weights)
+            )
         x, cross_weights = self.cross_residual(
-            x, lambda h: self.cross_attention(h, context, context, key_mask=context_mask,
-                                              need_weights=need_weights))
+            x,
+            lambda h: self.cross_attention(
+                h, context, context, key_mask=context_mask, need_weights=need_weights
+            ),
+        )
         x, _ = self.ffn_residual(x, lambda h: (self.ffn(h), None))
         if not need_weights:
             return x, None
@@ -282,9 +343,9 @@ def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return x.mean(dim=1)
     check_mask("mask", mask, x.shape[0], x.shape[1])
-    weights = mask.to(x.dtype).unsqueeze(-1)                       # (B, S, 1)
+    weights = mask.to(x.dtype).unsqueeze(-1)  # (B, S, 1)
     # Zero the padded rows first: 0 * inf would be NaN if padding held inf.
-    total = x.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)     # (B, D)
+    total = x.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)  # (B, D)
     return total / weights.sum(dim=1).clamp(min=1.0)
 
 
@@ -357,25 +418,42 @@ class CoAttentionLayer(nn.Module):
     give finite garbage that nothing real reads.
     """
 
-    def __init__(self, text_hidden_size: int, visual_hidden_size: int, bi_hidden_size: int, bi_num_heads: int,
-                 text_ffn_size: int | None = None, visual_ffn_size: int | None = None, dropout: float = 0.1,
-                 attention_dropout: float | None = None, activation: str = "gelu",
-                 layer_norm_eps: float = LAYER_NORM_EPS):
+    def __init__(
+        self,
+        text_hidden_size: int,
+        visual_hidden_size: int,
+        bi_hidden_size: int,
+        bi_num_heads: int,
+        text_ffn_size: int | None = None,
+        visual_ffn_size: int | None = None,
+        dropout: float = 0.1,
+        attention_dropout: float | None = None,
+        activation: str = "gelu",
+        layer_norm_eps: float = LAYER_NORM_EPS,
+    ):
         super().__init__()
-        for name, value in (("text_hidden_size", text_hidden_size), ("visual_hidden_size", visual_hidden_size),
-                            ("bi_hidden_size", bi_hidden_size)):
+        for name, value in (
+            ("text_hidden_size", text_hidden_size),
+            ("visual_hidden_size", visual_hidden_size),
+            ("bi_hidden_size", bi_hidden_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(bi_num_heads, int) or bi_num_heads <= 0 or bi_hidden_size % bi_num_heads:
-            raise ValueError(f"bi_num_heads must be a positive int dividing bi_hidden_size={bi_hidden_size}, "
-                             f"got {bi_num_heads!r}")
+            raise ValueError(
+                f"bi_num_heads must be a positive int dividing bi_hidden_size={bi_hidden_size}, "
+                f"got {bi_num_heads!r}"
+            )
         text_ffn_size = 4 * text_hidden_size if text_ffn_size is None else text_ffn_size
         visual_ffn_size = 4 * visual_hidden_size if visual_ffn_size is None else visual_ffn_size
         for name, value in (("text_ffn_size", text_ffn_size), ("visual_ffn_size", visual_ffn_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int or None (4 * the stream's width), got {value!r}")
-        _, attention_dropout = _check_layer_args(bi_hidden_size, bi_num_heads, None, dropout, attention_dropout,
-                                                 activation)
+                raise ValueError(
+                    f"{name} must be a positive int or None (4 * the stream's width), got {value!r}"
+                )
+        _, attention_dropout = _check_layer_args(
+            bi_hidden_size, bi_num_heads, None, dropout, attention_dropout, activation
+        )
         self.text_hidden_size, self.visual_hidden_size = text_hidden_size, visual_hidden_size
         self.bi_hidden_size, self.num_heads = bi_hidden_size, bi_num_heads
         self.head_dim = bi_hidden_size // bi_num_heads
@@ -399,32 +477,44 @@ class CoAttentionLayer(nn.Module):
         q, k, v = x.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, need_weights: bool
-                ) -> tuple[Tensor, Tensor | None]:
-        mask = None if key_mask is None else key_mask[:, None, None, :]          # (B, 1, 1, S)
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, need_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
         p = self.attention_dropout if self.training else 0.0
         if need_weights:
             out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p=p)
         else:
-            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+            out, weights = (
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p),
+                None,
+            )
         B, H, L, Dh = out.shape
-        return out.transpose(1, 2).reshape(B, L, H * Dh), weights                # merge heads: (B, L, bi)
+        return out.transpose(1, 2).reshape(B, L, H * Dh), weights  # merge heads: (B, L, bi)
 
-    def forward(self, text: Tensor, visual: Tensor, text_mask: Tensor | None = None,
-                visual_mask: Tensor | None = None, *, need_weights: bool = False
-                ) -> tuple[Tensor, Tensor, CoAttentionWeights | None]:
+    def forward(
+        self,
+        text: Tensor,
+        visual: Tensor,
+        text_mask: Tensor | None = None,
+        visual_mask: Tensor | None = None,
+        *,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor, CoAttentionWeights | None]:
         _check_sequence("text", text, self.text_hidden_size)
         _check_sequence("visual", visual, self.visual_hidden_size)
         if visual.shape[0] != text.shape[0]:
-            raise ValueError(f"visual must have batch size {text.shape[0]} like text, got {tuple(visual.shape)}")
+            raise ValueError(
+                f"visual must have batch size {text.shape[0]} like text, got {tuple(visual.shape)}"
+            )
         check_mask("text_mask", text_mask, text.shape[0], text.shape[1])
         check_mask("visual_mask", visual_mask, visual.shape[0], visual.shape[1])
 
         q_t, k_t, v_t = self._heads(self.text_in_proj(text))
         q_v, k_v, v_v = self._heads(self.visual_in_proj(visual))
         # Words ask the regions; regions ask the words. Both read the layer's inputs.
-        context_t, w_tv = self._attend(q_t, k_v, v_v, visual_mask, need_weights)   # (B, T, bi)
-        context_v, w_vt = self._attend(q_v, k_t, v_t, text_mask, need_weights)     # (B, R, bi)
+        context_t, w_tv = self._attend(q_t, k_v, v_v, visual_mask, need_weights)  # (B, T, bi)
+        context_v, w_vt = self._attend(q_v, k_t, v_t, text_mask, need_weights)  # (B, R, bi)
 
         text, _ = self.text_residual(text, lambda _: (self.text_out_proj(context_t), None))
         visual, _ = self.visual_residual(visual, lambda _: (self.visual_out_proj(context_v), None))
@@ -435,5 +525,7 @@ class CoAttentionLayer(nn.Module):
         return text, visual, CoAttentionWeights(text_to_visual=w_tv, visual_to_text=w_vt)
 
     def extra_repr(self) -> str:
-        return (f"text_hidden={self.text_hidden_size}, visual_hidden={self.visual_hidden_size}, "
-                f"bi_hidden={self.bi_hidden_size}, heads={self.num_heads}")
+        return (
+            f"text_hidden={self.text_hidden_size}, visual_hidden={self.visual_hidden_size}, "
+            f"bi_hidden={self.bi_hidden_size}, heads={self.num_heads}"
+        )

@@ -47,7 +47,14 @@ WRA_WEIGHT = 0.1  # UNITER adds WRA to ITM with this weight (--itm_ot_lambda 0.1
 # ----------------------------------------------------------------------------
 
 
-def _expect(name: str, x: object, *, ndim: int, floating: bool | None = None, dtype: torch.dtype | None = None) -> Tensor:
+def _expect(
+    name: str,
+    x: object,
+    *,
+    ndim: int,
+    floating: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim:
@@ -123,7 +130,9 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     _expect_shape("labels", labels, tuple(logits.shape[:2]), "(batch, seq) of logits")
     scored = _check_class_labels("labels", labels, logits.shape[-1], ignore_index)
     logits = _only_scored(logits, scored)
-    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum")
+    total = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=ignore_index, reduction="sum"
+    )
     return total / scored.sum().clamp(min=1).to(total.dtype)
 
 
@@ -132,7 +141,9 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
 # ----------------------------------------------------------------------------
 
 
-def _check_region_args(pred_name: str, pred: Tensor, target_name: str, target: Tensor, masked: Tensor) -> None:
+def _check_region_args(
+    pred_name: str, pred: Tensor, target_name: str, target: Tensor, masked: Tensor
+) -> None:
     _expect(pred_name, pred, ndim=3, floating=True)
     _expect(target_name, target, ndim=3, floating=True)
     _expect_shape(target_name, target, tuple(pred.shape), f"the shape of {pred_name}")
@@ -169,11 +180,17 @@ def _check_soft_labels(soft_labels: Tensor, masked: Tensor) -> None:
     rows = soft_labels[masked]
     if rows.numel() == 0:
         return
-    if bool((rows < 0).any()) or not torch.allclose(rows.sum(-1), torch.ones_like(rows[:, 0]), atol=1e-3):
-        raise ValueError("soft_labels must be probability distributions (non-negative, summing to 1) at masked regions")
+    if bool((rows < 0).any()) or not torch.allclose(
+        rows.sum(-1), torch.ones_like(rows[:, 0]), atol=1e-3
+    ):
+        raise ValueError(
+            "soft_labels must be probability distributions (non-negative, summing to 1) at masked regions"
+        )
 
 
-def mrc_loss(logits: Tensor, soft_labels: Tensor, masked: Tensor, background_class: int | None = None) -> Tensor:
+def mrc_loss(
+    logits: Tensor, soft_labels: Tensor, masked: Tensor, background_class: int | None = None
+) -> Tensor:
     r"""Masked region classification (UNITER's MRC, chapter 4): cross-entropy against the
     detector's most likely class.
 
@@ -198,13 +215,21 @@ def mrc_loss(logits: Tensor, soft_labels: Tensor, masked: Tensor, background_cla
     logits = _only_scored(logits, masked)
     scores = _only_scored(soft_labels.detach(), masked)
     if background_class is not None:
-        if not isinstance(background_class, int) or not 0 <= background_class < num_classes or num_classes < 2:
-            raise ValueError(f"background_class must be an int in [0, {num_classes}) with >= 2 classes, "
-                             f"got {background_class!r}")
+        if (
+            not isinstance(background_class, int)
+            or not 0 <= background_class < num_classes
+            or num_classes < 2
+        ):
+            raise ValueError(
+                f"background_class must be an int in [0, {num_classes}) with >= 2 classes, "
+                f"got {background_class!r}"
+            )
         scores = scores.clone()
         scores[..., background_class] = -math.inf
     target = scores.argmax(dim=-1)
-    per_region = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(masked.shape)
+    per_region = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(
+        masked.shape
+    )
     return _masked_mean(per_region, masked)
 
 
@@ -235,7 +260,9 @@ def mrc_kl_loss(logits: Tensor, soft_labels: Tensor, masked: Tensor) -> Tensor:
     _check_region_args("logits", logits, "soft_labels", soft_labels, masked)
     _check_soft_labels(soft_labels, masked)
     log_q = F.log_softmax(_only_scored(logits, masked), dim=-1)
-    per_region = F.kl_div(log_q, _only_scored(soft_labels, masked), reduction="none").sum(dim=-1)  # xlogy: 0·log 0 = 0
+    per_region = F.kl_div(log_q, _only_scored(soft_labels, masked), reduction="none").sum(
+        dim=-1
+    )  # xlogy: 0·log 0 = 0
     return _masked_mean(per_region, masked)
 
 
@@ -284,7 +311,9 @@ def accuracy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
         A detached scalar in [0, 1]; 0 when nothing is scored (like the losses, never NaN).
     """
     if not isinstance(labels, Tensor) or labels.dtype != torch.long:
-        raise TypeError(f"labels must be a long tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        raise TypeError(
+            f"labels must be a long tensor, got {getattr(labels, 'dtype', type(labels).__name__)}"
+        )
     _expect("logits", logits, ndim=labels.dim() + 1, floating=True)
     _expect_shape("labels", labels, tuple(logits.shape[:-1]), "the leading dims of logits")
     scored = labels != ignore_index
@@ -351,14 +380,26 @@ def random_negatives(
     extra = allowed
     allowed = _allowed_partners(batch_size, group_ids, device)
     if extra is not None:
-        if not isinstance(extra, Tensor) or extra.dtype != torch.bool or tuple(extra.shape) != (batch_size, batch_size):
-            got = f"{extra.dtype} {tuple(extra.shape)}" if isinstance(extra, Tensor) else type(extra).__name__
-            raise ValueError(f"allowed must be a bool ({batch_size}, {batch_size}) tensor, got {got}")
+        if (
+            not isinstance(extra, Tensor)
+            or extra.dtype != torch.bool
+            or tuple(extra.shape) != (batch_size, batch_size)
+        ):
+            got = (
+                f"{extra.dtype} {tuple(extra.shape)}"
+                if isinstance(extra, Tensor)
+                else type(extra).__name__
+            )
+            raise ValueError(
+                f"allowed must be a bool ({batch_size}, {batch_size}) tensor, got {got}"
+            )
         allowed = allowed & extra.to(device)
     has_partner = allowed.any(dim=1)
     negative = (torch.rand(batch_size, generator=generator, device=device) < p) & has_partner
     # Rows without a partner get uniform dummy weights so multinomial is valid; they stay positive.
-    weights = torch.where(has_partner[:, None], allowed.float(), torch.ones_like(allowed, dtype=torch.float))
+    weights = torch.where(
+        has_partner[:, None], allowed.float(), torch.ones_like(allowed, dtype=torch.float)
+    )
     drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1)
     self_index = torch.arange(batch_size, device=device)
     partner = torch.where(negative, drawn, self_index)
@@ -374,7 +415,9 @@ class HardNegatives(NamedTuple):
 
 
 @torch.no_grad()
-def hard_negatives(sim: Tensor, generator: torch.Generator, group_ids: Tensor | None = None) -> HardNegatives:
+def hard_negatives(
+    sim: Tensor, generator: torch.Generator, group_ids: Tensor | None = None
+) -> HardNegatives:
     r"""Hard ITM negatives sampled from contrastive similarities, as in ALBEF (chapter 4).
 
     For row i (an image, say, with ``sim`` = image-to-text logits), draw a
@@ -413,7 +456,11 @@ def hard_negatives(sim: Tensor, generator: torch.Generator, group_ids: Tensor | 
     # A row with nothing allowed would softmax to NaN; give it uniform dummy weights instead.
     logits = torch.where(valid[:, None], logits, torch.zeros_like(logits))
     weights = torch.softmax(logits, dim=1)
-    drawn = torch.multinomial(weights.to(generator.device), 1, generator=generator).squeeze(1).to(sim.device)
+    drawn = (
+        torch.multinomial(weights.to(generator.device), 1, generator=generator)
+        .squeeze(1)
+        .to(sim.device)
+    )
     index = torch.where(valid, drawn, torch.full_like(drawn, -1))
     return HardNegatives(index, valid)
 
@@ -423,8 +470,12 @@ def hard_negatives(sim: Tensor, generator: torch.Generator, group_ids: Tensor | 
 # ----------------------------------------------------------------------------
 
 
-def contrastive_inputs(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
-                       max_logit_scale: float = MAX_LOGIT_SCALE) -> tuple[Tensor, Tensor, Tensor]:
+def contrastive_inputs(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor | float,
+    max_logit_scale: float = MAX_LOGIT_SCALE,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Check and prepare the inputs of a contrastive loss: ``(image_emb, text_emb, scale)``.
 
     Both embeddings ``(batch, dim)`` come back L2-normalised, and ``scale`` is
@@ -436,7 +487,9 @@ def contrastive_inputs(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor 
     _expect("text_emb", text_emb, ndim=2, floating=True)
     _expect_shape("text_emb", text_emb, tuple(image_emb.shape), "the shape of image_emb")
     if not isinstance(logit_scale, Tensor):
-        logit_scale = torch.tensor(float(logit_scale), dtype=image_emb.dtype, device=image_emb.device)
+        logit_scale = torch.tensor(
+            float(logit_scale), dtype=image_emb.dtype, device=image_emb.device
+        )
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
     scale = logit_scale.reshape(()).clamp(0.0, math.log(max_logit_scale)).exp()
@@ -489,7 +542,9 @@ def contrastive_loss(
     Returns:
         A scalar.
     """
-    image_emb, text_emb, scale = contrastive_inputs(image_emb, text_emb, logit_scale, max_logit_scale)
+    image_emb, text_emb, scale = contrastive_inputs(
+        image_emb, text_emb, logit_scale, max_logit_scale
+    )
     logits = scale * image_emb @ text_emb.t()  # (batch, batch): row = image, column = text
     batch = logits.shape[0]
     if group_ids is not None:
@@ -504,7 +559,9 @@ class ContrastiveLoss(nn.Module):
     """:func:`contrastive_loss` with a learnable temperature, initialised to 0.07
     (``logit_scale = log(1/0.07)``) and clamped to at most ``max_logit_scale`` (CLIP)."""
 
-    def __init__(self, init_temperature: float = INIT_TEMPERATURE, max_logit_scale: float = MAX_LOGIT_SCALE):
+    def __init__(
+        self, init_temperature: float = INIT_TEMPERATURE, max_logit_scale: float = MAX_LOGIT_SCALE
+    ):
         super().__init__()
         if not 0 < init_temperature <= 1:
             raise ValueError(f"init_temperature must be in (0, 1], got {init_temperature!r}")
@@ -516,10 +573,16 @@ class ContrastiveLoss(nn.Module):
     @property
     def temperature(self) -> float:
         """The temperature in use, after the clamp."""
-        return 1.0 / float(self.logit_scale.detach().clamp(0.0, math.log(self.max_logit_scale)).exp())
+        return 1.0 / float(
+            self.logit_scale.detach().clamp(0.0, math.log(self.max_logit_scale)).exp()
+        )
 
-    def forward(self, image_emb: Tensor, text_emb: Tensor, group_ids: Tensor | None = None) -> Tensor:
-        return contrastive_loss(image_emb, text_emb, self.logit_scale, group_ids, self.max_logit_scale)
+    def forward(
+        self, image_emb: Tensor, text_emb: Tensor, group_ids: Tensor | None = None
+    ) -> Tensor:
+        return contrastive_loss(
+            image_emb, text_emb, self.logit_scale, group_ids, self.max_logit_scale
+        )
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature:.4f}, max_logit_scale={self.max_logit_scale}"
@@ -553,7 +616,9 @@ def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-5) -> Tensor:
     _expect("x", x, ndim=3, floating=True)
     _expect("y", y, ndim=3, floating=True)
     if x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(f"x and y must share batch and dim, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must share batch and dim, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     with without_autocast(x.device):
         return 1 - F.normalize(x, dim=-1, eps=eps) @ F.normalize(y, dim=-1, eps=eps).transpose(1, 2)
 
@@ -617,7 +682,7 @@ def ipot(
         raise ValueError("cost must be finite at real (unpadded) positions")
 
     dtype = cost.dtype if cost.dtype in (torch.float32, torch.float64) else torch.float32
-    with without_autocast(cost.device):     # bf16 autocast would run the products below in bf16
+    with without_autocast(cost.device):  # bf16 autocast would run the products below in bf16
         cost = cost.detach().to(dtype).masked_fill(~joint, 0.0)
         tiny = torch.finfo(dtype).tiny
         row_min = cost.masked_fill(~joint, math.inf).amin(dim=2, keepdim=True)
@@ -674,11 +739,15 @@ def ot_distance(
     _expect("text_mask", text_mask, ndim=2, dtype=torch.bool)
     _expect("region_mask", region_mask, ndim=2, dtype=torch.bool)
     _expect_shape("text_mask", text_mask, tuple(text_h.shape[:2]), "(batch, words) of text_h")
-    _expect_shape("region_mask", region_mask, tuple(region_h.shape[:2]), "(batch, regions) of region_h")
+    _expect_shape(
+        "region_mask", region_mask, tuple(region_h.shape[:2]), "(batch, regions) of region_h"
+    )
     joint = text_mask[:, :, None] & region_mask[:, None, :]
     cost = cost.masked_fill(~joint, 0.0)
     if plan is None:
-        plan = ipot(cost, text_mask, region_mask, beta=beta, iterations=iterations, inner_steps=inner_steps)
+        plan = ipot(
+            cost, text_mask, region_mask, beta=beta, iterations=iterations, inner_steps=inner_steps
+        )
     else:
         _expect_shape("plan", plan, tuple(cost.shape), "(batch, words, regions)")
     return (cost * plan.detach().to(cost.dtype)).sum(dim=(1, 2))

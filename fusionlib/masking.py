@@ -49,7 +49,9 @@ def _check_tensor(name: str, x: object, *, ndim: int, dtype: torch.dtype | None 
 
 def _check_same_shape(name: str, x: Tensor, other_name: str, other: Tensor) -> None:
     if x.shape != other.shape:
-        raise ValueError(f"{name} must have the shape of {other_name} {tuple(other.shape)}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have the shape of {other_name} {tuple(other.shape)}, got {tuple(x.shape)}"
+        )
 
 
 def _check_generator(generator: object) -> torch.Generator:
@@ -67,7 +69,9 @@ def _check_probability(name: str, p: float, *, allow_zero: bool = False) -> floa
     return float(p)
 
 
-def _uniform(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+def _uniform(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device
+) -> Tensor:
     """Uniform [0, 1) numbers drawn with ``generator`` (on its own device), moved to ``device``."""
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
@@ -87,7 +91,9 @@ def _force_one(chosen: Tensor, allowed: Tensor, generator: torch.Generator) -> T
 # ----------------------------------------------------------------------------
 
 
-def maskable_tokens(input_ids: Tensor, attention_mask: Tensor, special_ids: Sequence[int]) -> Tensor:
+def maskable_tokens(
+    input_ids: Tensor, attention_mask: Tensor, special_ids: Sequence[int]
+) -> Tensor:
     """Which tokens masking may choose: real (``attention_mask``) and not special.
 
     Args:
@@ -103,7 +109,9 @@ def maskable_tokens(input_ids: Tensor, attention_mask: Tensor, special_ids: Sequ
     _check_tensor("attention_mask", attention_mask, ndim=2)
     _check_same_shape("attention_mask", attention_mask, "input_ids", input_ids)
     if attention_mask.dtype != torch.bool:
-        if attention_mask.dtype.is_floating_point or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        if attention_mask.dtype.is_floating_point or not bool(
+            ((attention_mask == 0) | (attention_mask == 1)).all()
+        ):
             raise ValueError("attention_mask must be bool or hold only 0/1 integers")
         attention_mask = attention_mask.bool()
     special = torch.as_tensor(list(special_ids), dtype=input_ids.dtype, device=input_ids.device)
@@ -114,7 +122,9 @@ class MaskedTokens(NamedTuple):
     """What :func:`mask_tokens` returns; unpacks as ``inputs, labels = mask_tokens(...)``."""
 
     inputs: Tensor  # (batch, seq) the ids to feed the model: [MASK] / random / unchanged at chosen positions
-    labels: Tensor  # (batch, seq) the original id at chosen positions, IGNORE_INDEX (-100) elsewhere
+    labels: (
+        Tensor  # (batch, seq) the original id at chosen positions, IGNORE_INDEX (-100) elsewhere
+    )
 
 
 def mask_tokens(
@@ -164,11 +174,15 @@ def mask_tokens(
     _check_probability("mask_fraction", mask_fraction, allow_zero=True)
     _check_probability("random_fraction", random_fraction, allow_zero=True)
     if mask_fraction + random_fraction > 1:
-        raise ValueError(f"mask_fraction + random_fraction must be <= 1, got {mask_fraction} + {random_fraction}")
+        raise ValueError(
+            f"mask_fraction + random_fraction must be <= 1, got {mask_fraction} + {random_fraction}"
+        )
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab_size:
-        raise ValueError(f"mask_token_id must be an int in [0, vocab_size={vocab_size}), got {mask_token_id!r}")
+        raise ValueError(
+            f"mask_token_id must be an int in [0, vocab_size={vocab_size}), got {mask_token_id!r}"
+        )
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
         raise ValueError(
             f"input_ids must lie in [0, vocab_size={vocab_size}), got min {int(input_ids.min())}, "
@@ -177,7 +191,9 @@ def mask_tokens(
     excluded = torch.tensor(sorted({*special_ids, mask_token_id}), dtype=torch.long)
     candidates = torch.arange(vocab_size)[~torch.isin(torch.arange(vocab_size), excluded)]
     if candidates.numel() == 0 and random_fraction > 0:
-        raise ValueError("special_ids cover the whole vocabulary: no id is left for random replacement")
+        raise ValueError(
+            "special_ids cover the whole vocabulary: no id is left for random replacement"
+        )
 
     device = input_ids.device
     chosen = (_uniform(input_ids.shape, generator, device) < probability) & maskable
@@ -191,7 +207,9 @@ def mask_tokens(
     inputs = input_ids.clone()
     inputs[to_mask] = mask_token_id
     if candidates.numel():
-        draw = torch.randint(candidates.numel(), input_ids.shape, generator=generator, device=generator.device)
+        draw = torch.randint(
+            candidates.numel(), input_ids.shape, generator=generator, device=generator.device
+        )
         random_ids = candidates.to(generator.device)[draw].to(device)
         inputs[to_random] = random_ids[to_random]
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -314,10 +332,17 @@ def _mask_both(
             f"region_mask must have batch size {input_ids.shape[0]} like input_ids, got {region_mask.shape[0]}"
         )
     tokens = mask_tokens(
-        input_ids, maskable, mask_token_id=mask_token_id, vocab_size=vocab_size, generator=generator,
-        special_ids=special_ids, probability=probability,
+        input_ids,
+        maskable,
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
+        generator=generator,
+        special_ids=special_ids,
+        probability=probability,
     )
-    regions = mask_regions(region_mask, generator, probability=probability, zero_fraction=zero_fraction)
+    regions = mask_regions(
+        region_mask, generator, probability=probability, zero_fraction=zero_fraction
+    )
     return tokens, regions
 
 
@@ -326,7 +351,9 @@ def _restrict(
 ) -> MultimodalMasking:
     return MultimodalMasking(
         input_ids=torch.where(text[:, None], tokens.inputs, input_ids),
-        labels=torch.where(text[:, None], tokens.labels, torch.full_like(tokens.labels, IGNORE_INDEX)),
+        labels=torch.where(
+            text[:, None], tokens.labels, torch.full_like(tokens.labels, IGNORE_INDEX)
+        ),
         region_masked=regions.masked & image[:, None],
         region_zeroed=regions.zeroed & image[:, None],
         text_masked=text,
@@ -375,8 +402,15 @@ def conditional_masking(
     """
     _check_probability("text_probability", text_probability, allow_zero=True)
     tokens, regions = _mask_both(
-        input_ids, maskable, region_mask, mask_token_id=mask_token_id, vocab_size=vocab_size,
-        generator=generator, special_ids=special_ids, probability=probability, zero_fraction=zero_fraction,
+        input_ids,
+        maskable,
+        region_mask,
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
+        generator=generator,
+        special_ids=special_ids,
+        probability=probability,
+        zero_fraction=zero_fraction,
     )
     has_text, has_image = maskable.any(dim=1), region_mask.any(dim=1)
     coin = _uniform((input_ids.shape[0],), generator, input_ids.device) < text_probability
@@ -401,7 +435,14 @@ def joint_masking(
     masked independently in the same sample, so a masked word may have lost the very
     region that would explain it. Arguments as in :func:`conditional_masking`."""
     tokens, regions = _mask_both(
-        input_ids, maskable, region_mask, mask_token_id=mask_token_id, vocab_size=vocab_size,
-        generator=generator, special_ids=special_ids, probability=probability, zero_fraction=zero_fraction,
+        input_ids,
+        maskable,
+        region_mask,
+        mask_token_id=mask_token_id,
+        vocab_size=vocab_size,
+        generator=generator,
+        special_ids=special_ids,
+        probability=probability,
+        zero_fraction=zero_fraction,
     )
     return _restrict(input_ids, tokens, regions, maskable.any(dim=1), region_mask.any(dim=1))

@@ -24,8 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["vqa_accuracy", "evaluate_vqa", "recall_at_k", "image_text_recall", "retrieval_chance", "itm_accuracy",
-           "expected_recall_at_k", "retrieval_scores", "retrieval_bounds", "mean_range"]
+__all__ = [
+    "vqa_accuracy",
+    "evaluate_vqa",
+    "recall_at_k",
+    "image_text_recall",
+    "retrieval_chance",
+    "itm_accuracy",
+    "expected_recall_at_k",
+    "retrieval_scores",
+    "retrieval_bounds",
+    "mean_range",
+]
 
 
 def _as_predictions(logits_or_preds: Tensor) -> Tensor:
@@ -33,7 +43,9 @@ def _as_predictions(logits_or_preds: Tensor) -> Tensor:
         raise TypeError(f"logits_or_preds must be a tensor, got {type(logits_or_preds).__name__}")
     if logits_or_preds.is_floating_point():
         if logits_or_preds.dim() != 2:
-            raise ValueError(f"logits must have shape (N, num_answers), got {tuple(logits_or_preds.shape)}")
+            raise ValueError(
+                f"logits must have shape (N, num_answers), got {tuple(logits_or_preds.shape)}"
+            )
         return logits_or_preds.argmax(dim=-1)
     if logits_or_preds.dim() != 1:
         raise ValueError(f"predictions must have shape (N,), got {tuple(logits_or_preds.shape)}")
@@ -55,8 +67,13 @@ def _rate(correct: Tensor, where: Tensor) -> tuple[float, int]:
     return (float(correct[where].float().mean()) if n else math.nan), n
 
 
-def vqa_accuracy(logits_or_preds: Tensor, answers: Tensor, families: Tensor | None = None,
-                 relational: Tensor | None = None, family_names: Sequence[str] | None = None) -> dict[str, float]:
+def vqa_accuracy(
+    logits_or_preds: Tensor,
+    answers: Tensor,
+    families: Tensor | None = None,
+    relational: Tensor | None = None,
+    family_names: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Accuracy overall, per question family and for relational vs non-relational questions (chapter 3).
 
     Args:
@@ -90,15 +107,22 @@ def vqa_accuracy(logits_or_preds: Tensor, answers: Tensor, families: Tensor | No
             from fusionlib.data.shapes import QUESTION_FAMILIES as family_names
         fam = families.cpu().long()
         if bool(((fam < 0) | (fam >= len(family_names))).any()):
-            raise ValueError(f"families must be indices in [0, {len(family_names)}) into {tuple(family_names)}, "
-                             f"got values in [{int(fam.min())}, {int(fam.max())}]")
+            raise ValueError(
+                f"families must be indices in [0, {len(family_names)}) into {tuple(family_names)}, "
+                f"got values in [{int(fam.min())}, {int(fam.max())}]"
+            )
         for k, name in enumerate(family_names):
             out[f"{name}_accuracy"], out[f"{name}_n"] = _rate(correct, fam == k)
     return out
 
 
-def evaluate_vqa(model: nn.Module, loader: Any, device: torch.device | str | None = None, prefix: str = "",
-                 family_names: Sequence[str] | None = None) -> dict[str, float]:
+def evaluate_vqa(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device | str | None = None,
+    prefix: str = "",
+    family_names: Sequence[str] | None = None,
+) -> dict[str, float]:
     """Run ``model`` over every batch of ``loader`` and score it with :func:`vqa_accuracy`.
 
     ``model(batch)`` must return logits ``(B, num_answers)``; batches need
@@ -122,7 +146,7 @@ def evaluate_vqa(model: nn.Module, loader: Any, device: torch.device | str | Non
             for batch in loader:
                 batch = to_device(batch, device)
                 logits = model(batch)
-                if isinstance(logits, tuple):          # (logits, attention weights)
+                if isinstance(logits, tuple):  # (logits, attention weights)
                     logits = logits[0]
                 loss_sum += float(F.cross_entropy(logits.float(), batch["answer"], reduction="sum"))
                 preds.append(logits.argmax(dim=-1).cpu())
@@ -136,13 +160,20 @@ def evaluate_vqa(model: nn.Module, loader: Any, device: torch.device | str | Non
     if not preds:
         raise ValueError("loader yielded no batches")
     p, a = torch.cat(preds), torch.cat(answers)
-    result = vqa_accuracy(p, a, torch.cat(families) if len(families) == len(preds) else None,
-                          torch.cat(relational) if len(relational) == len(preds) else None, family_names)
+    result = vqa_accuracy(
+        p,
+        a,
+        torch.cat(families) if len(families) == len(preds) else None,
+        torch.cat(relational) if len(relational) == len(preds) else None,
+        family_names,
+    )
     result["loss"] = loss_sum / len(p)
     return {f"{prefix}{k}": v for k, v in result.items()}
 
 
-def recall_at_k(similarity: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+    similarity: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@K for retrieval: the fraction of queries with a right candidate among their top K (chapter 5).
 
     Args:
@@ -158,18 +189,26 @@ def recall_at_k(similarity: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5
     :func:`expected_recall_at_k` breaks ties at random instead (the two agree
     when no wrong candidate ties a query's best right one).
     """
-    if not isinstance(similarity, Tensor) or similarity.dim() != 2 or not similarity.is_floating_point():
-        raise ValueError(f"similarity must be a float (Nq, Nc) tensor, got "
-                         f"{tuple(similarity.shape) if isinstance(similarity, Tensor) else type(similarity).__name__}")
+    if (
+        not isinstance(similarity, Tensor)
+        or similarity.dim() != 2
+        or not similarity.is_floating_point()
+    ):
+        raise ValueError(
+            f"similarity must be a float (Nq, Nc) tensor, got "
+            f"{tuple(similarity.shape) if isinstance(similarity, Tensor) else type(similarity).__name__}"
+        )
     pos = _positive_mask(positives, *similarity.shape, similarity.device)
     ks = _check_ks(ks)
     sim = similarity.float()
-    best_positive = sim.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)   # (Nq, 1)
-    rank = ((sim >= best_positive) & ~pos).sum(dim=1)                               # wrong ones ahead
+    best_positive = sim.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)  # (Nq, 1)
+    rank = ((sim >= best_positive) & ~pos).sum(dim=1)  # wrong ones ahead
     return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
 
 
-def image_text_recall(similarity: Tensor, caption_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def image_text_recall(
+    similarity: Tensor, caption_image: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@K both ways for image-text retrieval with several captions per image (chapter 5).
 
     ``similarity (N_images, N_captions)``; ``caption_image (N_captions,)`` long,
@@ -180,20 +219,26 @@ def image_text_recall(similarity: Tensor, caption_image: Tensor, ks: Sequence[in
     plus recall against every image a caption is true of.
     """
     if not isinstance(similarity, Tensor) or similarity.dim() != 2:
-        raise ValueError(f"similarity must be (N_images, N_captions), got "
-                         f"{tuple(similarity.shape) if isinstance(similarity, Tensor) else type(similarity).__name__}")
+        raise ValueError(
+            f"similarity must be (N_images, N_captions), got "
+            f"{tuple(similarity.shape) if isinstance(similarity, Tensor) else type(similarity).__name__}"
+        )
     ni, nc = similarity.shape
     if not isinstance(caption_image, Tensor) or tuple(caption_image.shape) != (nc,):
         raise ValueError(f"caption_image must have shape ({nc},), one image index per caption")
     if bool(((caption_image < 0) | (caption_image >= ni)).any()):
         raise ValueError(f"caption_image must hold image indices in [0, {ni})")
     owner = caption_image.long().to(similarity.device)
-    i2t = recall_at_k(similarity, torch.arange(ni, device=similarity.device)[:, None] == owner[None, :], ks)
+    i2t = recall_at_k(
+        similarity, torch.arange(ni, device=similarity.device)[:, None] == owner[None, :], ks
+    )
     t2i = recall_at_k(similarity.t(), owner, ks)
     return {**{f"i2t_{k}": v for k, v in i2t.items()}, **{f"t2i_{k}": v for k, v in t2i.items()}}
 
 
-def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_chance(
+    num_images: int, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """The recall@K of a random ranking, for the keys of :func:`image_text_recall` (chapter 6b).
 
     Text to image: each caption has one right image among ``num_images``, so
@@ -210,7 +255,9 @@ def retrieval_chance(num_images: int, captions_per_image: int, ks: Sequence[int]
     n_c, c = num_images * captions_per_image, captions_per_image
     # With K above the wrong captions C(n_c - c, K) is 0 and the formula gives 1; with K above all
     # the captions C(n_c, K) is 0 too, and every caption is in the top K anyway.
-    chance = {f"i2t_R@{k}": 1 - math.comb(n_c - c, k) / math.comb(n_c, k) if k <= n_c else 1.0 for k in ks}
+    chance = {
+        f"i2t_R@{k}": 1 - math.comb(n_c - c, k) / math.comb(n_c, k) if k <= n_c else 1.0 for k in ks
+    }
     chance.update({f"t2i_R@{k}": min(1.0, k / num_images) for k in ks})
     return chance
 
@@ -241,7 +288,7 @@ def itm_accuracy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> fl
 # Retrieval with honest ties and a truth judge (chapter 2, "When is a caption true?"; used by chapters 5 and 6)
 # ----------------------------------------------------------------------------------------------------------------
 
-_PRODUCT_CHUNK = 1024          # factors of the tie product computed at once per query
+_PRODUCT_CHUNK = 1024  # factors of the tie product computed at once per query
 
 
 def _describe(x: Any) -> str:
@@ -258,8 +305,12 @@ def _indices(mask: Tensor, limit: int = 10) -> str:
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks \
-            or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in ks):
+    if (
+        isinstance(ks, (str, bytes))
+        or not isinstance(ks, Sequence)
+        or not ks
+        or any(not isinstance(k, int) or isinstance(k, bool) or k <= 0 for k in ks)
+    ):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
     return tuple(ks)
 
@@ -267,27 +318,37 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
 def _positive_mask(positives: Any, nq: int, nc: int, device: torch.device) -> Tensor:
     """``(Nq, Nc)`` bool of the right candidates, from ``(Nq,)`` integer indices or an ``(Nq, Nc)`` bool mask."""
     if not isinstance(positives, Tensor):
-        raise ValueError(f"positives must be a ({nq},) integer or ({nq}, {nc}) bool tensor, "
-                         f"got {_describe(positives)}")
+        raise ValueError(
+            f"positives must be a ({nq},) integer or ({nq}, {nc}) bool tensor, "
+            f"got {_describe(positives)}"
+        )
     if positives.dtype == torch.bool:
         if tuple(positives.shape) != (nq, nc):
-            raise ValueError(f"bool positives must have shape ({nq}, {nc}), got {tuple(positives.shape)}")
+            raise ValueError(
+                f"bool positives must have shape ({nq}, {nc}), got {tuple(positives.shape)}"
+            )
         pos = positives.to(device)
     else:
         if positives.is_floating_point() or positives.is_complex():
             raise ValueError(f"index positives must have an integer dtype, got {positives.dtype}")
         if tuple(positives.shape) != (nq,):
-            raise ValueError(f"index positives must have shape ({nq},), got {tuple(positives.shape)}")
+            raise ValueError(
+                f"index positives must have shape ({nq},), got {tuple(positives.shape)}"
+            )
         bad = (positives < 0) | (positives >= nc)
         if bool(bad.any()):
-            raise ValueError(f"index positives must be candidate indices in [0, {nc}), "
-                             f"got out-of-range values for queries {_indices(bad.cpu())}")
+            raise ValueError(
+                f"index positives must be candidate indices in [0, {nc}), "
+                f"got out-of-range values for queries {_indices(bad.cpu())}"
+            )
         pos = torch.zeros(nq, nc, dtype=torch.bool, device=device)
         pos.scatter_(1, positives.long().to(device)[:, None], True)
     empty = ~pos.any(dim=1)
     if bool(empty.any()):
-        raise ValueError(f"every query needs at least one positive candidate; queries {_indices(empty.cpu())} "
-                         f"have none")
+        raise ValueError(
+            f"every query needs at least one positive candidate; queries {_indices(empty.cpu())} "
+            f"have none"
+        )
     return pos
 
 
@@ -296,10 +357,14 @@ def _check_scores(name: str, scores: Any, shape: str) -> Tensor:
     if not isinstance(scores, Tensor) or scores.dim() != 2 or not scores.is_floating_point():
         raise ValueError(f"{name} must be a float {shape} tensor, got {_describe(scores)}")
     if scores.shape[0] == 0 or scores.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty {shape} tensor, got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"{name} must be a non-empty {shape} tensor, got shape {tuple(scores.shape)}"
+        )
     nan = torch.isnan(scores)
     if bool(nan.any()):
-        raise ValueError(f"{name} must hold no NaN, got NaN in rows {_indices(nan.any(dim=1).cpu())}")
+        raise ValueError(
+            f"{name} must hold no NaN, got NaN in rows {_indices(nan.any(dim=1).cpu())}"
+        )
     return scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
 
 
@@ -314,15 +379,17 @@ def _tie_hit_probability(tied: Tensor, tied_right: Tensor, slots: Tensor) -> Ten
     each in (0, 1]: no overflow, relative error about ``min(j, p) * 1e-16``.
     """
     t, p, j = tied, tied_right, slots
-    sure = j > t - p                     # more slots than wrong ties: a right one is among them
-    never = j <= 0                       # the wrong candidates scoring above fill the top K
+    sure = j > t - p  # more slots than wrong ties: a right one is among them
+    never = j <= 0  # the wrong candidates scoring above fill the top K
     n_factors = torch.where(sure | never, torch.zeros_like(j), torch.minimum(j, p))
     shift = torch.maximum(j, p)
     miss = torch.ones(t.shape, dtype=torch.float64, device=t.device)
     most = int(n_factors.max()) if n_factors.numel() else 0
     for start in range(0, most, _PRODUCT_CHUNK):
         rows = (n_factors > start).nonzero().flatten()
-        i = torch.arange(start, min(start + _PRODUCT_CHUNK, most), dtype=torch.float64, device=t.device)
+        i = torch.arange(
+            start, min(start + _PRODUCT_CHUNK, most), dtype=torch.float64, device=t.device
+        )
         t_r = t[rows].double()[:, None]
         factors = (t_r - shift[rows].double()[:, None] - i) / (t_r - i).clamp(min=1)
         factors = torch.where(i[None, :] < n_factors[rows, None], factors, torch.ones_like(factors))
@@ -334,15 +401,17 @@ def _tie_hit_probability(tied: Tensor, tied_right: Tensor, slots: Tensor) -> Ten
 
 def _expected_recall(sim: Tensor, pos: Tensor, ks: tuple[int, ...]) -> dict[str, float]:
     """:func:`expected_recall_at_k` on checked arguments: ``pos`` (Nq, Nc) bool on ``sim``'s device."""
-    best = sim.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)      # b, (Nq, 1)
-    above = (sim > best).sum(dim=1)                                             # a: all wrong
+    best = sim.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)  # b, (Nq, 1)
+    above = (sim > best).sum(dim=1)  # a: all wrong
     at_best = sim == best
-    tied = at_best.sum(dim=1)                                                   # t
-    tied_right = (at_best & pos).sum(dim=1)                                     # p >= 1
+    tied = at_best.sum(dim=1)  # t
+    tied_right = (at_best & pos).sum(dim=1)  # p >= 1
     return {f"R@{k}": float(_tie_hit_probability(tied, tied_right, k - above).mean()) for k in ks}
 
 
-def expected_recall_at_k(similarity: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def expected_recall_at_k(
+    similarity: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
     """Recall@K with ties broken uniformly at random: the exact expected recall (chapter 2; chapters 5, 6).
 
     Args:
@@ -369,8 +438,12 @@ def expected_recall_at_k(similarity: Tensor, positives: Tensor, ks: Sequence[int
     return _expected_recall(sim, pos, _check_ks(ks))
 
 
-def retrieval_scores(similarity: Tensor, text_image: Tensor, truth: Tensor | None = None,
-                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_scores(
+    similarity: Tensor,
+    text_image: Tensor,
+    truth: Tensor | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
     """Image-text recall@K both ways, ties broken at random, optionally against a truth judge (chapter 2).
 
     Args:
@@ -402,37 +475,70 @@ def retrieval_scores(similarity: Tensor, text_image: Tensor, truth: Tensor | Non
     sim = _check_scores("similarity", similarity, "(N_images, N_texts)")
     ks = _check_ks(ks)
     n_images, n_texts = sim.shape
-    if not isinstance(text_image, Tensor) or text_image.dtype == torch.bool or text_image.is_floating_point() \
-            or text_image.is_complex() or tuple(text_image.shape) != (n_texts,):
-        raise ValueError(f"text_image must be an integer ({n_texts},) tensor, one image index per text "
-                         f"(similarity is (N_images, N_texts) = {tuple(sim.shape)}), got {_describe(text_image)}")
+    if (
+        not isinstance(text_image, Tensor)
+        or text_image.dtype == torch.bool
+        or text_image.is_floating_point()
+        or text_image.is_complex()
+        or tuple(text_image.shape) != (n_texts,)
+    ):
+        raise ValueError(
+            f"text_image must be an integer ({n_texts},) tensor, one image index per text "
+            f"(similarity is (N_images, N_texts) = {tuple(sim.shape)}), got {_describe(text_image)}"
+        )
     bad = (text_image < 0) | (text_image >= n_images)
     if bool(bad.any()):
-        raise ValueError(f"text_image must hold image indices in [0, {n_images}), got values in "
-                         f"[{int(text_image.min())}, {int(text_image.max())}] for texts {_indices(bad.cpu())}")
+        raise ValueError(
+            f"text_image must hold image indices in [0, {n_images}), got values in "
+            f"[{int(text_image.min())}, {int(text_image.max())}] for texts {_indices(bad.cpu())}"
+        )
     owner = text_image.long().to(sim.device)
-    written_for = torch.arange(n_images, device=sim.device)[:, None] == owner[None, :]      # (N_images, N_texts)
-    queried = written_for.any(dim=1)             # images without a text of their own are only distractors
+    written_for = (
+        torch.arange(n_images, device=sim.device)[:, None] == owner[None, :]
+    )  # (N_images, N_texts)
+    queried = written_for.any(dim=1)  # images without a text of their own are only distractors
     if truth is not None:
-        if not isinstance(truth, Tensor) or truth.dtype != torch.bool or tuple(truth.shape) != (n_texts, n_images):
-            hint = " (pass truth as (N_texts, N_images), not transposed)" if isinstance(truth, Tensor) and \
-                tuple(truth.shape) == (n_images, n_texts) and n_images != n_texts else ""
-            raise ValueError(f"truth must be a bool (N_texts, N_images) = ({n_texts}, {n_images}) tensor{hint}, "
-                             f"got {_describe(truth)}")
+        if (
+            not isinstance(truth, Tensor)
+            or truth.dtype != torch.bool
+            or tuple(truth.shape) != (n_texts, n_images)
+        ):
+            hint = (
+                " (pass truth as (N_texts, N_images), not transposed)"
+                if isinstance(truth, Tensor)
+                and tuple(truth.shape) == (n_images, n_texts)
+                and n_images != n_texts
+                else ""
+            )
+            raise ValueError(
+                f"truth must be a bool (N_texts, N_images) = ({n_texts}, {n_images}) tensor{hint}, "
+                f"got {_describe(truth)}"
+            )
         true_of = truth.to(sim.device)
         false_of_own = ~true_of[torch.arange(n_texts, device=sim.device), owner]
         if bool(false_of_own.any()):
-            raise ValueError(f"every text must be true of its own image (truth[k, text_image[k]]), but texts "
-                             f"{_indices(false_of_own.cpu())} are not: the truth judge or the data is broken")
-    out = {f"i2t_{k}": v for k, v in _expected_recall(sim[queried], written_for[queried], ks).items()}
+            raise ValueError(
+                f"every text must be true of its own image (truth[k, text_image[k]]), but texts "
+                f"{_indices(false_of_own.cpu())} are not: the truth judge or the data is broken"
+            )
+    out = {
+        f"i2t_{k}": v for k, v in _expected_recall(sim[queried], written_for[queried], ks).items()
+    }
     out.update({f"t2i_{k}": v for k, v in _expected_recall(sim.t(), written_for.t(), ks).items()})
     if truth is not None:
         out.update({f"truth_t2i_{k}": v for k, v in _expected_recall(sim.t(), true_of, ks).items()})
-        out.update({f"truth_i2t_{k}": v for k, v in _expected_recall(sim[queried], true_of.t()[queried], ks).items()})
+        out.update(
+            {
+                f"truth_i2t_{k}": v
+                for k, v in _expected_recall(sim[queried], true_of.t()[queried], ks).items()
+            }
+        )
     return out
 
 
-def retrieval_bounds(truth: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[str, float]]:
+def retrieval_bounds(
+    truth: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, dict[str, float]]:
     """Chance and ceiling for every key of :func:`retrieval_scores` with ``truth`` (chapter 2; chapters 5, 6).
 
     Args:
@@ -457,8 +563,10 @@ def retrieval_bounds(truth: Tensor, text_image: Tensor, ks: Sequence[int] = (1, 
     if not isinstance(truth, Tensor) or truth.dtype != torch.bool or truth.dim() != 2:
         raise ValueError(f"truth must be a bool (N_texts, N_images) tensor, got {_describe(truth)}")
     constant = torch.zeros(truth.shape[1], truth.shape[0], device=truth.device)
-    return {"chance": retrieval_scores(constant, text_image, truth, ks),
-            "ceiling": retrieval_scores(truth.t().float(), text_image, truth, ks)}
+    return {
+        "chance": retrieval_scores(constant, text_image, truth, ks),
+        "ceiling": retrieval_scores(truth.t().float(), text_image, truth, ks),
+    }
 
 
 def mean_range(values: Sequence[float], digits: int = 3) -> str:
@@ -475,6 +583,6 @@ def mean_range(values: Sequence[float], digits: int = 3) -> str:
     if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
         raise ValueError(f"digits must be an int >= 0, got {digits!r}")
     lo, hi, mean = min(values), max(values), sum(values) / len(values)
-    if hi - lo < 10 ** -digits:
+    if hi - lo < 10**-digits:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"

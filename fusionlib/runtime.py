@@ -83,7 +83,9 @@ def device(prefer: str | None = None) -> torch.device:
     if prefer is not None:
         dev = torch.device(prefer)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"prefer={prefer!r} asks for CUDA but torch.cuda.is_available() is False")
+            raise ValueError(
+                f"prefer={prefer!r} asks for CUDA but torch.cuda.is_available() is False"
+            )
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -117,7 +119,9 @@ def step_generator(generator: torch.Generator | None = None) -> torch.Generator:
     """
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise TypeError(
+                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+            )
         return generator
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.long)))
 
@@ -197,11 +201,16 @@ def summary() -> str:
     )
 
 
-_written: dict[str, str] = {}      # chapter -> the file this process last wrote or kept for it
+_written: dict[str, str] = {}  # chapter -> the file this process last wrote or kept for it
 
 
-def write_results(chapter: str, metrics: dict[str, Any], directory: str | os.PathLike | None = None,
-                  recipe: str | None = None, **extra: Any) -> str:
+def write_results(
+    chapter: str,
+    metrics: dict[str, Any],
+    directory: str | os.PathLike | None = None,
+    recipe: str | None = None,
+    **extra: Any,
+) -> str:
     """Write ``results/<chapter>.json`` with ``metrics`` plus the recipe, the environment and the date.
 
     Tables in the book are built from these files, never typed by hand.
@@ -218,7 +227,9 @@ def write_results(chapter: str, metrics: dict[str, Any], directory: str | os.Pat
     :func:`read_results` then reads whichever file this run's results are in.
     """
     if not chapter or "/" in chapter:
-        raise ValueError(f"chapter must be a bare name like '03_cross_attention_fusion', got {chapter!r}")
+        raise ValueError(
+            f"chapter must be a bare name like '03_cross_attention_fusion', got {chapter!r}"
+        )
     recipe = recipe or profile_recipe()
     recipe_rank(recipe)
     record = {
@@ -230,7 +241,9 @@ def write_results(chapter: str, metrics: dict[str, Any], directory: str | os.Pat
         "metrics": metrics,
     }
     text = json.dumps(record, indent=2, sort_keys=False, default=_json_default) + "\n"
-    path = os.path.join(os.fspath(directory) if directory is not None else results_dir(), f"{chapter}.json")
+    path = os.path.join(
+        os.fspath(directory) if directory is not None else results_dir(), f"{chapter}.json"
+    )
     if directory is None and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
@@ -238,13 +251,17 @@ def write_results(chapter: str, metrics: dict[str, Any], directory: str | os.Pat
         if recipe_rank(old_recipe) > recipe_rank(recipe):
             side = os.path.join(cache_dir(), f"results-{recipe}", f"{chapter}.json")
             atomic_write_text(side, text)
-            print(f"results/{chapter}.json holds the {old_recipe} recipe's results and is kept; "
-                  f"this {recipe} run's results went to {os.path.relpath(side, repo_root())}")
+            print(
+                f"results/{chapter}.json holds the {old_recipe} recipe's results and is kept; "
+                f"this {recipe} run's results went to {os.path.relpath(side, repo_root())}"
+            )
             _written[chapter] = side
             return side
         new = json.loads(text)
         if old_recipe == recipe and all(_same(old.get(k), new[k]) for k in ("metrics", *extra)):
-            print(f"results/{chapter}.json already holds these results ({recipe} recipe): left as it is")
+            print(
+                f"results/{chapter}.json already holds these results ({recipe} recipe): left as it is"
+            )
             _written[chapter] = path
             return path
     atomic_write_text(path, text)
@@ -259,8 +276,11 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9,
-                                                                                             abs_tol=1e-12)
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+        )
     return a == b
 
 

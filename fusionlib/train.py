@@ -75,15 +75,26 @@ __all__ = [
     "DEFAULT_TASK",
 ]
 
-DEFAULT_TASK = "train"          # the task name when train_data is a single DataLoader
+DEFAULT_TASK = "train"  # the task name when train_data is a single DataLoader
 SCHEDULES = ("cosine", "linear", "constant")
 STATE_NAME = "trainer_state.pt"
 WEIGHTS_NAME = "model.safetensors"
 STATE_FORMAT_VERSION = 1
 _TRAIN_COLUMNS = ("step", "task", "loss", "lr", "grad_norm", "seconds")
 # Changing these between a run and its resumption changes the numbers it produces.
-_RESULT_FIELDS = ("steps", "lr", "weight_decay", "betas", "eps", "warmup_steps", "schedule", "min_lr_ratio",
-                  "grad_clip", "seed", "amp")
+_RESULT_FIELDS = (
+    "steps",
+    "lr",
+    "weight_decay",
+    "betas",
+    "eps",
+    "warmup_steps",
+    "schedule",
+    "min_lr_ratio",
+    "grad_clip",
+    "seed",
+    "amp",
+)
 
 
 @dataclasses.dataclass
@@ -94,27 +105,31 @@ class TrainConfig:
     """
 
     steps: int = 1000
-    lr: float = 1e-3                   # peak learning rate, reached at the end of warm-up
-    weight_decay: float = 0.01         # AdamW; matrices only, not biases or LayerNorm gains
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    weight_decay: float = 0.01  # AdamW; matrices only, not biases or LayerNorm gains
     betas: tuple[float, float] = (0.9, 0.999)  # UNITER used (0.9, 0.98)
     eps: float = 1e-8
-    warmup_steps: int = 0              # linear warm-up from lr/warmup_steps to lr
-    schedule: str = "cosine"           # after warm-up: "cosine" | "linear" decay to min_lr_ratio * lr, or "constant"
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    schedule: str = (
+        "cosine"  # after warm-up: "cosine" | "linear" decay to min_lr_ratio * lr, or "constant"
+    )
     min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0      # max global gradient norm; None: no clipping (the norm is still logged)
-    eval_every: int | None = None      # evaluate every this many steps (and always at the end)
-    log_every: int = 10                # refresh the progress bar's loss every this many steps
-    save_every: int | None = None      # write last/ every this many steps (default: at each evaluation)
+    grad_clip: float | None = (
+        1.0  # max global gradient norm; None: no clipping (the norm is still logged)
+    )
+    eval_every: int | None = None  # evaluate every this many steps (and always at the end)
+    log_every: int = 10  # refresh the progress bar's loss every this many steps
+    save_every: int | None = None  # write last/ every this many steps (default: at each evaluation)
     seed: int = 0
-    amp: bool = True                   # bf16 autocast on CUDA (runtime.autocast); ignored on CPU
-    compile: bool = False              # torch.compile the model on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA (runtime.autocast); ignored on CPU
+    compile: bool = False  # torch.compile the model on CUDA; ignored on CPU
     checkpoint_dir: str | None = None  # None: no checkpoints
-    keep_best_by: str | None = None    # an eval_fn metric, e.g. "val_accuracy"
-    best_mode: str = "max"             # "max" (accuracy) or "min" (a loss)
+    keep_best_by: str | None = None  # an eval_fn metric, e.g. "val_accuracy"
+    best_mode: str = "max"  # "max" (accuracy) or "min" (a loss)
     # (eval_fn metric, value): stop after the first evaluation at which the metric reaches the value,
     # e.g. ("shape_accuracy", 0.95) to pretrain until grounded (chapter 6b). The schedule keeps its length.
     stop_when: tuple[str, float] | None = None
-    stop_mode: str = "max"             # "max": stop once metric >= value; "min": once metric <= value
+    stop_mode: str = "max"  # "max": stop once metric >= value; "min": once metric <= value
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every"):
@@ -126,7 +141,9 @@ class TrainConfig:
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps must be an int in [0, steps={self.steps}], got {self.warmup_steps!r}")
+            raise ValueError(
+                f"warmup_steps must be an int in [0, steps={self.steps}], got {self.warmup_steps!r}"
+            )
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
@@ -147,17 +164,28 @@ class TrainConfig:
                 raise ValueError(f"{name} must be 'max' or 'min', got {getattr(self, name)!r}")
         if self.stop_when is not None:
             stop = tuple(self.stop_when)
-            if (len(stop) != 2 or not isinstance(stop[0], str) or isinstance(stop[1], bool)
-                    or not isinstance(stop[1], (int, float)) or not math.isfinite(stop[1])):
-                raise ValueError(f"stop_when must be (eval metric name, finite number), got {self.stop_when!r}")
+            if (
+                len(stop) != 2
+                or not isinstance(stop[0], str)
+                or isinstance(stop[1], bool)
+                or not isinstance(stop[1], (int, float))
+                or not math.isfinite(stop[1])
+            ):
+                raise ValueError(
+                    f"stop_when must be (eval metric name, finite number), got {self.stop_when!r}"
+                )
             self.stop_when = (stop[0], float(stop[1]))
             if self.eval_every is None:
-                raise ValueError(f"stop_when={self.stop_when!r} is checked at evaluations: set eval_every too")
+                raise ValueError(
+                    f"stop_when={self.stop_when!r} is checked at evaluations: set eval_every too"
+                )
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = os.fspath(self.checkpoint_dir)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +219,9 @@ def lr_schedule(config: TrainConfig) -> list[float]:
     return [config.lr * lr_multiplier(s, config) for s in range(config.steps)]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device | None = None
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (``dim >= 2``) only, as nanoGPT and BERT do.
 
     Biases and LayerNorm gains are not decayed: pulling a gain towards zero
@@ -200,11 +230,18 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device |
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     fused = device is not None and torch.device(device).type == "cuda"
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas,
-                             eps=config.eps, fused=fused or None)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        fused=fused or None,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -226,12 +263,14 @@ class History:
     was met (``None`` if it never was; ``config.steps`` if only the last one met it).
     """
 
-    train: dict[str, list] = dataclasses.field(default_factory=lambda: {c: [] for c in _TRAIN_COLUMNS})
+    train: dict[str, list] = dataclasses.field(
+        default_factory=lambda: {c: [] for c in _TRAIN_COLUMNS}
+    )
     val: dict[str, list] = dataclasses.field(default_factory=lambda: {"step": [], "seconds": []})
     best_metric: str | None = None
     best_step: int | None = None
     best_value: float | None = None
-    seconds: float = 0.0              # total wall time, training and evaluation
+    seconds: float = 0.0  # total wall time, training and evaluation
     stopped_at: int | None = None
 
     @property
@@ -255,8 +294,11 @@ class History:
         table = getattr(self, split)
         if name not in table:
             raise KeyError(f"history.{split} has no {name!r}; it has {sorted(table)}")
-        pairs = [(s, v) for s, v in zip(table["step"], table[name])
-                 if not (isinstance(v, float) and math.isnan(v))]
+        pairs = [
+            (s, v)
+            for s, v in zip(table["step"], table[name])
+            if not (isinstance(v, float) and math.isnan(v))
+        ]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
     def last_val(self) -> dict[str, float]:
@@ -266,23 +308,33 @@ class History:
         return {k: v[-1] for k, v in self.val.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train": {k: list(v) for k, v in self.train.items()},
-                "val": {k: list(v) for k, v in self.val.items()},
-                "best_metric": self.best_metric, "best_step": self.best_step, "best_value": self.best_value,
-                "seconds": self.seconds, "stopped_at": self.stopped_at}
+        return {
+            "train": {k: list(v) for k, v in self.train.items()},
+            "val": {k: list(v) for k, v in self.val.items()},
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "best_value": self.best_value,
+            "seconds": self.seconds,
+            "stopped_at": self.stopped_at,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "History":
-        return cls(train={k: list(v) for k, v in d["train"].items()}, val={k: list(v) for k, v in d["val"].items()},
-                   best_metric=d.get("best_metric"), best_step=d.get("best_step"),
-                   best_value=d.get("best_value"), seconds=float(d.get("seconds", 0.0)),
-                   stopped_at=d.get("stopped_at"))
+        return cls(
+            train={k: list(v) for k, v in d["train"].items()},
+            val={k: list(v) for k, v in d["val"].items()},
+            best_metric=d.get("best_metric"),
+            best_step=d.get("best_step"),
+            best_value=d.get("best_value"),
+            seconds=float(d.get("seconds", 0.0)),
+            stopped_at=d.get("stopped_at"),
+        )
 
     def _append(self, table: dict[str, list], row: Mapping[str, Any]) -> None:
         n = len(table["step"])
         for key in row:
             if key not in table:
-                table[key] = [math.nan] * n          # a metric that first appears now
+                table[key] = [math.nan] * n  # a metric that first appears now
         for key, column in table.items():
             column.append(row.get(key, math.nan))
 
@@ -311,7 +363,9 @@ class _LoaderStream:
 
     def __init__(self, loader: DataLoader, seed: int, task: str):
         if not isinstance(loader, DataLoader):
-            raise TypeError(f"train_data for task {task!r} must be a torch DataLoader, got {type(loader).__name__}")
+            raise TypeError(
+                f"train_data for task {task!r} must be a torch DataLoader, got {type(loader).__name__}"
+            )
         self.loader, self.seed, self.task = loader, seed, task
         self.epoch, self.position = 0, 0
         self._iterator = None
@@ -322,8 +376,10 @@ class _LoaderStream:
 
     def _open(self) -> None:
         self._generator.manual_seed(_derive_seed(self.seed, "data", self.task, self.epoch))
-        for sampler in {id(s): s for s in (self.loader.sampler, self.loader.batch_sampler)}.values():
-            if hasattr(sampler, "set_epoch"):             # DistributedSampler, ShardedBatchSampler
+        for sampler in {
+            id(s): s for s in (self.loader.sampler, self.loader.batch_sampler)
+        }.values():
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler, ShardedBatchSampler
                 sampler.set_epoch(self.epoch)
         self._iterator = iter(self.loader)
 
@@ -345,7 +401,9 @@ class _LoaderStream:
             try:
                 batch = next(self._iterator)
             except StopIteration:
-                raise ValueError(f"the DataLoader of task {self.task!r} yields no batches") from None
+                raise ValueError(
+                    f"the DataLoader of task {self.task!r} yields no batches"
+                ) from None
         self.position += 1
         return batch
 
@@ -364,7 +422,7 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
         return batch.to(device, non_blocking=device.type == "cuda")
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):      # a NamedTuple
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
         return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
@@ -378,12 +436,14 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
 
 def _save_weights(model: nn.Module, directory: str) -> None:
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)          # weights + config.json: load_pretrained() rebuilds it
+        model.save_pretrained(directory)  # weights + config.json: load_pretrained() rebuilds it
     else:
         save_model(model, os.path.join(directory, WEIGHTS_NAME), force_contiguous=True)
 
 
-def load_weights(model: nn.Module, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_weights(
+    model: nn.Module, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> nn.Module:
     """Load ``model.safetensors`` from a checkpoint folder (``last/`` or ``best/``) into ``model``."""
     path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
     if not os.path.isfile(path):
@@ -395,9 +455,12 @@ def load_weights(model: nn.Module, directory: str | os.PathLike, map_location: s
 
 def _rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
@@ -406,7 +469,11 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if (
+        state["cuda"]
+        and torch.cuda.is_available()
+        and len(state["cuda"]) == torch.cuda.device_count()
+    ):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -429,50 +496,70 @@ def _as_tasks(train_data: DataLoader | Mapping[str, DataLoader]) -> dict[str, Da
         return {DEFAULT_TASK: train_data}
     if isinstance(train_data, Mapping):
         if not train_data:
-            raise ValueError("train_data must be a DataLoader or a non-empty dict task -> DataLoader, got {}")
+            raise ValueError(
+                "train_data must be a DataLoader or a non-empty dict task -> DataLoader, got {}"
+            )
         for task in train_data:
             if not isinstance(task, str) or not task:
-                raise ValueError(f"task names in train_data must be non-empty strings, got {task!r}")
+                raise ValueError(
+                    f"task names in train_data must be non-empty strings, got {task!r}"
+                )
         return dict(train_data)
-    raise TypeError(f"train_data must be a DataLoader or a dict task -> DataLoader, got {type(train_data).__name__}")
+    raise TypeError(
+        f"train_data must be a DataLoader or a dict task -> DataLoader, got {type(train_data).__name__}"
+    )
 
 
 def _task_weights(tasks: list[str], task_mix: Mapping[str, float] | None) -> Tensor:
     if task_mix is None:
         return torch.ones(len(tasks), dtype=torch.float64)
     if set(task_mix) != set(tasks):
-        raise ValueError(f"task_mix must have one weight per task in train_data {sorted(tasks)}, "
-                         f"got weights for {sorted(task_mix)}")
+        raise ValueError(
+            f"task_mix must have one weight per task in train_data {sorted(tasks)}, "
+            f"got weights for {sorted(task_mix)}"
+        )
     weights = [float(task_mix[t]) for t in tasks]
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"task_mix weights must be finite, >= 0 and not all 0, got {dict(task_mix)}")
+        raise ValueError(
+            f"task_mix weights must be finite, >= 0 and not all 0, got {dict(task_mix)}"
+        )
     return torch.tensor(weights, dtype=torch.float64)
 
 
 def _loss_and_metrics(out: Any, step: int, task: str) -> tuple[Tensor, dict[str, float | Tensor]]:
     where = f"step {step} (task {task!r})"
     if not isinstance(out, Mapping) or "loss" not in out:
-        raise TypeError(f"step_fn must return a dict with a 'loss' tensor, got {type(out).__name__} at {where}")
+        raise TypeError(
+            f"step_fn must return a dict with a 'loss' tensor, got {type(out).__name__} at {where}"
+        )
     loss = out["loss"]
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-        raise ValueError(f"step_fn's 'loss' must be a scalar tensor that requires grad, at {where}; got "
-                         f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+        raise ValueError(
+            f"step_fn's 'loss' must be a scalar tensor that requires grad, at {where}; got "
+            f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else tuple(loss.shape)}"
+        )
     metrics = {}
     for key, value in out.items():
         if key == "loss":
             continue
         if key in _TRAIN_COLUMNS:
-            raise ValueError(f"step_fn returned {key!r}, a name the history uses itself ({_TRAIN_COLUMNS})")
+            raise ValueError(
+                f"step_fn returned {key!r}, a name the history uses itself ({_TRAIN_COLUMNS})"
+            )
         if isinstance(value, Tensor):
             if value.numel() != 1:
-                raise ValueError(f"step_fn's metric {key!r} must be a number, got shape {tuple(value.shape)}")
-            metrics[key] = value.detach().reshape(())       # read back with the loss, in one go
+                raise ValueError(
+                    f"step_fn's metric {key!r} must be a number, got shape {tuple(value.shape)}"
+                )
+            metrics[key] = value.detach().reshape(())  # read back with the loss, in one go
         else:
             metrics[key] = float(value)
     return loss, metrics
 
 
-def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, float]], step: int) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, float]], step: int
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     try:
@@ -481,7 +568,9 @@ def _evaluate(model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, floa
     finally:
         model.train(was_training)
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"eval_fn must return a dict of floats, got {type(metrics).__name__} at step {step}")
+        raise TypeError(
+            f"eval_fn must return a dict of floats, got {type(metrics).__name__} at step {step}"
+        )
     out = {}
     for key, value in metrics.items():
         if key in ("step", "seconds"):
@@ -542,7 +631,9 @@ def train(
         raise ValueError("resume=True needs config.checkpoint_dir to find the checkpoint in")
     for field in ("keep_best_by", "stop_when"):
         if getattr(config, field) is not None and eval_fn is None:
-            raise ValueError(f"{field}={getattr(config, field)!r} needs an eval_fn that returns the metric")
+            raise ValueError(
+                f"{field}={getattr(config, field)!r} needs an eval_fn that returns the metric"
+            )
     loaders = _as_tasks(train_data)
     tasks = list(loaders)
     weights = _task_weights(tasks, task_mix)
@@ -558,17 +649,26 @@ def train(
 
     checkpoint = _last_checkpoint(config.checkpoint_dir) if resume else None
     if checkpoint is not None:
-        state = torch.load(os.path.join(checkpoint, STATE_NAME), map_location="cpu", weights_only=True)
+        state = torch.load(
+            os.path.join(checkpoint, STATE_NAME), map_location="cpu", weights_only=True
+        )
         if state.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(f"{checkpoint} has trainer-state format {state.get('format_version')!r}, "
-                             f"expected {STATE_FORMAT_VERSION}")
+            raise ValueError(
+                f"{checkpoint} has trainer-state format {state.get('format_version')!r}, "
+                f"expected {STATE_FORMAT_VERSION}"
+            )
         if sorted(state["streams"]) != sorted(tasks):
-            raise ValueError(f"checkpoint {checkpoint} was trained on tasks {sorted(state['streams'])}, "
-                             f"train_data has {sorted(tasks)}")
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained on tasks {sorted(state['streams'])}, "
+                f"train_data has {sorted(tasks)}"
+            )
         changed = [k for k in _RESULT_FIELDS if state["train_config"].get(k) != config.to_dict()[k]]
         if changed:
-            warnings.warn(f"resuming {checkpoint} with different {changed}: the run will not match an "
-                          "uninterrupted one", stacklevel=2)
+            warnings.warn(
+                f"resuming {checkpoint} with different {changed}: the run will not match an "
+                "uninterrupted one",
+                stacklevel=2,
+            )
         load_weights(model, checkpoint, map_location=device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -577,15 +677,24 @@ def train(
         task_generator.set_state(state["task_generator"])
         history = History.from_dict(state["history"])
         stopped_under = state["train_config"].get("stop_when")
-        if history.stopped_at is not None and (tuple(stopped_under or ()) != tuple(config.stop_when or ())
-                                               or state["train_config"].get("stop_mode", "max") != config.stop_mode):
-            warnings.warn(f"{checkpoint} stopped at step {history.stopped_at} under stop_when={stopped_under!r}; "
-                          f"with stop_when={config.stop_when!r} training goes on", stacklevel=2)
+        if history.stopped_at is not None and (
+            tuple(stopped_under or ()) != tuple(config.stop_when or ())
+            or state["train_config"].get("stop_mode", "max") != config.stop_mode
+        ):
+            warnings.warn(
+                f"{checkpoint} stopped at step {history.stopped_at} under stop_when={stopped_under!r}; "
+                f"with stop_when={config.stop_when!r} training goes on",
+                stacklevel=2,
+            )
             history.stopped_at = None
         _set_rng_state(state["rng"])
         start = int(state["step"])
-        if distributed.get_rank() > 0:      # the checkpoint holds rank 0's streams; the others re-derive theirs
-            runtime.seed_everything(distributed.seed_for_rank(_derive_seed(config.seed, "resume", start)))
+        if (
+            distributed.get_rank() > 0
+        ):  # the checkpoint holds rank 0's streams; the others re-derive theirs
+            runtime.seed_everything(
+                distributed.seed_for_rank(_derive_seed(config.seed, "resume", start))
+            )
     else:
         runtime.seed_everything(distributed.seed_for_rank(config.seed))
 
@@ -594,14 +703,22 @@ def train(
     def save_last(step: int) -> None:
         if not main_process:
             return
-        state = {"format_version": STATE_FORMAT_VERSION, "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "streams": {t: s.state_dict() for t, s in streams.items()},
-                 "task_generator": task_generator.get_state(), "history": history.to_dict(),
-                 "train_config": config.to_dict(), "rng": _rng_state()}
+        state = {
+            "format_version": STATE_FORMAT_VERSION,
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "streams": {t: s.state_dict() for t, s in streams.items()},
+            "task_generator": task_generator.get_state(),
+            "history": history.to_dict(),
+            "train_config": config.to_dict(),
+            "rng": _rng_state(),
+        }
 
         def write(folder: str) -> None:
             _save_weights(model, folder)
             torch.save(state, os.path.join(folder, STATE_NAME))
+
         fileio.replace_dir(os.path.join(config.checkpoint_dir, "last"), write)
 
     def evaluate(step: int) -> None:
@@ -612,27 +729,45 @@ def train(
         if config.stop_when is not None:
             name, target = config.stop_when
             if name not in metrics:
-                raise ValueError(f"stop_when={config.stop_when!r}: {name!r} is not among eval_fn's metrics "
-                                 f"{sorted(metrics)}")
+                raise ValueError(
+                    f"stop_when={config.stop_when!r}: {name!r} is not among eval_fn's metrics "
+                    f"{sorted(metrics)}"
+                )
             value = float(metrics[name])
-            if distributed.is_distributed():     # every rank must leave the loop at the same step: all use the mean
-                value = distributed.all_reduce_mean(torch.tensor([value], dtype=torch.float64, device=device)).item()
+            if (
+                distributed.is_distributed()
+            ):  # every rank must leave the loop at the same step: all use the mean
+                value = distributed.all_reduce_mean(
+                    torch.tensor([value], dtype=torch.float64, device=device)
+                ).item()
             if value >= target if config.stop_mode == "max" else value <= target:
                 history.stopped_at = step
         if config.keep_best_by is None:
             return
         if config.keep_best_by not in metrics:
-            raise ValueError(f"keep_best_by={config.keep_best_by!r} is not among eval_fn's metrics "
-                             f"{sorted(metrics)}")
+            raise ValueError(
+                f"keep_best_by={config.keep_best_by!r} is not among eval_fn's metrics "
+                f"{sorted(metrics)}"
+            )
         value = metrics[config.keep_best_by]
         if _better(value, history.best_value, config.best_mode):
             history.best_step, history.best_value = step, value
             if config.checkpoint_dir is not None and main_process:
+
                 def write(folder: str) -> None:
                     _save_weights(model, folder)
                     with open(os.path.join(folder, "best.json"), "w", encoding="utf-8") as f:
-                        json.dump({"step": step, "metric": config.keep_best_by, "value": value,
-                                   "metrics": metrics}, f, indent=2)
+                        json.dump(
+                            {
+                                "step": step,
+                                "metric": config.keep_best_by,
+                                "value": value,
+                                "metrics": metrics,
+                            },
+                            f,
+                            indent=2,
+                        )
+
                 fileio.replace_dir(os.path.join(config.checkpoint_dir, "best"), write)
 
     run_model = model
@@ -649,13 +784,24 @@ def train(
 
     last_eval = history.val["step"][-1] if history.val["step"] else 0
     model.train()
-    bar = runtime.progress(total=config.steps, initial=start, disable=not progress or not main_process, desc="train",
-                           unit="step")
+    bar = runtime.progress(
+        total=config.steps,
+        initial=start,
+        disable=not progress or not main_process,
+        desc="train",
+        unit="step",
+    )
     recent: list[float] = []
-    end = config.steps if history.stopped_at is None else start      # a resumed run that had stopped is done
+    end = (
+        config.steps if history.stopped_at is None else start
+    )  # a resumed run that had stopped is done
     try:
         for step in range(start + 1, end + 1):
-            task = tasks[0] if len(tasks) == 1 else tasks[int(torch.multinomial(weights, 1, generator=task_generator))]
+            task = (
+                tasks[0]
+                if len(tasks) == 1
+                else tasks[int(torch.multinomial(weights, 1, generator=task_generator))]
+            )
             batch = to_device(streams[task].next(), device)
             lr = optimizer.param_groups[0]["lr"]
             with runtime.autocast(device, enabled=config.amp):
@@ -667,23 +813,42 @@ def train(
             # One read-back per step (loss, gradient norm, tensor metrics): every read-back
             # waits for the GPU, and a small model is otherwise limited by such waits.
             names = [k for k, v in metrics.items() if isinstance(v, Tensor)]
-            values = torch.stack([loss.detach().float(), norm.float().to(loss.device),
-                                  *(metrics[k].float().to(loss.device) for k in names)])
+            values = torch.stack(
+                [
+                    loss.detach().float(),
+                    norm.float().to(loss.device),
+                    *(metrics[k].float().to(loss.device) for k in names),
+                ]
+            )
             # Under DDP: the mean over ranks, i.e. the global batch's loss (the gradient norm is the same everywhere).
             values = distributed.all_reduce_mean(values).tolist()
             loss_value, grad_norm = values[0], values[1]
             metrics.update(zip(names, values[2:]))
             # Checked before optimizer.step(): a NaN never reaches the weights.
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step} (task {task!r}); stopping before "
-                                         "the update. Check the inputs of this batch, lower lr or add warm-up.")
+                raise FloatingPointError(
+                    f"loss is {loss_value} at step {step} (task {task!r}); stopping before "
+                    "the update. Check the inputs of this batch, lower lr or add warm-up."
+                )
             if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"gradient norm is {grad_norm} at step {step} (task {task!r}); "
-                                         "stopping before the update.")
+                raise FloatingPointError(
+                    f"gradient norm is {grad_norm} at step {step} (task {task!r}); "
+                    "stopping before the update."
+                )
             optimizer.step()
             scheduler.step()
-            history._append(history.train, {"step": step, "task": task, "loss": loss_value, "lr": lr,
-                                             "grad_norm": grad_norm, "seconds": elapsed(), **metrics})
+            history._append(
+                history.train,
+                {
+                    "step": step,
+                    "task": task,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "seconds": elapsed(),
+                    **metrics,
+                },
+            )
             recent.append(loss_value)
             if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
                 evaluate(step)
@@ -695,7 +860,7 @@ def train(
             if config.checkpoint_dir is not None:
                 every = config.save_every or config.eval_every
                 if step == config.steps or (every and step % every == 0) or last_eval == step:
-                    save_last(step)     # a stop follows an evaluation, so the stopped run is saved
+                    save_last(step)  # a stop follows an evaluation, so the stopped run is saved
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 postfix = {"loss": f"{sum(recent) / len(recent):.4f}", "lr": f"{lr:.2e}"}

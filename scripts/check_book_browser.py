@@ -35,9 +35,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from check_notebooks import toc_files  # noqa: E402
 
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-    "--hide-scrollbars", "--virtual-time-budget=15000",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--hide-scrollbars",
+    "--virtual-time-budget=15000",
 ]
 
 
@@ -51,8 +58,12 @@ def find_chromium() -> str | None:
 
 def chromium(browser: str, args: list[str], timeout: int = 120) -> str:
     with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                                capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     if result.returncode != 0:
         raise RuntimeError(f"chromium failed ({result.returncode}): {result.stderr[-2000:]}")
     return result.stdout
@@ -82,7 +93,9 @@ def check_page(browser: str, build: pathlib.Path, entry: str, shots: pathlib.Pat
 
     has_math = bool(main.select(".math")) or "\\(" in main.get_text() or "$$" in main.get_text()
     if has_math and not main.select("mjx-container"):
-        problems.append(f"{entry}: equations are not typeset (no mjx-container: MathJax did not run)")
+        problems.append(
+            f"{entry}: equations are not typeset (no mjx-container: MathJax did not run)"
+        )
 
     for img in main.select("img"):
         src = img.get("src", "")
@@ -97,7 +110,9 @@ def check_page(browser: str, build: pathlib.Path, entry: str, shots: pathlib.Pat
         want = code_cells_with_outputs(notebook)
         shown = sum(1 for cell in main.select("div.cell") if cell.select_one("div.cell_output"))
         if shown < want:
-            problems.append(f"{entry}: {want} code cells have outputs in the notebook but only {shown} show them")
+            problems.append(
+                f"{entry}: {want} code cells have outputs in the notebook but only {shown} show them"
+            )
 
     for link in main.select("a[href]"):
         href = link["href"]
@@ -110,8 +125,11 @@ def check_page(browser: str, build: pathlib.Path, entry: str, shots: pathlib.Pat
             problems.append(f"{entry}: broken link {href}")
             continue
         if anchor and target.suffix == ".html":
-            target_soup = soup if target == page else BeautifulSoup(target.read_text(encoding="utf-8"),
-                                                                     "html.parser")
+            target_soup = (
+                soup
+                if target == page
+                else BeautifulSoup(target.read_text(encoding="utf-8"), "html.parser")
+            )
             if not target_soup.find(id=anchor):
                 problems.append(f"{entry}: link {href} points to a missing anchor")
 
@@ -123,13 +141,17 @@ def check_page(browser: str, build: pathlib.Path, entry: str, shots: pathlib.Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--build", type=pathlib.Path, default=ROOT / "_build" / "html")
     parser.add_argument("--screenshots", type=pathlib.Path, default=ROOT / "_build" / "screenshots")
     args = parser.parse_args(argv)
     browser = find_chromium()
     if browser is None:
-        print("SKIPPED browser check: no Chromium found (install Debian's `chromium`; `make test` tries apt-get)")
+        print(
+            "SKIPPED browser check: no Chromium found (install Debian's `chromium`; `make test` tries apt-get)"
+        )
         return 0
     if not (args.build / "index.html").exists():
         print(f"no built book in {args.build}: run `make book` first")
@@ -144,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         problems += page_problems
     for p in problems:
         print("  -", p)
-    print(f"browser check: {len(entries)} pages, screenshots in {os.path.relpath(args.screenshots, ROOT)}, "
-          f"{'OK' if not problems else f'{len(problems)} problems'}")
+    print(
+        f"browser check: {len(entries)} pages, screenshots in {os.path.relpath(args.screenshots, ROOT)}, "
+        f"{'OK' if not problems else f'{len(problems)} problems'}"
+    )
     return 1 if problems else 0
 
 

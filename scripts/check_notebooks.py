@@ -34,9 +34,22 @@ WORLD_BUILDERS = ("generate_split(", "load_or_build_features(")
 WORLD_CHAPTER = "02_visual_world.ipynb"
 # Left over until chapters 3-7 are run through fusionlib.experiments (chapter 3 as soon as all six of its
 # full-recipe checkpoints exist: its committed outputs come from the full recipe).
-PENDING_DUPLICATES = {"answer_loss", "pct", "finetune_vqa", "retrieval", "uniter_config", "layer_norm"}
-PENDING_WORLD_BUILDERS = {"03_cross_attention_fusion.ipynb", "04_pretraining_losses.ipynb", "05_vilbert.ipynb",
-                          "06_uniter.ipynb", "06b_uniter_ablation.ipynb", "07_efficiency.ipynb"}
+PENDING_DUPLICATES = {
+    "answer_loss",
+    "pct",
+    "finetune_vqa",
+    "retrieval",
+    "uniter_config",
+    "layer_norm",
+}
+PENDING_WORLD_BUILDERS = {
+    "03_cross_attention_fusion.ipynb",
+    "04_pretraining_losses.ipynb",
+    "05_vilbert.ipynb",
+    "06_uniter.ipynb",
+    "06b_uniter_ablation.ipynb",
+    "07_efficiency.ipynb",
+}
 
 
 def toc_files(toc: dict) -> list[str]:
@@ -72,9 +85,13 @@ def problems_in(path: pathlib.Path) -> list[str]:
     text = json.dumps([c.get("outputs", []) for c in code])
     profiles = set(PROFILE_LINE.findall(text))
     if not profiles:
-        problems.append(f"{path.name}: no cell prints 'profile=...' (print runtime.summary() in the first cell)")
+        problems.append(
+            f"{path.name}: no cell prints 'profile=...' (print runtime.summary() in the first cell)"
+        )
     if "smoke" in profiles:
-        problems.append(f"{path.name}: stored outputs come from the smoke profile; execute with cpu or gpu")
+        problems.append(
+            f"{path.name}: stored outputs come from the smoke profile; execute with cpu or gpu"
+        )
     return problems
 
 
@@ -92,7 +109,11 @@ def defined_functions(path: pathlib.Path) -> set[str]:
             tree = ast.parse("\n".join(lines))
         except SyntaxError as err:
             raise SystemExit(f"{path.name}: a code cell does not parse: {err}")
-        names |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        names |= {
+            node.name
+            for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        }
     return names
 
 
@@ -102,20 +123,37 @@ def library_problems(notebooks: list[pathlib.Path]) -> list[str]:
         for name in defined_functions(nb):
             where[name].append(nb.name)
     duplicated = {name: files for name, files in where.items() if len(files) > 1}
-    builders = {nb.name for nb in notebooks if nb.name != WORLD_CHAPTER
-                and any(all(b in source for b in WORLD_BUILDERS) for source in code_of(nb))}
-    print(f"function names defined in more than one notebook: {len(duplicated)}"
-          + "".join(f"\n  {name}: {', '.join(files)}" for name, files in sorted(duplicated.items())))
-    print(f"notebooks that build the world and its features by hand (besides chapter 2): {len(builders)}"
-          + (f" ({', '.join(sorted(builders))})" if builders else ""))
-    problems = [f"{name} is defined in {', '.join(files)}: define it once in fusionlib and import it"
-                for name, files in sorted(duplicated.items()) if name not in PENDING_DUPLICATES]
-    problems += [f"{name} builds the world by hand: use fusionlib.experiments.load_book_world"
-                 for name in sorted(builders - PENDING_WORLD_BUILDERS)]
-    problems += [f"PENDING_DUPLICATES lists {name}, which is no longer duplicated: remove it"
-                 for name in sorted(PENDING_DUPLICATES - set(duplicated))]
-    problems += [f"PENDING_WORLD_BUILDERS lists {name}, which no longer builds the world by hand: remove it"
-                 for name in sorted(PENDING_WORLD_BUILDERS - builders)]
+    builders = {
+        nb.name
+        for nb in notebooks
+        if nb.name != WORLD_CHAPTER
+        and any(all(b in source for b in WORLD_BUILDERS) for source in code_of(nb))
+    }
+    print(
+        f"function names defined in more than one notebook: {len(duplicated)}"
+        + "".join(f"\n  {name}: {', '.join(files)}" for name, files in sorted(duplicated.items()))
+    )
+    print(
+        f"notebooks that build the world and its features by hand (besides chapter 2): {len(builders)}"
+        + (f" ({', '.join(sorted(builders))})" if builders else "")
+    )
+    problems = [
+        f"{name} is defined in {', '.join(files)}: define it once in fusionlib and import it"
+        for name, files in sorted(duplicated.items())
+        if name not in PENDING_DUPLICATES
+    ]
+    problems += [
+        f"{name} builds the world by hand: use fusionlib.experiments.load_book_world"
+        for name in sorted(builders - PENDING_WORLD_BUILDERS)
+    ]
+    problems += [
+        f"PENDING_DUPLICATES lists {name}, which is no longer duplicated: remove it"
+        for name in sorted(PENDING_DUPLICATES - set(duplicated))
+    ]
+    problems += [
+        f"PENDING_WORLD_BUILDERS lists {name}, which no longer builds the world by hand: remove it"
+        for name in sorted(PENDING_WORLD_BUILDERS - builders)
+    ]
     return problems
 
 
@@ -134,7 +172,9 @@ def main() -> int:
     problems += library_problems([nb for nb in notebooks if nb.parent.name == "notebooks"])
     for p in problems:
         print(p)
-    print(f"checked {len(notebooks)} notebooks: {'OK' if not problems else f'{len(problems)} problems'}")
+    print(
+        f"checked {len(notebooks)} notebooks: {'OK' if not problems else f'{len(problems)} problems'}"
+    )
     return 1 if problems else 0
 
 

@@ -35,8 +35,12 @@ def tidy_streams(nb: nbformat.NotebookNode) -> None:
             continue
         merged: list = []
         for out in cell.get("outputs", []):
-            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
-                    and merged[-1].name == out.name):
+            if (
+                out.output_type == "stream"
+                and merged
+                and merged[-1].output_type == "stream"
+                and merged[-1].name == out.name
+            ):
                 merged[-1].text += out.text
             else:
                 merged.append(out)
@@ -51,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="+", type=pathlib.Path)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--kernel", default="python3")
-    parser.add_argument("--tidy-only", action="store_true", help="only collapse progress-bar outputs")
+    parser.add_argument(
+        "--tidy-only", action="store_true", help="only collapse progress-bar outputs"
+    )
     args = parser.parse_args(argv)
     if args.tidy_only:
         for path in args.notebooks:
@@ -60,20 +66,30 @@ def main(argv: list[str] | None = None) -> int:
             nbformat.write(nb, path)
         return 0
     if os.environ.get("FUSIONLIB_PROFILE") == "smoke":
-        print("warning: executing with the smoke profile; such outputs must not be committed", file=sys.stderr)
+        print(
+            "warning: executing with the smoke profile; such outputs must not be committed",
+            file=sys.stderr,
+        )
     for path in args.notebooks:
         nb = nbformat.read(path, as_version=4)
         # The kernel keeps no history file: a machine may give it no writable home.
-        client = NotebookClient(nb, timeout=args.timeout, kernel_name=args.kernel,
-                                resources={"metadata": {"path": str(path.parent)}},
-                                extra_arguments=["--HistoryManager.hist_file=:memory:"])
+        client = NotebookClient(
+            nb,
+            timeout=args.timeout,
+            kernel_name=args.kernel,
+            resources={"metadata": {"path": str(path.parent)}},
+            extra_arguments=["--HistoryManager.hist_file=:memory:"],
+        )
         start = time.perf_counter()
         try:
             client.execute()
         except CellExecutionError as error:
             tidy_streams(nb)
             nbformat.write(nb, path)
-            print(f"{path}: FAILED after {time.perf_counter() - start:.0f} s\n{error}", file=sys.stderr)
+            print(
+                f"{path}: FAILED after {time.perf_counter() - start:.0f} s\n{error}",
+                file=sys.stderr,
+            )
             return 1
         tidy_streams(nb)
         nbformat.write(nb, path)

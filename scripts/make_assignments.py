@@ -24,8 +24,10 @@ import sys
 import nbformat
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"^(?P<indent>[ \t]*)### BEGIN SOLUTION[^\n]*\n.*?^[ \t]*### END SOLUTION[^\n]*$",
-                   re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)### BEGIN SOLUTION[^\n]*\n.*?^[ \t]*### END SOLUTION[^\n]*$",
+    re.MULTILINE | re.DOTALL,
+)
 
 
 def strip_solutions(source: str) -> tuple[str, int]:
@@ -55,7 +57,9 @@ def student_version(nb: nbformat.NotebookNode) -> tuple[nbformat.NotebookNode, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("notebooks", nargs="*", type=pathlib.Path)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "assignments")
     args = parser.parse_args(argv)
@@ -65,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         nb, blocks = student_version(nbformat.read(path, as_version=4))
         target = args.out / path.name
         nbformat.write(nb, target)
-        print(f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {blocks} solutions stripped")
+        print(
+            f"{target.relative_to(ROOT) if target.is_relative_to(ROOT) else target}: {blocks} solutions stripped"
+        )
     return 0
 
 

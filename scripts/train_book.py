@@ -45,18 +45,45 @@ class BudgetSpent(BaseException):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipe", choices=("smoke", "small", "full"), default=None,
-                        help="recipe to train (default: the profile's: smoke, cpu -> small, gpu -> full)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                        help="checkpoint names or prefixes, e.g. ch03 or ch03/cross_attention")
-    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                        help="stop after this many seconds (state is kept; run again to resume)")
-    parser.add_argument("--out", default=None,
-                        help="where weights and manifest go (default: checkpoints/ for full, else .cache/checkpoints)")
-    parser.add_argument("--work", default=None, help="resumable training state (default: .cache/train_book/<recipe>)")
-    parser.add_argument("--archive", default=None, metavar="PATH.tar.gz", help="also pack --out into this archive")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared with other work)")
+    parser.add_argument(
+        "--recipe",
+        choices=("smoke", "small", "full"),
+        default=None,
+        help="recipe to train (default: the profile's: smoke, cpu -> small, gpu -> full)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="checkpoint names or prefixes, e.g. ch03 or ch03/cross_attention",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds (state is kept; run again to resume)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where weights and manifest go (default: checkpoints/ for full, else .cache/checkpoints)",
+    )
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="resumable training state (default: .cache/train_book/<recipe>)",
+    )
+    parser.add_argument(
+        "--archive", default=None, metavar="PATH.tar.gz", help="also pack --out into this archive"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's; 1 is faster on a CPU shared with other work)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads <= 0:
@@ -75,11 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     from fusionlib.experiments import BOOK_EXPERIMENTS, load_book_world
 
     recipe = args.recipe or checkpoints.profile_recipe()
-    out = os.path.abspath(args.out or (checkpoints.checkpoint_root() if recipe == "full"
-                                       else checkpoints.cache_checkpoint_root()))
+    out = os.path.abspath(
+        args.out
+        or (
+            checkpoints.checkpoint_root()
+            if recipe == "full"
+            else checkpoints.cache_checkpoint_root()
+        )
+    )
     work = os.path.abspath(args.work or os.path.join(runtime.cache_dir(), "train_book", recipe))
-    selected = [e for e in BOOK_EXPERIMENTS
-                if args.only is None or any(e.name == o or e.name.startswith(o.rstrip("/") + "/") for o in args.only)]
+    selected = [
+        e
+        for e in BOOK_EXPERIMENTS
+        if args.only is None
+        or any(e.name == o or e.name.startswith(o.rstrip("/") + "/") for o in args.only)
+    ]
     if not selected:
         raise SystemExit(f"--only {args.only} matches none of {[e.name for e in BOOK_EXPERIMENTS]}")
     if args.threads is not None:
@@ -92,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recipe {recipe} | {len(selected)} checkpoints | out {out} | work {work}")
 
     if args.budget is not None:
+
         def spent(signum, frame):
             raise BudgetSpent()
+
         signal.signal(signal.SIGALRM, spent)
         signal.setitimer(signal.ITIMER_REAL, args.budget)
 
@@ -108,25 +147,45 @@ def main(argv: list[str] | None = None) -> int:
             if record is not None and record.fingerprint == checkpoints.fingerprint(spec):
                 print(f"{exp.name}: up to date ({checkpoints.describe(record, exp.headline)})")
                 continue
-            key = id(exp.data.__code__)             # experiments that share a data builder share the data
+            key = id(exp.data.__code__)  # experiments that share a data builder share the data
             if key not in data_cache:
-                data_cache.clear()                  # one data set in memory at a time
+                data_cache.clear()  # one data set in memory at a time
                 data_cache[key] = exp.data(book, recipe, device)
             data = data_cache[key]
             state_dir = os.path.join(work, exp.name)
-            print(f"{exp.name}: training the {recipe} recipe "
-                  f"({exp.steps(book, recipe):,} steps x {exp.batch_size(book, recipe)})")
-            model, history, seconds = exp.train(book, data, recipe, device=device, checkpoint_dir=state_dir,
-                                                progress=not args.no_progress)
+            print(
+                f"{exp.name}: training the {recipe} recipe "
+                f"({exp.steps(book, recipe):,} steps x {exp.batch_size(book, recipe)})"
+            )
+            model, history, seconds = exp.train(
+                book,
+                data,
+                recipe,
+                device=device,
+                checkpoint_dir=state_dir,
+                progress=not args.no_progress,
+            )
             record = checkpoints.save_checkpoint(
-                model, name=exp.name, chapter=exp.chapter, recipe=recipe, spec=spec,
-                steps=exp.steps(book, recipe), batch_size=exp.batch_size(book, recipe), device=device,
-                wall_seconds=seconds, history=history, evaluate=lambda m: exp.evaluate(m, data, recipe), root=out)
+                model,
+                name=exp.name,
+                chapter=exp.chapter,
+                recipe=recipe,
+                spec=spec,
+                steps=exp.steps(book, recipe),
+                batch_size=exp.batch_size(book, recipe),
+                device=device,
+                wall_seconds=seconds,
+                history=history,
+                evaluate=lambda m: exp.evaluate(m, data, recipe),
+                root=out,
+            )
             shutil.rmtree(state_dir, ignore_errors=True)
             print(f"{exp.name}: saved, {checkpoints.describe(record, exp.headline)}")
     except BudgetSpent:
         status = BUDGET_SPENT
-        print(f"budget of {args.budget:.0f} s spent; the training state is in {work}: run again to resume")
+        print(
+            f"budget of {args.budget:.0f} s spent; the training state is in {work}: run again to resume"
+        )
     finally:
         if args.budget is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)

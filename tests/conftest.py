@@ -18,18 +18,23 @@ from fusionlib.vision import DetectorConfig, extract_region_features, train_dete
 
 
 class TinyWorld(NamedTuple):
-    scenes: list                  # the train split
-    features: Any                 # RegionFeatures of those scenes, from a detector trained one step
-    tokenizer: Any                # WordPiece trained on their captions and questions
+    scenes: list  # the train split
+    features: Any  # RegionFeatures of those scenes, from a detector trained one step
+    tokenizer: Any  # WordPiece trained on their captions and questions
 
 
 def tiny_world(world: WorldConfig, detector: DetectorConfig) -> TinyWorld:
     """The train split of ``world``, region features of a barely trained detector, and a tokenizer."""
     scenes = generate_split(world, "train")
     trained, _ = train_detector(world, detector, scenes, progress=False)
-    features = extract_region_features(trained, scenes,
-                                       max_regions=world.num_objects + detector.num_jitter + detector.num_background)
-    tokenizer = train_tokenizer([c for s in scenes for c in s.captions] + [q.text for s in scenes for q in s.questions])
+    features = extract_region_features(
+        trained,
+        scenes,
+        max_regions=world.num_objects + detector.num_jitter + detector.num_background,
+    )
+    tokenizer = train_tokenizer(
+        [c for s in scenes for c in s.captions] + [q.text for s in scenes for q in s.questions]
+    )
     return TinyWorld(scenes, features, tokenizer)
 
 

@@ -7,8 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionlib.attention import (MultiHeadAttention, causal_mask, from_torch_mask, padding_mask,
-                                 scaled_dot_product_attention)
+from fusionlib.attention import (
+    MultiHeadAttention,
+    causal_mask,
+    from_torch_mask,
+    padding_mask,
+    scaled_dot_product_attention,
+)
 
 ATOL = 1e-5
 
@@ -21,11 +26,19 @@ def make_qkv(batch, L, S, E, Ev, seed=0, dtype=torch.float32, requires_grad=Fals
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
-SHAPES = [((), 1, 1, 4, 4), ((3,), 5, 7, 8, 3), ((2, 4), 6, 6, 16, 16), ((2, 3), 9, 2, 5, 11), ((1,), 33, 17, 32, 8)]
+SHAPES = [
+    ((), 1, 1, 4, 4),
+    ((3,), 5, 7, 8, 3),
+    ((2, 4), 6, 6, 16, 16),
+    ((2, 3), 9, 2, 5, 11),
+    ((1,), 33, 17, 32, 8),
+]
 
 
 @pytest.mark.parametrize("batch,L,S,E,Ev", SHAPES)
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "bool_broadcast", "float_broadcast"])
+@pytest.mark.parametrize(
+    "mask_kind", ["none", "bool", "float", "bool_broadcast", "float_broadcast"]
+)
 def test_sdpa_matches_torch(batch, L, S, E, Ev, mask_kind):
     q, k, v = make_qkv(batch, L, S, E, Ev)
     g = torch.Generator().manual_seed(1)
@@ -58,15 +71,17 @@ def test_causal_matches_torch(L, S):
 def test_scale_matches_torch():
     q, k, v = make_qkv((2,), 4, 6, 8, 8)
     out, _ = scaled_dot_product_attention(q, k, v, scale=0.3)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        out, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_fully_masked_rows_are_zero_and_have_finite_gradients(kind):
     q, k, v = make_qkv((2,), 4, 5, 8, 8, requires_grad=True)
     allowed = torch.ones(2, 4, 5, dtype=torch.bool)
-    allowed[0, 1] = False            # one query row with no key at all
-    allowed[1] = False               # a whole sample with nothing to attend
+    allowed[0, 1] = False  # one query row with no key at all
+    allowed[1] = False  # a whole sample with nothing to attend
     mask = allowed if kind == "bool" else torch.zeros(2, 4, 5).masked_fill(~allowed, float("-inf"))
     out, weights = scaled_dot_product_attention(q, k, v, mask)
     assert torch.isfinite(out).all() and torch.isfinite(weights).all()
@@ -96,7 +111,9 @@ def test_gradcheck_double():
     mask_full = mask.clone()
     mask_full[1] = False
     for m in (None, mask, mask_full):
-        assert torch.autograd.gradcheck(lambda a, b, c: scaled_dot_product_attention(a, b, c, m)[0], (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: scaled_dot_product_attention(a, b, c, m)[0], (q, k, v)
+        )
 
 
 BAD_INPUTS = [
@@ -110,7 +127,9 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("shapes,message", BAD_INPUTS)
 def test_bad_shapes_raise(shapes, message):
     with pytest.raises(ValueError, match=message):
-        scaled_dot_product_attention(torch.randn(shapes["q"]), torch.randn(shapes["k"]), torch.randn(shapes["v"]))
+        scaled_dot_product_attention(
+            torch.randn(shapes["q"]), torch.randn(shapes["k"]), torch.randn(shapes["v"])
+        )
 
 
 def test_bad_dtypes_devices_and_masks_raise():
@@ -119,7 +138,10 @@ def test_bad_dtypes_devices_and_masks_raise():
         scaled_dot_product_attention(q, k.double(), v)
     with pytest.raises(ValueError, match="query must be floating point"):
         scaled_dot_product_attention(q.long(), k, v)
-    with pytest.raises(ValueError, match=r"attn_mask must broadcast to \(\.\.\., L, S\) = \(2, 4, 5\), got \(4, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"attn_mask must broadcast to \(\.\.\., L, S\) = \(2, 4, 5\), got \(4, 4\)",
+    ):
         scaled_dot_product_attention(q, k, v, torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must be bool or the query dtype"):
         scaled_dot_product_attention(q, k, v, torch.ones(4, 5, dtype=torch.long))
@@ -181,7 +203,7 @@ def test_attn_masks_match_nn_multihead(mask_kind):
     else:
         ours_mask = torch.rand(B, L, L) > 0.3
         ours_mask[..., 0] = True
-        ref_mask = from_torch_mask(ours_mask).repeat_interleave(H, dim=0)   # torch wants (B*H, L, S)
+        ref_mask = from_torch_mask(ours_mask).repeat_interleave(H, dim=0)  # torch wants (B*H, L, S)
     for need_weights in (False, True):
         if mask_kind == "is_causal":
             out, _ = ours(x, is_causal=True, need_weights=need_weights)
@@ -213,7 +235,9 @@ def test_mha_fully_padded_sample_has_no_nan_in_output_or_gradients():
 
 def test_mha_weights_shape_and_rows():
     _, ours = torch_and_ours(16, 4)
-    out, w = ours(torch.randn(2, 3, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16), need_weights=True)
+    out, w = ours(
+        torch.randn(2, 3, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16), need_weights=True
+    )
     assert out.shape == (2, 3, 16) and w.shape == (2, 4, 3, 7)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 3))
 
@@ -226,7 +250,9 @@ def test_mha_gradcheck():
     v = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     km = torch.tensor([[True, True, True, False], [True, False, False, False]])
     for nw in (False, True):
-        assert torch.autograd.gradcheck(lambda a, b, c: ours(a, b, c, key_mask=km, need_weights=nw)[0], (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: ours(a, b, c, key_mask=km, need_weights=nw)[0], (q, k, v)
+        )
 
 
 def test_mha_bad_inputs_raise():
@@ -234,7 +260,9 @@ def test_mha_bad_inputs_raise():
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(10, 3)
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, L, 16\), got \(2, 5, 12\)"):
+    with pytest.raises(
+        ValueError, match=r"query must have shape \(batch, L, 16\), got \(2, 5, 12\)"
+    ):
         ours(torch.randn(2, 5, 12), torch.randn(2, 3, 8), torch.randn(2, 3, 16))
     with pytest.raises(ValueError, match=r"key must have shape \(2, S, 8\), got \(3, 4, 8\)"):
         ours(x, torch.randn(3, 4, 8), torch.randn(3, 4, 16))
@@ -245,14 +273,22 @@ def test_mha_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"key_mask must be bool of shape \(2, 4\)"):
         ours(x, torch.randn(2, 4, 8), torch.randn(2, 4, 16), key_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="attn_mask must broadcast"):
-        ours(x, torch.randn(2, 4, 8), torch.randn(2, 4, 16), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+        ours(
+            x,
+            torch.randn(2, 4, 8),
+            torch.randn(2, 4, 16),
+            attn_mask=torch.ones(5, 5, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="batch_first"):
         MultiHeadAttention.from_torch(nn.MultiheadAttention(16, 4))
 
 
 def test_padding_mask_and_causal_mask():
     assert padding_mask(torch.tensor([2, 0, 3]), 4).tolist() == [
-        [True, True, False, False], [False] * 4, [True, True, True, False]]
+        [True, True, False, False],
+        [False] * 4,
+        [True, True, True, False],
+    ]
     assert causal_mask(2, 3).tolist() == [[True, False, False], [True, True, False]]
     with pytest.raises(ValueError, match="lengths"):
         padding_mask(torch.tensor([5]), 3)
@@ -261,17 +297,22 @@ def test_padding_mask_and_causal_mask():
 def test_batch_first_false_mixes_the_batch():
     """The seed document's bug, pinned down: batch-first tensors into a seq-first module."""
     torch.manual_seed(0)
-    seq_first = nn.MultiheadAttention(8, 2)                 # batch_first=False by default
-    x = torch.randn(4, 3, 8)                                # meant as (batch=4, seq=3, dim)
+    seq_first = nn.MultiheadAttention(8, 2)  # batch_first=False by default
+    x = torch.randn(4, 3, 8)  # meant as (batch=4, seq=3, dim)
     out, _ = seq_first(x, x, x)
     x2 = x.clone()
-    x2[1] += 1.0                                            # change sample 1 only
+    x2[1] += 1.0  # change sample 1 only
     out2, _ = seq_first(x2, x2, x2)
     changed = [(out[i] - out2[i]).abs().max().item() > 1e-6 for i in range(4)]
     assert sum(changed) > 1, "with batch_first=False, other samples change too"
     ours = MultiHeadAttention.from_torch(nn.MultiheadAttention(8, 2, batch_first=True))
     o1, o2 = ours(x)[0], ours(x2)[0]
-    assert [(o1[i] - o2[i]).abs().max().item() > 1e-6 for i in range(4)] == [False, True, False, False]
+    assert [(o1[i] - o2[i]).abs().max().item() > 1e-6 for i in range(4)] == [
+        False,
+        True,
+        False,
+        False,
+    ]
 
 
 @pytest.mark.parametrize("B,L,E,H", list(itertools.product([1, 4], [3, 16], [16, 48], [1, 4])))
@@ -282,4 +323,6 @@ def test_many_shapes_with_training_grads_match(B, L, E, H):
     ours(x)[0].square().sum().backward()
     ref(x2, x2, x2, need_weights=False)[0].square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.in_proj_weight.grad, ref.in_proj_weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours.in_proj_weight.grad, ref.in_proj_weight.grad, atol=1e-4, rtol=1e-4
+    )

@@ -49,12 +49,19 @@ def test_question_items_and_batch(scenes, features, tokenizer, questions):
     B, R, D, C = 4, features.num_regions, features.feature_dim, features.num_classes
     T = max(len(it["input_ids"]) for it in items)
     expected = {
-        "input_ids": ((B, T), torch.long), "attention_mask": ((B, T), torch.bool),
-        "region_feats": ((B, R, D), torch.float32), "region_boxes": ((B, R, 4), torch.float32),
-        "region_loc5": ((B, R, 5), torch.float32), "region_loc7": ((B, R, 7), torch.float32),
-        "region_mask": ((B, R), torch.bool), "region_soft_labels": ((B, R, C), torch.float32),
-        "image_feats": ((B, D), torch.float32), "image_index": ((B,), torch.long),
-        "answer": ((B,), torch.long), "family": ((B,), torch.long), "relational": ((B,), torch.bool),
+        "input_ids": ((B, T), torch.long),
+        "attention_mask": ((B, T), torch.bool),
+        "region_feats": ((B, R, D), torch.float32),
+        "region_boxes": ((B, R, 4), torch.float32),
+        "region_loc5": ((B, R, 5), torch.float32),
+        "region_loc7": ((B, R, 7), torch.float32),
+        "region_mask": ((B, R), torch.bool),
+        "region_soft_labels": ((B, R, C), torch.float32),
+        "image_feats": ((B, D), torch.float32),
+        "image_index": ((B,), torch.long),
+        "answer": ((B,), torch.long),
+        "family": ((B,), torch.long),
+        "relational": ((B,), torch.bool),
         "question_index": ((B,), torch.long),
     }
     for key, (shape, dtype) in expected.items():
@@ -67,7 +74,10 @@ def test_question_items_and_batch(scenes, features, tokenizer, questions):
         scene = scenes[i // 20]
         q = scene.questions[i % 20]
         assert batch["input_ids"][n, :length].tolist() == tokenizer(q.text)["input_ids"]
-        assert int(batch["image_index"][n]) == scene.index and int(batch["question_index"][n]) == i % 20
+        assert (
+            int(batch["image_index"][n]) == scene.index
+            and int(batch["question_index"][n]) == i % 20
+        )
         assert answer_vocab(WORLD)[int(batch["answer"][n])] == q.answer
         assert QUESTION_FAMILIES[int(batch["family"][n])] == q.family
         assert bool(batch["relational"][n]) == q.relational
@@ -83,8 +93,9 @@ def test_caption_items(scenes, captions, tokenizer):
     assert len(captions) == sum(len(s.captions) for s in scenes)
     assert set(captions[0]) == set(CAPTION_KEYS) | set(TRUTH_KEYS)
     batch = collate([captions[i] for i in range(5)], pad_token_id=tokenizer.pad_token_id)
-    assert batch["caption_index"].tolist() == list(range(len(scenes[0].captions)))[:5] + \
-        list(range(5 - len(scenes[0].captions)))
+    assert batch["caption_index"].tolist() == list(range(len(scenes[0].captions)))[:5] + list(
+        range(5 - len(scenes[0].captions))
+    )
     k = len(scenes[0].captions)
     assert captions[k]["input_ids"].tolist() == tokenizer(scenes[1].captions[0])["input_ids"]
     assert int(captions[-1]["image_index"]) == scenes[-1].index
@@ -122,7 +133,9 @@ def test_loaders_are_deterministic_in_the_seed(questions):
     a, b, c = order(0), order(0), order(1)
     assert a == b and a != c
     flat = sorted(x for batch in a for x in batch)
-    assert flat == sorted(x for batch in order(0, shuffle=False) for x in batch)   # a permutation of all items
+    assert flat == sorted(
+        x for batch in order(0, shuffle=False) for x in batch
+    )  # a permutation of all items
     assert len(flat) == len(questions)
     first = next(iter(make_loader(questions, batch_size=16, shuffle=False)))
     assert first["question_index"].tolist() == list(range(16))
@@ -140,29 +153,38 @@ def test_hf_dataset_has_an_image_feature_and_the_right_rows(scenes):
     assert set(caps.column_names) == {"image", "image_index", "caption_index", "caption"}
     row = caps[len(few[0].captions)]
     assert row["caption"] == few[1].captions[0] and row["image_index"] == few[1].index
-    assert np.array_equal(np.asarray(row["image"].convert("RGB")), few[1].image)   # PNG is lossless
+    assert np.array_equal(np.asarray(row["image"].convert("RGB")), few[1].image)  # PNG is lossless
     qs = to_hf_dataset(few, "questions")
     assert qs.num_rows == sum(len(s.questions) for s in few)
     assert isinstance(qs.features["image"], datasets.Image)
     q = qs[3]
     src = few[0].questions[3]
-    assert (q["question"], q["answer"], q["family"], q["relational"]) == (src.text, src.answer, src.family,
-                                                                         src.relational)
+    assert (q["question"], q["answer"], q["family"], q["relational"]) == (
+        src.text,
+        src.answer,
+        src.family,
+        src.relational,
+    )
     with pytest.raises(ValueError, match="kind"):
         to_hf_dataset(few, "images")
 
 
 def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, tokenizer):
-    chosen = [scenes[5], scenes[2], scenes[9]]                     # not in index order: rows follow `chosen`
+    chosen = [scenes[5], scenes[2], scenes[9]]  # not in index order: rows follow `chosen`
     images, texts, caption_image, strings, judged = retrieval_set(chosen, features, tokenizer)
     assert strings == [c for s in chosen for c in s.captions]
     assert torch.equal(judged, truth.truth_matrix(strings, chosen))
     assert bool(judged[torch.arange(len(strings)), caption_image].all())
     per_scene = [len(s.captions) for s in chosen]
     assert caption_image.tolist() == [p for p, n in enumerate(per_scene) for _ in range(n)]
-    assert texts["input_ids"].shape[0] == sum(per_scene) and set(texts) == {"input_ids", "attention_mask"}
-    decoded = [tokenizer.decode(ids[mask], skip_special_tokens=True)
-               for ids, mask in zip(texts["input_ids"], texts["attention_mask"])]
+    assert texts["input_ids"].shape[0] == sum(per_scene) and set(texts) == {
+        "input_ids",
+        "attention_mask",
+    }
+    decoded = [
+        tokenizer.decode(ids[mask], skip_special_tokens=True)
+        for ids, mask in zip(texts["input_ids"], texts["attention_mask"])
+    ]
     assert decoded == [c for s in chosen for c in s.captions]
     # Each image row is the batch a scene's first caption gives, region key by region key.
     first_items = collate([CaptionDataset([scene], features, tokenizer)[0] for scene in chosen])
@@ -178,11 +200,17 @@ def test_retrieval_set_pairs_each_caption_with_its_image(scenes, features, token
 def test_retrieval_set_of_descriptions_pairs_one_text_with_each_image(scenes, features, tokenizer):
     chosen = scenes[:6]
     ret = retrieval_set(chosen, features, tokenizer, text="descriptions")
-    assert ret.texts == [s.description for s in chosen] and ret.caption_image.tolist() == list(range(6))
-    decoded = [tokenizer.decode(ids[mask], skip_special_tokens=True)
-               for ids, mask in zip(ret.captions["input_ids"], ret.captions["attention_mask"])]
+    assert ret.texts == [s.description for s in chosen] and ret.caption_image.tolist() == list(
+        range(6)
+    )
+    decoded = [
+        tokenizer.decode(ids[mask], skip_special_tokens=True)
+        for ids, mask in zip(ret.captions["input_ids"], ret.captions["attention_mask"])
+    ]
     assert decoded == ret.texts
-    assert torch.equal(ret.truth, truth.truth_matrix(ret.texts, chosen)) and bool(ret.truth.diagonal().all())
+    assert torch.equal(ret.truth, truth.truth_matrix(ret.texts, chosen)) and bool(
+        ret.truth.diagonal().all()
+    )
     with pytest.raises(ValueError, match="text must be"):
         retrieval_set(chosen, features, tokenizer, text="questions")
 

@@ -21,7 +21,9 @@ DDP_TOLERANCE = 1e-5
 def test_sharded_slices_concatenate_to_the_global_batch():
     n, global_batch, world = 50, 12, 3
     single = ShardedBatchSampler(n, global_batch, rank=0, world_size=1, seed=7)
-    shards = [ShardedBatchSampler(n, global_batch, rank=r, world_size=world, seed=7) for r in range(world)]
+    shards = [
+        ShardedBatchSampler(n, global_batch, rank=r, world_size=world, seed=7) for r in range(world)
+    ]
     for epoch in (0, 1):
         for s in [single, *shards]:
             s.set_epoch(epoch)
@@ -34,9 +36,9 @@ def test_sharded_slices_concatenate_to_the_global_batch():
     single.set_epoch(0)
     first = list(single)
     single.set_epoch(1)
-    assert list(single) != first                      # a new epoch is a new shuffle
+    assert list(single) != first  # a new epoch is a new shuffle
     single.set_epoch(0)
-    assert list(single) == first                      # ... and the same one again for the same epoch
+    assert list(single) == first  # ... and the same one again for the same epoch
 
 
 def test_sharded_sampler_rejects_bad_arguments():
@@ -52,8 +54,12 @@ def test_sharded_sampler_rejects_bad_arguments():
 
 def test_single_process_helpers_are_identities():
     assert not distributed.is_distributed()
-    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main_process()
-    info = distributed.init_distributed("gloo")          # WORLD_SIZE unset: nothing to join
+    assert (
+        distributed.get_rank() == 0
+        and distributed.get_world_size() == 1
+        and distributed.is_main_process()
+    )
+    info = distributed.init_distributed("gloo")  # WORLD_SIZE unset: nothing to join
     assert (info.rank, info.world_size, info.backend) == (0, 1, None)
     x = torch.randn(4, 3, requires_grad=True)
     assert distributed.all_gather_with_grad(x) is x
@@ -61,8 +67,10 @@ def test_single_process_helpers_are_identities():
     g = torch.Generator().manual_seed(0)
     image, text = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
     groups = torch.tensor([0, 1, 1, 2, 3, 4])
-    assert torch.equal(distributed.contrastive_loss_across_ranks(image, text, 2.0, groups),
-                       losses.contrastive_loss(image, text, 2.0, groups))
+    assert torch.equal(
+        distributed.contrastive_loss_across_ranks(image, text, 2.0, groups),
+        losses.contrastive_loss(image, text, 2.0, groups),
+    )
 
 
 def test_seed_for_rank():
@@ -88,10 +96,23 @@ def test_init_distributed_explains_a_missing_launcher(monkeypatch):
 
 def _run(args: list[str], out: str, tmp_path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FUSIONLIB_PROFILE"):
+    for name in (
+        "WORLD_SIZE",
+        "RANK",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "FUSIONLIB_PROFILE",
+    ):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, *args, "--out", out], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=240)
+    done = subprocess.run(
+        [sys.executable, *args, "--out", out],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(out, encoding="utf-8") as f:
         return json.load(f)
@@ -106,16 +127,33 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     """
     common = ["--steps", "6", "--global-batch", "16", "--lr", "1e-2"]
     one = _run(["-m", "fusionlib.examples.ddp_demo", *common], str(tmp_path / "one.json"), tmp_path)
-    two = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                "fusionlib.examples.ddp_demo", *common], str(tmp_path / "two.json"), tmp_path)
+    two = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fusionlib.examples.ddp_demo",
+            *common,
+        ],
+        str(tmp_path / "two.json"),
+        tmp_path,
+    )
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert (one["local_batch"], two["local_batch"]) == (16, 8)
     loss_one, loss_two = torch.tensor(one["loss"]), torch.tensor(two["loss"])
-    assert len(loss_one) == 6 and loss_one[-1] < loss_one[0]       # it learns
+    assert len(loss_one) == 6 and loss_one[-1] < loss_one[0]  # it learns
     torch.testing.assert_close(loss_two, loss_one, rtol=0, atol=DDP_TOLERANCE)
     for name, value in one["weights"].items():
-        torch.testing.assert_close(torch.tensor(two["weights"][name]), torch.tensor(value), rtol=0,
-                                   atol=DDP_TOLERANCE, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(two["weights"][name]),
+            torch.tensor(value),
+            rtol=0,
+            atol=DDP_TOLERANCE,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 def test_the_wrapped_model_answers_the_models_attributes(tmp_path):
@@ -128,7 +166,11 @@ def test_the_wrapped_model_answers_the_models_attributes(tmp_path):
         model = torch.nn.Linear(3, 2)
         model.config = {"width": 3}
         wrapped = distributed.wrap_model(model, "cpu")
-        assert wrapped.module is model and wrapped.config == {"width": 3} and wrapped.weight is model.weight
+        assert (
+            wrapped.module is model
+            and wrapped.config == {"width": 3}
+            and wrapped.weight is model.weight
+        )
         x = torch.randn(4, 3)
         torch.testing.assert_close(wrapped(x), model(x))
         with pytest.raises(AttributeError):

@@ -39,17 +39,21 @@ def loc5_swapped(boxes, image_size):
 def loc5_xywh(boxes, image_size):
     H, W = image_size
     x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([x1 / W, y1 / H, (x2 - x1) / W, (y2 - y1) / H, (x2 - x1) * (y2 - y1) / (W * H)], dim=-1)
+    return torch.stack(
+        [x1 / W, y1 / H, (x2 - x1) / W, (y2 - y1) / H, (x2 - x1) * (y2 - y1) / (W * H)], dim=-1
+    )
 
 
 def test_loc5_check(capsys):
     ch02.check_loc5(loc5_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(loc5_pixel_area, "divide it by the image area"),
-                           (loc5_swapped, "x coordinates go with the width"),
-                           (loc5_xywh, "corners x1, y1, x2, y2"),
-                           (lambda b, s: loc5_right(b, s)[:, :4], "shape"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (loc5_pixel_area, "divide it by the image area"),
+        (loc5_swapped, "x coordinates go with the width"),
+        (loc5_xywh, "corners x1, y1, x2, y2"),
+        (lambda b, s: loc5_right(b, s)[:, :4], "shape"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch02.check_loc5(wrong)
 
@@ -99,12 +103,14 @@ def iou_elementwise(a, b):
 def test_box_iou_check(capsys):
     ch02.check_box_iou(iou_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(iou_double_counted, "counts the intersection twice"),
-                           (iou_unclamped, "clamp the intersection"),
-                           (iou_over_a, "one box's area"),
-                           (iou_plus_one, r"\+1 pixel"),
-                           (iou_elementwise, "shape"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (iou_double_counted, "counts the intersection twice"),
+        (iou_unclamped, "clamp the intersection"),
+        (iou_over_a, "one box's area"),
+        (iou_plus_one, r"\+1 pixel"),
+        (iou_elementwise, "shape"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch02.check_box_iou(wrong)
 
@@ -134,17 +140,21 @@ def majority_percent(train_scenes, test_scenes, family):
 
 
 def majority_answer_only(train_scenes, test_scenes, family):
-    return Counter(q.answer for s in train_scenes for q in s.questions if q.family == family).most_common(1)[0][0]
+    return Counter(
+        q.answer for s in train_scenes for q in s.questions if q.family == family
+    ).most_common(1)[0][0]
 
 
 def test_majority_baseline_check(capsys):
     ch02.check_majority_baseline(majority_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(majority_from_test, "from the test questions"),
-                           (majority_no_family_filter, "given family"),
-                           (majority_percent, "not a percentage"),
-                           (majority_answer_only, "not the answer"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (majority_from_test, "from the test questions"),
+        (majority_no_family_filter, "given family"),
+        (majority_percent, "not a percentage"),
+        (majority_answer_only, "not the answer"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch02.check_majority_baseline(wrong)
 
@@ -159,23 +169,31 @@ def _target(objects, color):
 def closest_right(objects, color):
     t = _target(objects, color)
     others = [o for o in objects if o is not t]
-    return min(others, key=lambda o: math.hypot(o.center[0] - t.center[0], o.center[1] - t.center[1])).color
+    return min(
+        others, key=lambda o: math.hypot(o.center[0] - t.center[0], o.center[1] - t.center[1])
+    ).color
 
 
 def closest_includes_itself(objects, color):
     t = _target(objects, color)
-    return min(objects, key=lambda o: math.hypot(o.center[0] - t.center[0], o.center[1] - t.center[1])).color
+    return min(
+        objects, key=lambda o: math.hypot(o.center[0] - t.center[0], o.center[1] - t.center[1])
+    ).color
 
 
 def closest_is_furthest(objects, color):
     t = _target(objects, color)
-    return max(objects, key=lambda o: math.hypot(o.center[0] - t.center[0], o.center[1] - t.center[1])).color
+    return max(
+        objects, key=lambda o: math.hypot(o.center[0] - t.center[0], o.center[1] - t.center[1])
+    ).color
 
 
 def closest_manhattan(objects, color):
     t = _target(objects, color)
     others = [o for o in objects if o is not t]
-    return min(others, key=lambda o: abs(o.center[0] - t.center[0]) + abs(o.center[1] - t.center[1])).color
+    return min(
+        others, key=lambda o: abs(o.center[0] - t.center[0]) + abs(o.center[1] - t.center[1])
+    ).color
 
 
 def closest_returns_object(objects, color):
@@ -186,11 +204,13 @@ def closest_returns_object(objects, color):
 def test_closest_object_check(capsys):
     ch02.check_closest_object(closest_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(closest_includes_itself, "itself is at distance 0"),
-                           (closest_is_furthest, "furthest"),
-                           (closest_manhattan, "Euclidean"),
-                           (closest_returns_object, "return the colour"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (closest_includes_itself, "itself is at distance 0"),
+        (closest_is_furthest, "furthest"),
+        (closest_manhattan, "Euclidean"),
+        (closest_returns_object, "return the colour"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch02.check_closest_object(wrong)
 

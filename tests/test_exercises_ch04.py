@@ -21,7 +21,9 @@ def not_written(*args, **kwargs):
 
 def mlm_right(logits, labels):
     scored = labels != IGNORE
-    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     return total / scored.sum().clamp(min=1)
 
 
@@ -30,12 +32,16 @@ def mlm_nan_when_empty(logits, labels):
 
 
 def mlm_all_positions(logits, labels):
-    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     return total / labels.numel()
 
 
 def mlm_sum(logits, labels):
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def mlm_wrong_dim(logits, labels):
@@ -44,18 +50,22 @@ def mlm_wrong_dim(logits, labels):
 
 
 def mlm_per_position(logits, labels):
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
+    )
 
 
 def test_masked_cross_entropy_check(capsys):
     ch04.check_masked_cross_entropy(mlm_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(mlm_nan_when_empty, "NaN"),
-                           (mlm_all_positions, "divided by every position"),
-                           (mlm_sum, "returned the sum"),
-                           (mlm_wrong_dim, "over the vocabulary"),
-                           (mlm_per_position, "scalar"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (mlm_nan_when_empty, "NaN"),
+        (mlm_all_positions, "divided by every position"),
+        (mlm_sum, "returned the sum"),
+        (mlm_wrong_dim, "over the vocabulary"),
+        (mlm_per_position, "scalar"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch04.check_masked_cross_entropy(wrong)
 
@@ -104,13 +114,15 @@ def nce_no_tau(img, txt, tau):
 def test_info_nce_check(capsys):
     ch04.check_info_nce(nce_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(nce_one_way, "only the image-to-text"),
-                           (nce_other_way, "only the text-to-image"),
-                           (nce_added, "added the two directions"),
-                           (nce_unnormalised, "not L2-normalised"),
-                           (nce_times_tau, "you multiplied"),
-                           (nce_no_tau, "forgot the temperature"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (nce_one_way, "only the image-to-text"),
+        (nce_other_way, "only the text-to-image"),
+        (nce_added, "added the two directions"),
+        (nce_unnormalised, "not L2-normalised"),
+        (nce_times_tau, "you multiplied"),
+        (nce_no_tau, "forgot the temperature"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch04.check_info_nce(wrong)
 
@@ -152,7 +164,7 @@ def replace_everything(input_ids, chosen, u, random_ids, mask_token_id):
 
 def replace_swapped(input_ids, chosen, u, random_ids, mask_token_id):
     inputs = input_ids.clone()
-    inputs[chosen & (u < 0.1)] = mask_token_id      # 10% [MASK], 80% random: swapped
+    inputs[chosen & (u < 0.1)] = mask_token_id  # 10% [MASK], 80% random: swapped
     rnd = chosen & (u >= 0.1) & (u < 0.9)
     inputs[rnd] = random_ids[rnd]
     return inputs, torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
@@ -167,14 +179,16 @@ def replace_no_random(input_ids, chosen, u, random_ids, mask_token_id):
 def test_bert_replacement_check(capsys):
     ch04.check_bert_replacement(replace_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(replace_labels_everywhere, "-100 where no token was chosen"),
-                           (replace_labels_from_inputs, "ORIGINAL token"),
-                           (replace_in_place, "in place"),
-                           (replace_everything, "not chosen changed"),
-                           (replace_swapped, "u < 0.8 become \\[MASK\\]"),
-                           (replace_no_random, "becomes random_ids"),
-                           (lambda *a: replace_right(*a)[0], "pair"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (replace_labels_everywhere, "-100 where no token was chosen"),
+        (replace_labels_from_inputs, "ORIGINAL token"),
+        (replace_in_place, "in place"),
+        (replace_everything, "not chosen changed"),
+        (replace_swapped, "u < 0.8 become \\[MASK\\]"),
+        (replace_no_random, "becomes random_ids"),
+        (lambda *a: replace_right(*a)[0], "pair"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch04.check_bert_replacement(wrong)
 
@@ -190,11 +204,13 @@ def test_transport_cost_check(capsys):
     ch04.check_transport_cost(cost_right)
     ch04.check_transport_cost(lambda c, t: (c * t).sum(dim=(1, 2)))
     assert capsys.readouterr().out.count("Correct") == 2
-    for wrong, message in [(lambda c, t: torch.diagonal(c @ t, dim1=1, dim2=2).sum(-1), "trace\\(C T\\)"),
-                           (lambda c, t: (c * t).mean(dim=(1, 2)), "mean of C \\* T"),
-                           (lambda c, t: (c * t).sum(), "summed over the batch"),
-                           (lambda c, t: c * t, "shape"),
-                           (lambda c, t: (c * t).sum(dim=(1, 2)) + 1, "expected"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (lambda c, t: torch.diagonal(c @ t, dim1=1, dim2=2).sum(-1), "trace\\(C T\\)"),
+        (lambda c, t: (c * t).mean(dim=(1, 2)), "mean of C \\* T"),
+        (lambda c, t: (c * t).sum(), "summed over the batch"),
+        (lambda c, t: c * t, "shape"),
+        (lambda c, t: (c * t).sum(dim=(1, 2)) + 1, "expected"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch04.check_transport_cost(wrong)

@@ -55,13 +55,15 @@ def mask_float(attention_mask, region_mask):
 def test_joint_attention_mask_check(capsys):
     ch06.check_joint_attention_mask(mask_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(mask_keys_only, "key padding mask"),
-                           (mask_inverted, "True and False are swapped"),
-                           (mask_regions_first, "regions first"),
-                           (mask_outer, "NaN"),
-                           (mask_two_streams, "two separate streams"),
-                           (mask_float, "should be bool"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (mask_keys_only, "key padding mask"),
+        (mask_inverted, "True and False are swapped"),
+        (mask_regions_first, "regions first"),
+        (mask_outer, "NaN"),
+        (mask_two_streams, "two separate streams"),
+        (mask_float, "should be bool"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch06.check_joint_attention_mask(wrong)
 
@@ -104,12 +106,14 @@ def loc7_wh_first(boxes, image_size):
 def test_loc7_check(capsys):
     ch06.check_loc7(loc7_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(loc7_pixel_area, "divide it by W\\*H"),
-                           (loc7_pixel_wh, "divide w by W and h by H"),
-                           (loc7_swapped, "x coordinates \\(and w\\) go with the width"),
-                           (loc7_wh_first, "corners first"),
-                           (lambda b, s: loc7_right(b, s)[:, :5], "shape"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (loc7_pixel_area, "divide it by W\\*H"),
+        (loc7_pixel_wh, "divide w by W and h by H"),
+        (loc7_swapped, "x coordinates \\(and w\\) go with the width"),
+        (loc7_wh_first, "corners first"),
+        (lambda b, s: loc7_right(b, s)[:, :5], "shape"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch06.check_loc7(wrong)
 
@@ -127,14 +131,18 @@ def test_task_probabilities_check(capsys):
     assert "Correct" in capsys.readouterr().out
     tensor_answer = lambda mix: {t: torch.tensor(p) for t, p in probabilities_right(mix).items()}  # noqa: E731
     ch06.check_task_probabilities(tensor_answer)
-    softmax = lambda mix: dict(zip(mix, torch.softmax(torch.tensor([float(w) for w in mix.values()]), 0).tolist()))  # noqa: E731
-    for wrong, message in [(lambda mix: dict(mix), "returned the weights themselves"),
-                           (lambda mix: {t: 1 / len(mix) for t in mix}, "same probability"),
-                           (softmax, "softmax"),
-                           (lambda mix: {t: 0.5 for t in mix}, "sum to"),
-                           (lambda mix: [1.0], "return a dict"),
-                           (lambda mix: {"itm": 1.0}, "one entry per task"),
-                           (not_written, "not implemented yet")]:
+    softmax = lambda mix: dict(
+        zip(mix, torch.softmax(torch.tensor([float(w) for w in mix.values()]), 0).tolist())
+    )  # noqa: E731
+    for wrong, message in [
+        (lambda mix: dict(mix), "returned the weights themselves"),
+        (lambda mix: {t: 1 / len(mix) for t in mix}, "same probability"),
+        (softmax, "softmax"),
+        (lambda mix: {t: 0.5 for t in mix}, "sum to"),
+        (lambda mix: [1.0], "return a dict"),
+        (lambda mix: {"itm": 1.0}, "one entry per task"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch06.check_task_probabilities(wrong)
 
@@ -177,13 +185,15 @@ def wra_float(distance, labels):
 def test_wra_loss_check(capsys):
     ch06.check_wra_loss(wra_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(wra_reversed, "signs are reversed"),
-                           (wra_no_ignore, "-100 too"),
-                           (wra_sum, "you summed"),
-                           (wra_positives_only_count, "matched pairs only"),
-                           (wra_no_labels, "without looking at the labels"),
-                           (wra_float, "no gradient"),
-                           (lambda d, l: torch.stack([d.mean(), d.mean()]), "scalar"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (wra_reversed, "signs are reversed"),
+        (wra_no_ignore, "-100 too"),
+        (wra_sum, "you summed"),
+        (wra_positives_only_count, "matched pairs only"),
+        (wra_no_labels, "without looking at the labels"),
+        (wra_float, "no gradient"),
+        (lambda d, l: torch.stack([d.mean(), d.mean()]), "scalar"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch06.check_wra_loss(wrong)

@@ -20,7 +20,11 @@ def not_written(*args, **kwargs):
 
 
 def flops_right(T, V, d):
-    return {"single": 4 * d * (T + V) ** 2, "co": 4 * d * (T * T + V * V + 2 * T * V), "cross": 8 * d * T * V}
+    return {
+        "single": 4 * d * (T + V) ** 2,
+        "co": 4 * d * (T * T + V * V + 2 * T * V),
+        "cross": 8 * d * T * V,
+    }
 
 
 def flops_one_product(T, V, d):
@@ -46,13 +50,15 @@ def flops_one_cross(T, V, d):
 def test_attention_flops_check(capsys):
     ch07.check_attention_flops(flops_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(flops_one_product, "a multiply-add is 2 FLOPs"),
-                           (flops_macs, "4d per pair"),
-                           (flops_no_cross_terms, "left out the 2TV cross-modal pairs"),
-                           (flops_co_is_cross, "each stream's self-attention"),
-                           (flops_one_cross, "two cross-attentions"),
-                           (lambda T, V, d: [1, 2, 3], "return a dict"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (flops_one_product, "a multiply-add is 2 FLOPs"),
+        (flops_macs, "4d per pair"),
+        (flops_no_cross_terms, "left out the 2TV cross-modal pairs"),
+        (flops_co_is_cross, "each stream's self-attention"),
+        (flops_one_cross, "two cross-attentions"),
+        (lambda T, V, d: [1, 2, 3], "return a dict"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch07.check_attention_flops(wrong)
 
@@ -71,9 +77,15 @@ def test_speedup_check(capsys):
     assert "Correct" in capsys.readouterr().out
     for wrong, message in [
         (lambda s, f: speedup_right(f, s), "upside down"),
-        (lambda s, f: (statistics.median(s) / statistics.median(f), 0, 0), "divided the two medians"),
+        (
+            lambda s, f: (statistics.median(s) / statistics.median(f), 0, 0),
+            "divided the two medians",
+        ),
         (lambda s, f: (statistics.mean(s) / statistics.mean(f), 0, 0), "divided the means"),
-        (lambda s, f: (statistics.mean([a / b for a, b in zip(s, f)]), 0, 0), "averaged the per-round ratios"),
+        (
+            lambda s, f: (statistics.mean([a / b for a, b in zip(s, f)]), 0, 0),
+            "averaged the per-round ratios",
+        ),
         (lambda s, f: (speedup_right(s, f)[0], min(s), max(s)), "quartiles are not"),
         (lambda s, f: 2.0, "three numbers"),
         (not_written, "not implemented yet"),
@@ -107,19 +119,23 @@ def local_own_columns(image_local, text_local, all_images, all_texts, rank, scal
 
 def local_not_normalised(image_local, text_local, all_images, all_texts, rank, scale):
     target = rank * len(image_local) + torch.arange(len(image_local))
-    return (F.cross_entropy(scale * image_local @ all_texts.T, target)
-            + F.cross_entropy(scale * text_local @ all_images.T, target)) / 2
+    return (
+        F.cross_entropy(scale * image_local @ all_texts.T, target)
+        + F.cross_entropy(scale * text_local @ all_images.T, target)
+    ) / 2
 
 
 def test_local_contrastive_loss_check(capsys):
     ch07.check_local_contrastive_loss(local_right)
     assert "Correct" in capsys.readouterr().out
-    for wrong, message in [(local_no_offset, "add the rank's offset"),
-                           (local_one_direction, "only the image-to-text rows"),
-                           (local_own_columns, "negatives of the other ranks"),
-                           (local_not_normalised, "not L2-normalised"),
-                           (lambda *a: local_right(*a[:5], 1 / a[5]), "you divided"),
-                           (lambda *a: torch.zeros(2), "scalar"),
-                           (not_written, "not implemented yet")]:
+    for wrong, message in [
+        (local_no_offset, "add the rank's offset"),
+        (local_one_direction, "only the image-to-text rows"),
+        (local_own_columns, "negatives of the other ranks"),
+        (local_not_normalised, "not L2-normalised"),
+        (lambda *a: local_right(*a[:5], 1 / a[5]), "you divided"),
+        (lambda *a: torch.zeros(2), "scalar"),
+        (not_written, "not implemented yet"),
+    ]:
         with pytest.raises(ExerciseFailure, match=message):
             ch07.check_local_contrastive_loss(wrong)

@@ -3,7 +3,13 @@ import os
 
 import pytest
 
-from fusionlib.fileio import atomic_write, atomic_write_json, atomic_write_text, replace_dir, sha256_file
+from fusionlib.fileio import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    replace_dir,
+    sha256_file,
+)
 
 
 def test_atomic_write_leaves_old_file_when_write_fails(tmp_path):
@@ -25,6 +31,7 @@ def test_json_round_trip_and_sha(tmp_path):
     path = atomic_write_json(tmp_path / "sub" / "x.json", {"b": 1, "a": [1, 2]})
     assert json.load(open(path)) == {"b": 1, "a": [1, 2]}
     import hashlib
+
     assert sha256_file(path) == hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 

@@ -36,7 +36,9 @@ def data_for(exp, recipe):
 
 def test_every_committed_checkpoint_belongs_to_the_book():
     names = {e.name for e in BOOK_EXPERIMENTS}
-    assert set(RECORDS) <= names, f"the manifest lists checkpoints no experiment defines: {set(RECORDS) - names}"
+    assert set(RECORDS) <= names, (
+        f"the manifest lists checkpoints no experiment defines: {set(RECORDS) - names}"
+    )
     root = runtime.checkpoint_root()
     for name in RECORDS:
         assert os.path.isfile(os.path.join(root, name, "model.safetensors")), name
@@ -44,8 +46,14 @@ def test_every_committed_checkpoint_belongs_to_the_book():
 
 def test_checkpoints_folder_stays_small():
     root = runtime.checkpoint_root()
-    total = sum(os.path.getsize(os.path.join(folder, f)) for folder, _, files in os.walk(root) for f in files)
-    assert total < 60e6, f"checkpoints/ holds {total / 1e6:.1f} MB; keep it under 60 MB (store float16)"
+    total = sum(
+        os.path.getsize(os.path.join(folder, f))
+        for folder, _, files in os.walk(root)
+        for f in files
+    )
+    assert total < 60e6, (
+        f"checkpoints/ holds {total / 1e6:.1f} MB; keep it under 60 MB (store float16)"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))
@@ -57,9 +65,11 @@ def test_checkpoint_reproduces_its_recorded_metrics(name):
     assert checkpoints.fingerprint(spec) == record.fingerprint, (
         f"{name}: today's {record.recipe} recipe or data differ from what it was trained with "
         f"(data now {spec['data']}, then {record.spec['data']}); retrain it with "
-        f"`python scripts/train_book.py --recipe {record.recipe} --only {name}` or undo the change")
+        f"`python scripts/train_book.py --recipe {record.recipe} --only {name}` or undo the change"
+    )
     model, _, _ = checkpoints.load_checkpoint(name)
     metrics = exp.evaluate(model, data_for(exp, record.recipe), record.recipe)
     for key in exp.golden:
         assert abs(metrics[key] - record.metrics[key]) <= TOLERANCE, (
-            f"{name}: {key} {metrics[key]:.4f} today, {record.metrics[key]:.4f} recorded (more than 0.5 points apart)")
+            f"{name}: {key} {metrics[key]:.4f} today, {record.metrics[key]:.4f} recorded (more than 0.5 points apart)"
+        )

@@ -67,7 +67,10 @@ def scenes():
 def test_caption_folder_maps_to_samples(tmp_path, scenes):
     folder = tmp_path / "coco"
     names = write_images(folder, scenes[:4])
-    write_jsonl(folder / "metadata.jsonl", [{"file_name": n, "captions": s.captions} for n, s in zip(names, scenes)])
+    write_jsonl(
+        folder / "metadata.jsonl",
+        [{"file_name": n, "captions": s.captions} for n, s in zip(names, scenes)],
+    )
     samples = hub.load_corpus("coco_captions", folder, cache_dir=tmp_path / "cache")
     assert len(samples) == 4
     by_id = {x.image_id: x for x in samples}
@@ -87,10 +90,22 @@ def test_split_folders_and_one_caption_per_line_are_merged(tmp_path, scenes):
     root = tmp_path / "flickr"
     train_names = write_images(root / "train", scenes[:2])
     test_names = write_images(root / "test", scenes[6:9])
-    write_jsonl(root / "train" / "metadata.jsonl",
-                [{"file_name": n, "caption": c} for n, s in zip(train_names, scenes[:2]) for c in s.captions])
-    write_jsonl(root / "test" / "metadata.jsonl",
-                [{"file_name": n, "caption": c} for n, s in zip(test_names, scenes[6:9]) for c in s.captions[:2]])
+    write_jsonl(
+        root / "train" / "metadata.jsonl",
+        [
+            {"file_name": n, "caption": c}
+            for n, s in zip(train_names, scenes[:2])
+            for c in s.captions
+        ],
+    )
+    write_jsonl(
+        root / "test" / "metadata.jsonl",
+        [
+            {"file_name": n, "caption": c}
+            for n, s in zip(test_names, scenes[6:9])
+            for c in s.captions[:2]
+        ],
+    )
     test = hub.load_corpus("flickr30k", root, split="test", cache_dir=tmp_path / "cache")
     assert [x.image_id for x in test] == test_names
     assert [x.captions for x in test] == [s.captions[:2] for s in scenes[6:9]]
@@ -107,7 +122,7 @@ def test_vqa_rows_are_grouped_by_image_with_the_majority_answer(tmp_path, scenes
     for name, scene in zip(names, scenes):
         for k, q in enumerate(scene.questions[:4]):
             wrong = "purple" if k % 2 else "7"
-            answers = [q.answer] * 4 + [wrong] * 3 + ["maybe"] * 3     # a plurality, not a majority
+            answers = [q.answer] * 4 + [wrong] * 3 + ["maybe"] * 3  # a plurality, not a majority
             rows.append({"file_name": name, "question": q.text, "answers": answers})
             expected.setdefault(name, []).append((q.text, q.answer))
     # interleave images: grouping must not rely on the rows being sorted
@@ -117,15 +132,25 @@ def test_vqa_rows_are_grouped_by_image_with_the_majority_answer(tmp_path, scenes
     assert len(samples) == 3
     for sample in samples:
         assert sample.captions == [] and sample.objects == []
-        assert Counter((q.text, q.answer) for q in sample.questions) == Counter(expected[sample.image_id])
-        assert all(q.family == "vqa" and q.relational is False and q.color == "" for q in sample.questions)
+        assert Counter((q.text, q.answer) for q in sample.questions) == Counter(
+            expected[sample.image_id]
+        )
+        assert all(
+            q.family == "vqa" and q.relational is False and q.color == "" for q in sample.questions
+        )
 
 
 def test_majority_answer():
     assert hub.majority_answer(["yes", "no", "no"]) == "no"
-    assert hub.majority_answer(["two", "2", "2", "two"]) == "two", "ties go to the answer given first"
-    assert hub.majority_answer([{"answer": "red", "answer_confidence": "yes"}, {"answer": "blue"},
-                                {"answer": "red"}]) == "red"
+    assert hub.majority_answer(["two", "2", "2", "two"]) == "two", (
+        "ties go to the answer given first"
+    )
+    assert (
+        hub.majority_answer(
+            [{"answer": "red", "answer_confidence": "yes"}, {"answer": "blue"}, {"answer": "red"}]
+        )
+        == "red"
+    )
     assert hub.majority_answer("cat") == "cat"
     with pytest.raises(ValueError, match="answers"):
         hub.majority_answer([" ", ""])
@@ -133,7 +158,9 @@ def test_majority_answer():
 
 def test_offline_hub_id_fails_with_what_to_download(tmp_path):
     with pytest.raises(hub.CorpusNotFoundError) as info:
-        hub.load_corpus("vqav2", "fusionlib-test/no-such-dataset", split="validation", cache_dir=tmp_path / "c")
+        hub.load_corpus(
+            "vqav2", "fusionlib-test/no-such-dataset", split="validation", cache_dir=tmp_path / "c"
+        )
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert "fusionlib-test/no-such-dataset" in message and "offline" in message
@@ -141,8 +168,9 @@ def test_offline_hub_id_fails_with_what_to_download(tmp_path):
     assert "metadata.jsonl" in message and '"answers"' in message, "it says where to put the files"
 
 
-@pytest.mark.parametrize("name, needle", [("coco_captions", "cocodataset.org"),
-                                          ("flickr30k", "dataset_flickr30k.json")])
+@pytest.mark.parametrize(
+    "name, needle", [("coco_captions", "cocodataset.org"), ("flickr30k", "dataset_flickr30k.json")]
+)
 def test_missing_local_folder_says_what_to_download(tmp_path, name, needle):
     with pytest.raises(hub.CorpusNotFoundError, match="No folder") as info:
         hub.load_corpus(name, tmp_path / "not" / "here")
@@ -170,21 +198,32 @@ def test_wrong_columns_are_named(tmp_path, scenes):
 
 
 def test_converters_from_official_annotation_files(tmp_path, scenes):
-    coco = {"images": [{"id": 9, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}],
-            "annotations": [{"image_id": 9, "caption": " a red circle "}, {"image_id": 3, "caption": "a blue square"},
-                            {"image_id": 9, "caption": "the red circle"}]}
+    coco = {
+        "images": [{"id": 9, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}],
+        "annotations": [
+            {"image_id": 9, "caption": " a red circle "},
+            {"image_id": 3, "caption": "a blue square"},
+            {"image_id": 9, "caption": "the red circle"},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     out = tmp_path / "coco"
     hub.metadata_from_coco_captions(tmp_path / "captions.json", out)
     for name, scene in zip(("a.png", "b.png"), scenes):
         Image.fromarray(scene.image).save(out / name)
     samples = hub.load_corpus("coco_captions", out, cache_dir=tmp_path / "cache")
-    assert {x.image_id: x.captions for x in samples} == {"a.png": ["a red circle", "the red circle"],
-                                                         "b.png": ["a blue square"]}
+    assert {x.image_id: x.captions for x in samples} == {
+        "a.png": ["a red circle", "the red circle"],
+        "b.png": ["a blue square"],
+    }
 
-    karpathy = {"images": [{"filename": "x.jpg", "split": "train", "sentences": [{"raw": "one"}]},
-                           {"filename": "y.jpg", "split": "restval", "sentences": [{"raw": "two"}]},
-                           {"filename": "z.jpg", "split": "val", "sentences": [{"raw": "three"}, {"raw": "3"}]}]}
+    karpathy = {
+        "images": [
+            {"filename": "x.jpg", "split": "train", "sentences": [{"raw": "one"}]},
+            {"filename": "y.jpg", "split": "restval", "sentences": [{"raw": "two"}]},
+            {"filename": "z.jpg", "split": "val", "sentences": [{"raw": "three"}, {"raw": "3"}]},
+        ]
+    }
     (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
     written = hub.metadata_from_karpathy(tmp_path / "karpathy.json", tmp_path / "flickr")
     assert sorted(p.split("/")[-2] for p in written) == ["train", "validation"]
@@ -192,11 +231,21 @@ def test_converters_from_official_annotation_files(tmp_path, scenes):
     assert [json.loads(x) for x in lines] == [{"file_name": "z.jpg", "captions": ["three", "3"]}]
 
     questions = {"questions": [{"image_id": 42, "question": "what colour?", "question_id": 420}]}
-    annotations = {"annotations": [{"question_id": 420, "answers": [{"answer": "red"}, {"answer": "red"},
-                                                                    {"answer": "blue"}]}]}
+    annotations = {
+        "annotations": [
+            {
+                "question_id": 420,
+                "answers": [{"answer": "red"}, {"answer": "red"}, {"answer": "blue"}],
+            }
+        ]
+    }
     (tmp_path / "q.json").write_text(json.dumps(questions))
     (tmp_path / "a.json").write_text(json.dumps(annotations))
     hub.metadata_from_vqa(tmp_path / "q.json", tmp_path / "a.json", tmp_path / "vqa")
     row = json.loads((tmp_path / "vqa" / "metadata.jsonl").read_text())
-    assert row == {"file_name": "COCO_val2014_000000000042.jpg", "question": "what colour?",
-                   "answers": ["red", "red", "blue"], "question_id": 420}
+    assert row == {
+        "file_name": "COCO_val2014_000000000042.jpg",
+        "question": "what colour?",
+        "answers": ["red", "red", "blue"],
+        "question_id": 420,
+    }

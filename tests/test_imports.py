@@ -44,8 +44,9 @@ def find_modules(package_dir: Path, package: str) -> dict[str, Path]:
 
 
 def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST):
@@ -78,9 +79,11 @@ def module_imports(module: str, path: Path, modules: dict[str, Path]) -> set[str
             base = module if is_package else module.rpartition(".")[0]
             base_parts = base.split(".")
             if node.level - 1 >= len(base_parts):
-                raise ValueError(f"{path}:{node.lineno}: relative import of level {node.level} goes above "
-                                 f"the top package {base_parts[0]!r}")
-            base = ".".join(base_parts[:len(base_parts) - (node.level - 1)])
+                raise ValueError(
+                    f"{path}:{node.lineno}: relative import of level {node.level} goes above "
+                    f"the top package {base_parts[0]!r}"
+                )
+            base = ".".join(base_parts[: len(base_parts) - (node.level - 1)])
             source = f"{base}.{node.module}" if node.module else base
         else:
             source = node.module
@@ -194,10 +197,12 @@ def test_import_graph_reads_every_kind_of_import(tmp_path):
     files = {
         "pkg/__init__.py": "from .low import helper\n",
         "pkg/low.py": "import os\n\ndef helper():\n    pass\n",
-        "pkg/mid.py": ("from typing import TYPE_CHECKING\n"
-                       "from pkg import low\n"
-                       "if TYPE_CHECKING:\n    from pkg.top import Top\n"
-                       "else:\n    from . import sub\n"),
+        "pkg/mid.py": (
+            "from typing import TYPE_CHECKING\n"
+            "from pkg import low\n"
+            "if TYPE_CHECKING:\n    from pkg.top import Top\n"
+            "else:\n    from . import sub\n"
+        ),
         "pkg/top.py": "def late():\n    from .mid import sub\n    import pkg.sub.leaf\n",
         "pkg/sub/__init__.py": "from . import leaf\n",
         "pkg/sub/leaf.py": "from .. import low\nfrom ..low import helper\nfrom pkg.sub import name_in_init\n",
@@ -209,10 +214,14 @@ def test_import_graph_reads_every_kind_of_import(tmp_path):
     assert graph == {
         "pkg": {"pkg.low"},
         "pkg.low": set(),
-        "pkg.mid": {"pkg.low", "pkg.sub"},                  # not pkg.top: under TYPE_CHECKING; not pkg: its own
-        "pkg.top": {"pkg.mid", "pkg.sub", "pkg.sub.leaf"},  # function-level; pkg.sub's __init__ runs too
+        "pkg.mid": {"pkg.low", "pkg.sub"},  # not pkg.top: under TYPE_CHECKING; not pkg: its own
+        "pkg.top": {
+            "pkg.mid",
+            "pkg.sub",
+            "pkg.sub.leaf",
+        },  # function-level; pkg.sub's __init__ runs too
         "pkg.sub": {"pkg.sub.leaf"},
-        "pkg.sub.leaf": {"pkg.low", "pkg.sub"},             # its own package, named explicitly
+        "pkg.sub.leaf": {"pkg.low", "pkg.sub"},  # its own package, named explicitly
     }
     # pkg/__init__ re-exporting pkg.low is no cycle; pkg.sub's __init__ importing a leaf that imports
     # a name from that __init__ is one (it works only if the name is defined before the import).
@@ -222,11 +231,13 @@ def test_import_graph_reads_every_kind_of_import(tmp_path):
 def test_fusionlib_graph_sees_the_imports_it_should():
     graph = import_graph()
     assert "fusionlib.train" in graph and "fusionlib.models.vilbert" in graph
-    assert "fusionlib.runtime" in graph["fusionlib.train"]              # module level
-    assert "fusionlib.train" in graph["fusionlib.metrics"]              # inside a function
-    assert "fusionlib.data.truth" in graph["fusionlib.itm"]             # relative, into a subpackage
-    assert "fusionlib.data" in graph["fusionlib.itm"]                   # ... whose package __init__ runs first
-    assert "fusionlib.models" not in graph["fusionlib.models.vilbert"]  # its own package: already running
+    assert "fusionlib.runtime" in graph["fusionlib.train"]  # module level
+    assert "fusionlib.train" in graph["fusionlib.metrics"]  # inside a function
+    assert "fusionlib.data.truth" in graph["fusionlib.itm"]  # relative, into a subpackage
+    assert "fusionlib.data" in graph["fusionlib.itm"]  # ... whose package __init__ runs first
+    assert (
+        "fusionlib.models" not in graph["fusionlib.models.vilbert"]
+    )  # its own package: already running
 
 
 # ---------------------------------------------------------------------------
@@ -237,5 +248,8 @@ def test_fusionlib_graph_sees_the_imports_it_should():
 def test_fusionlib_has_no_import_cycles():
     cycles = find_cycles(import_graph())
     if cycles:
-        pytest.fail(f"fusionlib has {len(cycles)} import cycle(s); break each by moving what one side needs "
-                    f"into a lower module:\n{describe_cycles(cycles)}", pytrace=False)
+        pytest.fail(
+            f"fusionlib has {len(cycles)} import cycle(s); break each by moving what one side needs "
+            f"into a lower module:\n{describe_cycles(cycles)}",
+            pytrace=False,
+        )

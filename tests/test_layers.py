@@ -6,7 +6,13 @@ from torch import nn
 
 from fusionlib.attention import MultiHeadAttention
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
-from fusionlib.layers import CrossAttentionLayer, CrossAttentionWeights, TransformerLayer, masked_max, masked_mean
+from fusionlib.layers import (
+    CrossAttentionLayer,
+    CrossAttentionWeights,
+    TransformerLayer,
+    masked_max,
+    masked_mean,
+)
 
 ATOL = 1e-5
 
@@ -28,20 +34,30 @@ def copy_ffn_and_norms(ours, theirs, residuals):
     with torch.no_grad():
         ours.ffn.linear1.load_state_dict(theirs.linear1.state_dict())
         ours.ffn.linear2.load_state_dict(theirs.linear2.state_dict())
-        for mine, norm in zip(residuals, [theirs.norm1, theirs.norm2, getattr(theirs, "norm3", None)]):
+        for mine, norm in zip(
+            residuals, [theirs.norm1, theirs.norm2, getattr(theirs, "norm3", None)]
+        ):
             mine.norm.load_state_dict(norm.state_dict())
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_transformer_layer_matches_torch_encoder_layer(norm_first):
     torch.manual_seed(0)
-    ref = nn.TransformerEncoderLayer(32, 4, dim_feedforward=48, dropout=0.1, activation="gelu",
-                                     batch_first=True, norm_first=norm_first, layer_norm_eps=1e-12).eval()
+    ref = nn.TransformerEncoderLayer(
+        32,
+        4,
+        dim_feedforward=48,
+        dropout=0.1,
+        activation="gelu",
+        batch_first=True,
+        norm_first=norm_first,
+        layer_norm_eps=1e-12,
+    ).eval()
     ours = TransformerLayer(32, 4, ffn_size=48, norm_first=norm_first).eval()
     copy_attention(ours.attention, ref.self_attn)
     copy_ffn_and_norms(ours, ref, [ours.attention_residual, ours.ffn_residual])
     x, mask = randn(3, 7, 32), lengths_mask([7, 4, 1], 7)
-    expected = ref(x, src_key_padding_mask=~mask)       # torch: True = padded
+    expected = ref(x, src_key_padding_mask=~mask)  # torch: True = padded
     out, weights = ours(x, mask)
     assert weights is None
     real = mask.unsqueeze(-1).expand_as(out)
@@ -51,8 +67,16 @@ def test_transformer_layer_matches_torch_encoder_layer(norm_first):
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_cross_attention_layer_matches_torch_decoder_layer(norm_first):
     torch.manual_seed(0)
-    ref = nn.TransformerDecoderLayer(32, 4, dim_feedforward=48, dropout=0.1, activation="gelu",
-                                     batch_first=True, norm_first=norm_first, layer_norm_eps=1e-12).eval()
+    ref = nn.TransformerDecoderLayer(
+        32,
+        4,
+        dim_feedforward=48,
+        dropout=0.1,
+        activation="gelu",
+        batch_first=True,
+        norm_first=norm_first,
+        layer_norm_eps=1e-12,
+    ).eval()
     ours = CrossAttentionLayer(32, 4, ffn_size=48, norm_first=norm_first).eval()
     copy_attention(ours.self_attention, ref.self_attn)
     copy_attention(ours.cross_attention, ref.multihead_attn)
@@ -70,11 +94,11 @@ def test_transformer_layer_padding_does_not_leak():
     x, mask = randn(2, 6, 16), lengths_mask([6, 3], 6)
     out, weights = layer(x, mask, need_weights=True)
     noisy = x.clone()
-    noisy[1, 3:] = 1e3 * randn(3, 16, seed=5)            # change only padded positions
+    noisy[1, 3:] = 1e3 * randn(3, 16, seed=5)  # change only padded positions
     out2, _ = layer(noisy, mask)
     torch.testing.assert_close(out2[mask], out[mask], atol=ATOL, rtol=ATOL)
     assert weights.shape == (2, 2, 6, 6)
-    assert torch.all(weights[1, :, :, 3:] == 0)            # nobody attends to padding
+    assert torch.all(weights[1, :, :, 3:] == 0)  # nobody attends to padding
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 6))
 
 
@@ -82,7 +106,10 @@ def test_cross_attention_layer_context_padding_and_empty_context():
     torch.manual_seed(0)
     layer = CrossAttentionLayer(16, 4, dropout=0.0, context_dim=10).eval()
     x, x_mask = randn(3, 5, 16), lengths_mask([5, 2, 4], 5)
-    ctx, ctx_mask = randn(3, 7, 10, seed=1), lengths_mask([7, 3, 0], 7)   # sample 2 has no regions at all
+    ctx, ctx_mask = (
+        randn(3, 7, 10, seed=1),
+        lengths_mask([7, 3, 0], 7),
+    )  # sample 2 has no regions at all
     out, w = layer(x, ctx, x_mask, ctx_mask, need_weights=True)
     assert isinstance(w, CrossAttentionWeights)
     assert w.cross.shape == (3, 4, 5, 7) and w.self_attn.shape == (3, 4, 5, 5)
@@ -117,7 +144,7 @@ def test_cross_attention_layer_without_self_attention():
 def test_layer_errors_name_the_argument():
     layer = TransformerLayer(8, 2)
     with pytest.raises(ValueError, match="mask"):
-        layer(randn(2, 3, 8), torch.ones(2, 3))              # not bool
+        layer(randn(2, 3, 8), torch.ones(2, 3))  # not bool
     with pytest.raises(ValueError, match="x must have shape"):
         layer(randn(2, 3, 9))
     with pytest.raises(ValueError, match="num_heads"):
@@ -130,8 +157,9 @@ def test_layer_errors_name_the_argument():
 
 
 def test_masked_poolings():
-    x = torch.tensor([[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]],
-                      [[5.0, 6.0], [float("inf"), 0.0], [0.0, 0.0]]])
+    x = torch.tensor(
+        [[[1.0, -2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [float("inf"), 0.0], [0.0, 0.0]]]
+    )
     mask = torch.tensor([[True, True, False], [False, False, False]])
     torch.testing.assert_close(masked_mean(x, mask), torch.tensor([[2.0, 1.0], [0.0, 0.0]]))
     torch.testing.assert_close(masked_max(x, mask), torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
@@ -142,10 +170,13 @@ def test_text_embeddings_is_bert_sum_and_checks_input():
     emb = TextEmbeddings(20, 8, max_position=6, dropout=0.0)
     ids = torch.tensor([[1, 5, 7, 0], [2, 3, 0, 0]])
     types = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
-    expected = emb.norm(emb.word_embeddings(ids) + emb.position_embeddings(torch.arange(4))
-                        + emb.token_type_embeddings(types))
+    expected = emb.norm(
+        emb.word_embeddings(ids)
+        + emb.position_embeddings(torch.arange(4))
+        + emb.token_type_embeddings(types)
+    )
     torch.testing.assert_close(emb(ids, types), expected)
-    assert torch.all(emb.word_embeddings.weight[0] == 0)          # [PAD] starts at zero
+    assert torch.all(emb.word_embeddings.weight[0] == 0)  # [PAD] starts at zero
     with pytest.raises(ValueError, match="max_position"):
         emb(torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"):

@@ -59,7 +59,12 @@ def test_mlm_matches_loop_reference():
     labels = torch.randint(0, 7, (3, 5), generator=g)
     labels[torch.rand(3, 5, generator=g) < 0.6] = IGNORE
     labels[0, 0] = 2
-    terms = [-log_softmax_py(logits[b, t])[labels[b, t]] for b in range(3) for t in range(5) if labels[b, t] != IGNORE]
+    terms = [
+        -log_softmax_py(logits[b, t])[labels[b, t]]
+        for b in range(3)
+        for t in range(5)
+        if labels[b, t] != IGNORE
+    ]
     assert L.mlm_loss(logits, labels).item() == pytest.approx(sum(terms) / len(terms), abs=1e-10)
 
 
@@ -99,9 +104,13 @@ def test_mrfr_matches_loop_reference():
     _, _, masked, pred, target = region_batch(2)
     terms = [
         sum((float(pred[b, r, d]) - float(target[b, r, d])) ** 2 for d in range(4)) / 4
-        for b in range(3) for r in range(5) if masked[b, r]
+        for b in range(3)
+        for r in range(5)
+        if masked[b, r]
     ]
-    assert L.mrfr_loss(pred, target, masked).item() == pytest.approx(sum(terms) / len(terms), abs=1e-10)
+    assert L.mrfr_loss(pred, target, masked).item() == pytest.approx(
+        sum(terms) / len(terms), abs=1e-10
+    )
 
 
 @pytest.mark.parametrize("name", ["mlm", "mrfr", "mrc", "mrc_kl", "itm", "wra"])
@@ -147,6 +156,7 @@ def test_nan_at_unscored_positions_leaks_into_neither_loss_nor_gradient(name):
 
 def test_mrc_matches_loop_reference_and_background_rule():
     logits, soft, masked, _, _ = region_batch(3)
+
     def reference(exclude):
         terms = []
         for b in range(3):
@@ -157,12 +167,15 @@ def test_mrc_matches_loop_reference_and_background_rule():
                     target = max(cands, key=lambda c: row[c])
                     terms.append(-log_softmax_py(logits[b, r])[target])
         return sum(terms) / len(terms)
+
     assert L.mrc_loss(logits, soft, masked).item() == pytest.approx(reference(None), abs=1e-10)
     # make class 0 the detector's favourite somewhere: with background_class=0 it is never the target
     soft2 = soft.clone()
     soft2[0, 1] = torch.tensor([0.9, 0.02, 0.02, 0.02, 0.02, 0.02], dtype=F64)
     soft = soft2
-    assert L.mrc_loss(logits, soft, masked, background_class=0).item() == pytest.approx(reference(0), abs=1e-10)
+    assert L.mrc_loss(logits, soft, masked, background_class=0).item() == pytest.approx(
+        reference(0), abs=1e-10
+    )
     assert L.mrc_loss(logits, soft, masked).item() == pytest.approx(reference(None), abs=1e-10)
     assert reference(0) != pytest.approx(reference(None))
     with pytest.raises(ValueError, match="background_class"):
@@ -176,7 +189,9 @@ def test_mrc_kl_matches_torch_distributions():
     want = kl_divergence(Categorical(probs=soft[masked]), Categorical(logits=logits[masked])).mean()
     assert L.mrc_kl_loss(logits, soft, masked).item() == pytest.approx(want.item(), abs=1e-10)
     # the KL is zero when the prediction is the detector's distribution
-    assert L.mrc_kl_loss(torch.log(soft.clamp_min(1e-300)), soft, masked).item() == pytest.approx(0.0, abs=1e-10)
+    assert L.mrc_kl_loss(torch.log(soft.clamp_min(1e-300)), soft, masked).item() == pytest.approx(
+        0.0, abs=1e-10
+    )
     bad = soft.clone()
     bad[0, 1] *= 2
     with pytest.raises(ValueError, match="soft_labels"):
@@ -236,10 +251,12 @@ def test_itm_matches_loop_reference_all_ignored_and_gradcheck():
 
 
 def test_accuracy_counts_scored_positions_only():
-    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0]]])      # argmax 0, 1, 0
-    assert L.accuracy(logits, torch.tensor([[0, 2, IGNORE]])).item() == 0.5           # one hit of two scored
-    assert L.accuracy(logits, torch.full((1, 3), IGNORE)).item() == 0.0                # nothing scored: 0, not NaN
-    assert L.accuracy(logits[0, :2, :2], torch.tensor([0, 1])).item() == 1.0         # ITM shape (batch, 2)
+    logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0]]])  # argmax 0, 1, 0
+    assert L.accuracy(logits, torch.tensor([[0, 2, IGNORE]])).item() == 0.5  # one hit of two scored
+    assert (
+        L.accuracy(logits, torch.full((1, 3), IGNORE)).item() == 0.0
+    )  # nothing scored: 0, not NaN
+    assert L.accuracy(logits[0, :2, :2], torch.tensor([0, 1])).item() == 1.0  # ITM shape (batch, 2)
     assert not L.accuracy(logits.requires_grad_(), torch.tensor([[0, 1, 0]])).requires_grad
     with pytest.raises(ValueError, match="labels"):
         L.accuracy(logits, torch.tensor([[0, 1]]))
@@ -276,14 +293,18 @@ def test_random_negatives_without_any_valid_partner_stay_positive():
 
 
 def test_hard_negatives_follow_softmax_of_allowed_and_never_pick_self_or_duplicates():
-    sim = torch.tensor([
-        [5.0, 1.0, 0.0, 2.0, 9.0],
-        [0.0, 3.0, 1.0, -1.0, 0.5],
-        [2.0, 2.0, 4.0, 0.0, 0.0],
-        [1.0, 0.0, 0.0, 1.0, 0.0],
-        [9.0, 0.0, 3.0, 0.0, 5.0],
-    ])
-    group = torch.tensor([0, 1, 2, 3, 0])  # 0 and 4 are the same image: the 9.0s are false negatives
+    sim = torch.tensor(
+        [
+            [5.0, 1.0, 0.0, 2.0, 9.0],
+            [0.0, 3.0, 1.0, -1.0, 0.5],
+            [2.0, 2.0, 4.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0, 1.0, 0.0],
+            [9.0, 0.0, 3.0, 0.0, 5.0],
+        ]
+    )
+    group = torch.tensor(
+        [0, 1, 2, 3, 0]
+    )  # 0 and 4 are the same image: the 9.0s are false negatives
     allowed = ~torch.eye(5, dtype=torch.bool) & (group[:, None] != group[None, :])
     expected = torch.softmax(sim.masked_fill(~allowed, -math.inf), dim=1)
     draws = 2000
@@ -307,7 +328,9 @@ def test_hard_negatives_batch_of_one_duplicates_and_extreme_values():
     assert index[0] == 2 and index[1] == 2 and index[2] in (0, 1) and valid.all()
     index, valid = L.hard_negatives(torch.randn(3, 3), rng(0), group_ids=torch.tensor([4, 4, 4]))
     assert index.tolist() == [-1, -1, -1] and not valid.any()
-    big = torch.tensor([[1e4, -1e4], [-1e4, 1e4]])  # softmax would underflow to 0 for every allowed column
+    big = torch.tensor(
+        [[1e4, -1e4], [-1e4, 1e4]]
+    )  # softmax would underflow to 0 for every allowed column
     index, valid = L.hard_negatives(big, rng(0))
     assert index.tolist() == [1, 0] and valid.all()
     with pytest.raises(ValueError, match="sim"):
@@ -321,16 +344,20 @@ def test_hard_negatives_batch_of_one_duplicates_and_extreme_values():
 
 def infonce_loop(image, text, logit_scale, group=None):
     """Plain-Python symmetric InfoNCE: normalise, scale, two softmax cross-entropies."""
+
     def unit(v):
         n = math.sqrt(sum(x * x for x in v))
         return [x / n for x in v]
+
     u = [unit(r.tolist()) for r in image]
     v = [unit(r.tolist()) for r in text]
     s = math.exp(min(max(logit_scale, 0.0), math.log(100)))
     b = len(u)
     logit = [[s * sum(x * y for x, y in zip(u[i], v[j])) for j in range(b)] for i in range(b)]
+
     def keep(i, j):
         return i == j or group is None or group[i] != group[j]
+
     total = 0.0
     for i in range(b):
         total += -logit[i][i] + math.log(sum(math.exp(logit[i][j]) for j in range(b) if keep(i, j)))
@@ -350,7 +377,8 @@ def test_contrastive_matches_loop_reference_with_and_without_duplicates():
     assert got.item() == pytest.approx(infonce_loop(image, text, scale, group.tolist()), abs=1e-10)
     # embeddings are normalised inside: scaling them changes nothing
     assert L.contrastive_loss(3 * image, 0.1 * text, scale).item() == pytest.approx(
-        infonce_loop(image, text, scale), abs=1e-10)
+        infonce_loop(image, text, scale), abs=1e-10
+    )
 
 
 def test_contrastive_temperature_init_clamp_and_gradcheck():
@@ -367,7 +395,9 @@ def test_contrastive_temperature_init_clamp_and_gradcheck():
         module.logit_scale.fill_(10.0)
     assert module.temperature == pytest.approx(0.01)
     loss = module(image.detach().float(), text.detach().float())
-    assert loss.item() == pytest.approx(infonce_loop(image.detach(), text.detach(), math.log(100)), rel=1e-5)
+    assert loss.item() == pytest.approx(
+        infonce_loop(image.detach(), text.detach(), math.log(100)), rel=1e-5
+    )
     loss.backward()
     assert module.logit_scale.grad.item() == 0.0
     # batch of one: the only candidate is the positive
@@ -387,7 +417,9 @@ def uniform_problem(g, n, m, kind):
     return L.cosine_cost(x, y)
 
 
-IPOT_REL_TOL = 0.03  # measured: max 0.37% (mean 0.07%) on these 160 problems, max 0.9% over 400 others
+IPOT_REL_TOL = (
+    0.03  # measured: max 0.37% (mean 0.07%) on these 160 problems, max 0.9% over 400 others
+)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "cosine"])
@@ -399,7 +431,9 @@ def test_ipot_transport_cost_matches_exact_ot_from_pot(kind, dtype):
     for _ in range(40):
         n, m = (int(v) for v in torch.randint(2, 13, (2,), generator=g))
         cost = uniform_problem(g, n, m, kind)
-        plan = L.ipot(cost.to(dtype), torch.ones(1, n, dtype=torch.bool), torch.ones(1, m, dtype=torch.bool))
+        plan = L.ipot(
+            cost.to(dtype), torch.ones(1, n, dtype=torch.bool), torch.ones(1, m, dtype=torch.bool)
+        )
         approx = (cost * plan.to(F64)).sum().item()
         exact = ot.emd2(np.full(n, 1 / n), np.full(m, 1 / m), cost[0].numpy())
         gaps.append(abs(approx - exact) / exact)
@@ -424,7 +458,9 @@ def test_ipot_is_unchanged_by_a_large_cost_offset_in_float32():
 def test_ipot_respects_padding_on_both_sides():
     g = rng(14)
     cost = torch.rand(3, 6, 5, generator=g, dtype=F64) * 2
-    x_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    x_mask = torch.tensor(
+        [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool
+    )
     y_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     cost_with_junk = cost.clone()
     cost_with_junk[0, 4:, :] = float("inf")  # garbage at padding must not matter
@@ -434,7 +470,11 @@ def test_ipot_respects_padding_on_both_sides():
     assert (plan[~joint] == 0).all()
     assert (plan[2] == 0).all(), "a sample with no real word gets an empty plan"
     for b, (n, m) in enumerate([(4, 3), (6, 2)]):
-        alone = L.ipot(cost[b:b + 1, :n, :m], torch.ones(1, n, dtype=torch.bool), torch.ones(1, m, dtype=torch.bool))
+        alone = L.ipot(
+            cost[b : b + 1, :n, :m],
+            torch.ones(1, n, dtype=torch.bool),
+            torch.ones(1, m, dtype=torch.bool),
+        )
         assert torch.allclose(plan[b, :n, :m], alone[0], atol=1e-12)
     with pytest.raises(ValueError, match="y_mask"):
         L.ipot(cost, x_mask, y_mask[:, :4])
@@ -456,7 +496,9 @@ def test_ot_distance_is_trace_of_cost_times_plan_and_gradient_is_the_plan():
     assert torch.allclose(distance.detach(), trace, atol=1e-12)
     assert not plan.requires_grad
     # with the plan held fixed (as UNITER does), the gradient is exact
-    assert gradcheck(lambda t, r: L.ot_distance(t, r, text_mask, region_mask, plan=plan), (text_h, region_h))
+    assert gradcheck(
+        lambda t, r: L.ot_distance(t, r, text_mask, region_mask, plan=plan), (text_h, region_h)
+    )
     # padded states receive no gradient
     distance.sum().backward()
     assert (text_h.grad[1, 3:] == 0).all() and (region_h.grad[1, 2:] == 0).all()
@@ -470,7 +512,10 @@ def test_ipot_and_ot_distance_run_in_float32_under_bf16_autocast():
     text_mask = torch.arange(9)[None] < torch.tensor([9, 7, 5, 9, 3, 8])[:, None]
     region_mask = torch.arange(7)[None] < torch.tensor([7, 6, 2, 5, 7, 1])[:, None]
     cost = L.cosine_cost(text_h, region_h)
-    plan, distance = L.ipot(cost, text_mask, region_mask), L.ot_distance(text_h, region_h, text_mask, region_mask)
+    plan, distance = (
+        L.ipot(cost, text_mask, region_mask),
+        L.ot_distance(text_h, region_h, text_mask, region_mask),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plan_amp = L.ipot(cost, text_mask, region_mask)
         distance_amp = L.ot_distance(text_h, region_h, text_mask, region_mask)

@@ -91,8 +91,9 @@ def test_mask_tokens_rates_over_500k_tokens():
     assert ids.numel() == 500_000
     maskable = maskable_tokens(ids, attention, SPECIAL)
     g = torch.Generator().manual_seed(1)
-    inputs, labels = mask_tokens(ids, maskable, mask_token_id=MASK, vocab_size=VOCAB, generator=g,
-                                 special_ids=SPECIAL)
+    inputs, labels = mask_tokens(
+        ids, maskable, mask_token_id=MASK, vocab_size=VOCAB, generator=g, special_ids=SPECIAL
+    )
     chosen = labels != IGNORE_INDEX
     p = 0.15
 
@@ -130,12 +131,15 @@ def test_at_least_one_token_per_sequence_and_exact_short_sequence_rate():
     attention = ids != PAD
     maskable = maskable_tokens(ids, attention, SPECIAL)
     g = torch.Generator().manual_seed(2)
-    _, labels = mask_tokens(ids, maskable, mask_token_id=MASK, vocab_size=VOCAB, generator=g,
-                            special_ids=SPECIAL)
+    _, labels = mask_tokens(
+        ids, maskable, mask_token_id=MASK, vocab_size=VOCAB, generator=g, special_ids=SPECIAL
+    )
     chosen = labels != IGNORE_INDEX
     assert (chosen.sum(1) >= 1).all()
     mean, var = forced_count_moments(3, 0.15)
-    within(chosen.sum().item(), batch * mean, math.sqrt(batch * var), "chosen with at-least-one rule")
+    within(
+        chosen.sum().item(), batch * mean, math.sqrt(batch * var), "chosen with at-least-one rule"
+    )
     # the forced token is uniform over the maskable positions: each of the 3 words equally often
     per_position = chosen[:, 1:4].sum(0).float()
     q = mean / 3
@@ -146,8 +150,14 @@ def test_at_least_one_token_per_sequence_and_exact_short_sequence_rate():
 def test_row_without_maskable_tokens_is_left_alone():
     ids = torch.tensor([[CLS, SEP, PAD, PAD], [CLS, 10, 11, SEP]])
     maskable = maskable_tokens(ids, ids != PAD, SPECIAL)
-    inputs, labels = mask_tokens(ids, maskable, mask_token_id=MASK, vocab_size=VOCAB,
-                                 generator=torch.Generator().manual_seed(0), special_ids=SPECIAL)
+    inputs, labels = mask_tokens(
+        ids,
+        maskable,
+        mask_token_id=MASK,
+        vocab_size=VOCAB,
+        generator=torch.Generator().manual_seed(0),
+        special_ids=SPECIAL,
+    )
     assert torch.equal(inputs[0], ids[0])
     assert (labels[0] == IGNORE_INDEX).all()
     assert (labels[1] != IGNORE_INDEX).sum() >= 1
@@ -158,8 +168,14 @@ def test_mask_tokens_is_reproducible_and_seed_dependent():
     maskable = maskable_tokens(ids, attention, SPECIAL)
 
     def run(seed):
-        return mask_tokens(ids, maskable, mask_token_id=MASK, vocab_size=VOCAB,
-                           generator=torch.Generator().manual_seed(seed), special_ids=SPECIAL)
+        return mask_tokens(
+            ids,
+            maskable,
+            mask_token_id=MASK,
+            vocab_size=VOCAB,
+            generator=torch.Generator().manual_seed(seed),
+            special_ids=SPECIAL,
+        )
 
     a, b, c = run(5), run(5), run(6)
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
@@ -252,8 +268,15 @@ def test_conditional_masking_masks_exactly_one_modality_per_sample():
     # sample 0 has no maskable word, sample 1 no region: each must mask the other modality
     maskable[0] = False
     region_mask[1] = False
-    out = conditional_masking(ids, maskable, region_mask, mask_token_id=MASK, vocab_size=VOCAB,
-                              generator=torch.Generator().manual_seed(8), special_ids=SPECIAL)
+    out = conditional_masking(
+        ids,
+        maskable,
+        region_mask,
+        mask_token_id=MASK,
+        vocab_size=VOCAB,
+        generator=torch.Generator().manual_seed(8),
+        special_ids=SPECIAL,
+    )
     text_has = (out.labels != IGNORE_INDEX).any(1)
     image_has = out.region_masked.any(1)
     assert torch.equal(text_has, out.text_masked)
@@ -266,18 +289,37 @@ def test_conditional_masking_masks_exactly_one_modality_per_sample():
     assert not out.region_masked[~region_mask].any()
     assert not (out.labels != IGNORE_INDEX)[~maskable].any()
     # the modality is a fair coin (samples 0 and 1 were forced)
-    within(out.text_masked[2:].sum().item(), (batch - 2) * 0.5, math.sqrt((batch - 2) * 0.25), "text share")
+    within(
+        out.text_masked[2:].sum().item(),
+        (batch - 2) * 0.5,
+        math.sqrt((batch - 2) * 0.25),
+        "text share",
+    )
     # UNITER zeroes every masked region by default
     assert torch.equal(out.region_masked, out.region_zeroed)
 
 
 def test_joint_masking_masks_both_modalities():
     ids, maskable, region_mask = _multimodal_batch(500, seed=9)
-    out = joint_masking(ids, maskable, region_mask, mask_token_id=MASK, vocab_size=VOCAB,
-                        generator=torch.Generator().manual_seed(10), special_ids=SPECIAL, zero_fraction=0.9)
+    out = joint_masking(
+        ids,
+        maskable,
+        region_mask,
+        mask_token_id=MASK,
+        vocab_size=VOCAB,
+        generator=torch.Generator().manual_seed(10),
+        special_ids=SPECIAL,
+        zero_fraction=0.9,
+    )
     assert out.text_masked.all() and out.image_masked.all()
     assert ((out.labels != IGNORE_INDEX).sum(1) >= 1).all()
     assert (out.region_masked.sum(1) >= 1).all()
     with pytest.raises(ValueError, match="region_mask"):
-        joint_masking(ids, maskable, region_mask[:3], mask_token_id=MASK, vocab_size=VOCAB,
-                      generator=torch.Generator())
+        joint_masking(
+            ids,
+            maskable,
+            region_mask[:3],
+            mask_token_id=MASK,
+            vocab_size=VOCAB,
+            generator=torch.Generator(),
+        )

@@ -44,7 +44,7 @@ def test_device_and_autocast_on_cpu():
             runtime.device("cuda")
     with runtime.autocast("cpu"):
         y = torch.ones(2, 2) @ torch.ones(2, 2)
-    assert y.dtype == torch.float32          # a no-op on CPU
+    assert y.dtype == torch.float32  # a no-op on CPU
 
 
 def test_timer_and_format(capsys):
@@ -57,9 +57,15 @@ def test_timer_and_format(capsys):
 
 def test_write_and_read_results(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSIONLIB_PROFILE", "cpu")
-    path = runtime.write_results("99_test", {"accuracy": torch.tensor(0.5)}, directory=tmp_path, seed=3)
+    path = runtime.write_results(
+        "99_test", {"accuracy": torch.tensor(0.5)}, directory=tmp_path, seed=3
+    )
     record = json.loads(open(path).read())
-    assert record["metrics"] == {"accuracy": 0.5} and record["seed"] == 3 and record["profile"] == "cpu"
+    assert (
+        record["metrics"] == {"accuracy": 0.5}
+        and record["seed"] == 3
+        and record["profile"] == "cpu"
+    )
     assert runtime.read_results("99_test", directory=tmp_path)["metrics"]["accuracy"] == 0.5
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(ValueError, match="chapter"):
@@ -86,8 +92,10 @@ def test_step_generator_passes_a_generator_through_or_draws_one_from_the_global_
     first = torch.rand(4, generator=runtime.step_generator())
     torch.manual_seed(11)
     again = torch.rand(4, generator=runtime.step_generator())
-    assert torch.equal(first, again)                           # the same global state, the same draws
-    assert not torch.equal(first, torch.rand(4, generator=runtime.step_generator()))   # the next step: new ones
+    assert torch.equal(first, again)  # the same global state, the same draws
+    assert not torch.equal(
+        first, torch.rand(4, generator=runtime.step_generator())
+    )  # the next step: new ones
     with pytest.raises(TypeError, match="generator"):
         runtime.step_generator(3)
 
@@ -104,7 +112,7 @@ def test_results_of_a_larger_recipe_are_kept(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "results" / "09_x.json").read_text()) == full
     assert path == str(tmp_path / ".cache" / "results-small" / "09_x.json")
     assert "holds the full recipe's results and is kept" in capsys.readouterr().out
-    assert runtime.read_results("09_x")["metrics"] == {"accuracy": 0.7}       # what this run wrote
+    assert runtime.read_results("09_x")["metrics"] == {"accuracy": 0.7}  # what this run wrote
 
 
 def test_the_same_results_leave_the_file_untouched(tmp_path, monkeypatch, capsys):
@@ -114,6 +122,8 @@ def test_the_same_results_leave_the_file_untouched(tmp_path, monkeypatch, capsys
     before = open(path).read()
     assert runtime.write_results("09_y", {"accuracy": 0.5, "curve": [0.1, 0.2]}, seed=0) == path
     assert "left as it is" in capsys.readouterr().out and open(path).read() == before
-    runtime.write_results("09_y", {"accuracy": 0.6, "curve": [0.1, 0.2]}, seed=0)      # same recipe, new numbers
+    runtime.write_results(
+        "09_y", {"accuracy": 0.6, "curve": [0.1, 0.2]}, seed=0
+    )  # same recipe, new numbers
     assert runtime.read_results("09_y")["metrics"]["accuracy"] == 0.6
     assert runtime.read_results("09_y")["recipe"] == "full"

@@ -23,17 +23,38 @@ from fusionlib.data import shapes as S
 from fusionlib.data.shapes import WorldConfig
 
 SMALL = WorldConfig(num_train=60, num_val=20, num_test=20)
-TRIANGLES = WorldConfig(image_size=96, object_size=12, shapes=("square", "circle", "triangle"),
-                        num_train=40, num_val=10, num_test=10, seed=3)
+TRIANGLES = WorldConfig(
+    image_size=96,
+    object_size=12,
+    shapes=("square", "circle", "triangle"),
+    num_train=40,
+    num_val=10,
+    num_test=10,
+    seed=3,
+)
 VARIABLE = WorldConfig(min_objects=2, num_train=80, num_val=10, num_test=10, seed=5)
-NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
-           "ten": 10}
+NUMBERS = {
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+}
 
 
 def scenes_of(config: WorldConfig, per_split: int | None = None) -> list[S.Scene]:
     out = []
     for split in S.SPLITS:
-        n = config.split_size(split) if per_split is None else min(per_split, config.split_size(split))
+        n = (
+            config.split_size(split)
+            if per_split is None
+            else min(per_split, config.split_size(split))
+        )
         out += [S.generate_scene(config, i, split) for i in range(n)]
     return out
 
@@ -45,8 +66,11 @@ def small_scenes() -> list[S.Scene]:
 
 @pytest.fixture(scope="module")
 def all_scenes(small_scenes) -> list[tuple[WorldConfig, S.Scene]]:
-    return ([(SMALL, s) for s in small_scenes] + [(TRIANGLES, s) for s in scenes_of(TRIANGLES)]
-            + [(VARIABLE, s) for s in scenes_of(VARIABLE)])
+    return (
+        [(SMALL, s) for s in small_scenes]
+        + [(TRIANGLES, s) for s in scenes_of(TRIANGLES)]
+        + [(VARIABLE, s) for s in scenes_of(VARIABLE)]
+    )
 
 
 # ----------------------------------------------------------------------------- independent geometry
@@ -107,7 +131,7 @@ def family_from_text(text: str) -> str:
 
 def test_same_seed_gives_identical_bytes():
     a = S.generate_scene(SMALL, 7, "train")
-    S.generate_scene(SMALL, 3, "val")        # generating others in between changes nothing
+    S.generate_scene(SMALL, 3, "val")  # generating others in between changes nothing
     b = S.generate_scene(SMALL, 7, "train")
     assert a.image.tobytes() == b.image.tobytes()
     assert a.objects == b.objects and a.captions == b.captions and a.questions == b.questions
@@ -134,7 +158,9 @@ def test_identical_bytes_in_a_fresh_process_with_another_hash_seed(capsys):
     exec(FINGERPRINT, {})
     here = capsys.readouterr().out.strip()
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", FINGERPRINT], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", FINGERPRINT], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == here and len(here) == 64
 
 
@@ -146,7 +172,9 @@ def test_text_and_layout_of_scene_zero_are_pinned():
     description = record.pop("description")
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     assert digest == PINNED_SCENE_ZERO, (digest, S.describe(scene))
-    assert hashlib.sha256(description.encode()).hexdigest()[:16] == PINNED_DESCRIPTION_ZERO, description
+    assert hashlib.sha256(description.encode()).hexdigest()[:16] == PINNED_DESCRIPTION_ZERO, (
+        description
+    )
 
 
 PINNED_SCENE_ZERO = "4a76aff60f91b4fe"
@@ -164,16 +192,29 @@ def test_global_indices_are_unique_and_ordered(small_scenes):
 
 def test_splits_share_no_scene(small_scenes):
     keys = {split: {S.scene_key(s) for s in small_scenes if s.split == split} for split in S.SPLITS}
-    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    assert (
+        not keys["train"] & keys["val"]
+        and not keys["train"] & keys["test"]
+        and not keys["val"] & keys["test"]
+    )
 
 
 def test_splits_share_no_scene_even_in_a_tiny_world():
     # 2 objects on a 12 px canvas: so few layouts that scenes repeat inside a split;
     # seeding alone would then repeat them across splits too.
-    tiny = WorldConfig(image_size=12, object_size=4, num_objects=2, colors=("red", "blue"),
-                       num_train=300, num_val=300, num_test=300)
+    tiny = WorldConfig(
+        image_size=12,
+        object_size=4,
+        num_objects=2,
+        colors=("red", "blue"),
+        num_train=300,
+        num_val=300,
+        num_test=300,
+    )
     keys = {split: [S.scene_key(s) for s in S.generate_split(tiny, split)] for split in S.SPLITS}
-    assert len(set(keys["train"])) < len(keys["train"]), "the world should be small enough to repeat scenes"
+    assert len(set(keys["train"])) < len(keys["train"]), (
+        "the world should be small enough to repeat scenes"
+    )
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not set(keys[a]) & set(keys[b]), (a, b)
 
@@ -202,7 +243,7 @@ def test_boxes_inside_the_image_and_never_touching(all_scenes):
             assert x2 - x1 == y2 - y1 == config.object_size
             assert o.center == box_center(o)
         for i, a in enumerate(scene.objects):
-            for b in scene.objects[i + 1:]:
+            for b in scene.objects[i + 1 :]:
                 gap_x = max(b.box[0] - a.box[2], a.box[0] - b.box[2])
                 gap_y = max(b.box[1] - a.box[3], a.box[1] - b.box[3])
                 assert max(gap_x, gap_y) >= 1, (a, b)
@@ -251,7 +292,9 @@ def test_variable_object_count():
     assert set(counts) == set(range(2, 7)), counts
     for s in scenes:
         present = {o.color for o in s.objects}
-        assert [o.color for o in s.objects] == [c for c in S.COLORS if c in present], "palette order"
+        assert [o.color for o in s.objects] == [c for c in S.COLORS if c in present], (
+            "palette order"
+        )
         assert {q.color for q in s.questions} <= present
 
 
@@ -268,8 +311,13 @@ def test_every_answer_agrees_with_the_geometry(all_scenes):
             family = family_from_text(q.text)
             assert (color, family) == (q.color, q.family), q
             assert q.relational == (family in ("closest", "furthest", "count"))
-            assert q.relational == (k >= config.num_questions // 2), "non-relational first, then relational"
-            assert q.answer == expected_answer(scene.objects, family, color, config.image_size), (q, scene.objects)
+            assert q.relational == (k >= config.num_questions // 2), (
+                "non-relational first, then relational"
+            )
+            assert q.answer == expected_answer(scene.objects, family, color, config.image_size), (
+                q,
+                scene.objects,
+            )
             assert q.answer in vocab
             assert q.text.endswith("?") and q.text == q.text.lower()
             seen_families[family] += 1
@@ -314,11 +362,27 @@ CAPTION_FORMS = {
     "rel_subject_first": (rf"^{NP} is {REL} {NP}$", "relation", (0, 1, 2, 3, 4)),
     "rel_there_is": (rf"^there is {NP} {REL} {NP}$", "relation", (0, 1, 2, 3, 4)),
     "rel_fronted": (rf"^{REL} {NP} is {NP}$", "relation", (3, 4, 0, 1, 2)),
-    "loc_there_is": (rf"^there is {NP} at the (top|bottom) (left|right)$", "location", (0, 1, 2, 3)),
-    "loc_is_in": (rf"^{NP} is in the (top|bottom) (left|right) of the image$", "location", (0, 1, 2, 3)),
+    "loc_there_is": (
+        rf"^there is {NP} at the (top|bottom) (left|right)$",
+        "location",
+        (0, 1, 2, 3),
+    ),
+    "loc_is_in": (
+        rf"^{NP} is in the (top|bottom) (left|right) of the image$",
+        "location",
+        (0, 1, 2, 3),
+    ),
     "loc_fronted": (rf"^at the (top|bottom) (left|right) there is {NP}$", "location", (2, 3, 0, 1)),
-    "nb_the_object": (rf"^the object (closest|furthest) (?:to|from) {NP} is {NP}$", "neighbour", (0, 1, 2, 3, 4)),
-    "nb_is_the_object": (rf"^{NP} is the object (nearest|farthest) (?:to|from) {NP}$", "neighbour", (2, 3, 4, 0, 1)),
+    "nb_the_object": (
+        rf"^the object (closest|furthest) (?:to|from) {NP} is {NP}$",
+        "neighbour",
+        (0, 1, 2, 3, 4),
+    ),
+    "nb_is_the_object": (
+        rf"^{NP} is the object (nearest|farthest) (?:to|from) {NP}$",
+        "neighbour",
+        (2, 3, 4, 0, 1),
+    ),
     "nb_fronted": (rf"^(nearest|farthest) (?:to|from) {NP} is {NP}$", "neighbour", (0, 1, 2, 3, 4)),
     "count": (r"^(?:there (?:is|are)|the image shows) (.+)$", "count", None),
 }
@@ -348,8 +412,12 @@ def check_caption(text: str, objects: list[S.SceneObject], config: WorldConfig) 
         if kind == "relation":
             a, rel, b = obj(g[0], g[1]), g[2], obj(g[3], g[4])
             # The claim holds for the whole boxes, not just the centres.
-            holds = {"left of": a.box[2] <= b.box[0], "right of": a.box[0] >= b.box[2],
-                     "above": a.box[3] <= b.box[1], "below": a.box[1] >= b.box[3]}[rel]
+            holds = {
+                "left of": a.box[2] <= b.box[0],
+                "right of": a.box[0] >= b.box[2],
+                "above": a.box[3] <= b.box[1],
+                "below": a.box[1] >= b.box[3],
+            }[rel]
             assert holds, (text, a, b)
         elif kind == "location":
             o, vertical, horizontal = obj(g[0], g[1]), g[2], g[3]
@@ -381,55 +449,66 @@ def test_caption_checker_rejects_false_claims(small_scenes):
     side = "left of" if a.box[2] <= b.box[0] else "right of" if a.box[0] >= b.box[2] else None
     if side is None:
         side = "above" if a.box[3] <= b.box[1] else "below"
-    flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[side]
-    check_caption(f"the {a.color} {a.shape} is {side} the {b.color} {b.shape}", scene.objects, SMALL)
+    flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[
+        side
+    ]
+    check_caption(
+        f"the {a.color} {a.shape} is {side} the {b.color} {b.shape}", scene.objects, SMALL
+    )
     with pytest.raises(AssertionError):
-        check_caption(f"the {a.color} {a.shape} is {flipped} the {b.color} {b.shape}", scene.objects, SMALL)
+        check_caption(
+            f"the {a.color} {a.shape} is {flipped} the {b.color} {b.shape}", scene.objects, SMALL
+        )
 
 
 # ----------------------------------------------------------------------------- config validation
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(num_objects=7), "num_objects"),
-    (dict(num_objects=1), "num_objects"),
-    (dict(num_objects=True), "num_objects"),
-    (dict(image_size=30), "image_size"),
-    (dict(image_size=0), "image_size"),
-    (dict(image_size=-75), "image_size"),
-    (dict(image_size=75.0), "image_size"),
-    (dict(object_size=0), "object_size"),
-    (dict(object_size=-10), "object_size"),
-    (dict(object_size=2), "object_size"),
-    (dict(object_size=80), "object_size"),
-    (dict(shapes=("square", "hexagon")), "shapes"),
-    (dict(shapes=()), "shapes"),
-    (dict(shapes="square"), "shapes"),
-    (dict(colors=("red", "red", "blue")), "colors"),
-    (dict(colors=("red", "magenta")), "colors"),
-    (dict(min_objects=1), "min_objects"),
-    (dict(min_objects=7), "min_objects"),
-    (dict(num_train=0), "num_train"),
-    (dict(num_val=-1), "num_val"),
-    (dict(num_test=-1), "num_test"),
-    (dict(seed=-1), "seed"),
-    (dict(num_questions=3), "num_questions"),
-    (dict(num_captions=2), "num_captions"),
-    (dict(description_facts=0), "description_facts"),
-    (dict(description_facts=13), "description_facts"),
-    (dict(description_kinds=()), "description_kinds"),
-    (dict(description_kinds=("relation", "relation")), "description_kinds"),
-    (dict(description_kinds="relation"), "description_kinds"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(num_objects=7), "num_objects"),
+        (dict(num_objects=1), "num_objects"),
+        (dict(num_objects=True), "num_objects"),
+        (dict(image_size=30), "image_size"),
+        (dict(image_size=0), "image_size"),
+        (dict(image_size=-75), "image_size"),
+        (dict(image_size=75.0), "image_size"),
+        (dict(object_size=0), "object_size"),
+        (dict(object_size=-10), "object_size"),
+        (dict(object_size=2), "object_size"),
+        (dict(object_size=80), "object_size"),
+        (dict(shapes=("square", "hexagon")), "shapes"),
+        (dict(shapes=()), "shapes"),
+        (dict(shapes="square"), "shapes"),
+        (dict(colors=("red", "red", "blue")), "colors"),
+        (dict(colors=("red", "magenta")), "colors"),
+        (dict(min_objects=1), "min_objects"),
+        (dict(min_objects=7), "min_objects"),
+        (dict(num_train=0), "num_train"),
+        (dict(num_val=-1), "num_val"),
+        (dict(num_test=-1), "num_test"),
+        (dict(seed=-1), "seed"),
+        (dict(num_questions=3), "num_questions"),
+        (dict(num_captions=2), "num_captions"),
+        (dict(description_facts=0), "description_facts"),
+        (dict(description_facts=13), "description_facts"),
+        (dict(description_kinds=()), "description_kinds"),
+        (dict(description_kinds=("relation", "relation")), "description_kinds"),
+        (dict(description_kinds="relation"), "description_kinds"),
+    ],
+)
 def test_impossible_configs_raise_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"WorldConfig\.{field}\b"):
         WorldConfig(**kwargs)
 
 
 def test_possible_edge_configs_work():
-    crowded = WorldConfig(image_size=45, num_train=20, num_val=0, num_test=0)   # the densest allowed
+    crowded = WorldConfig(image_size=45, num_train=20, num_val=0, num_test=0)  # the densest allowed
     assert len(S.generate_split(crowded, "train")) == 20 and S.generate_split(crowded, "val") == []
-    many = WorldConfig(image_size=64, object_size=8, num_objects=10, colors=tuple(S.PALETTE), num_train=10)
+    many = WorldConfig(
+        image_size=64, object_size=8, num_objects=10, colors=tuple(S.PALETTE), num_train=10
+    )
     assert all(len(s.objects) == 10 for s in S.generate_split(many, "train"))
     listed = WorldConfig(shapes=["square", "circle"])
     assert listed.shapes == ("square", "circle") and hash(listed) == hash(WorldConfig())
@@ -454,9 +533,14 @@ def test_answer_vocab_and_classes():
 
 def test_config_key_is_stable_and_sensitive():
     assert WorldConfig().key() == WorldConfig().key() and len(WorldConfig().key()) == 12
-    keys = {WorldConfig().key(), WorldConfig(seed=1).key(), WorldConfig(num_train=10).key(),
-            WorldConfig(shapes=S.KNOWN_SHAPES).key(), WorldConfig(min_objects=3).key(),
-            WorldConfig(description_facts=3).key()}
+    keys = {
+        WorldConfig().key(),
+        WorldConfig(seed=1).key(),
+        WorldConfig(num_train=10).key(),
+        WorldConfig(shapes=S.KNOWN_SHAPES).key(),
+        WorldConfig(min_objects=3).key(),
+        WorldConfig(description_facts=3).key(),
+    }
     assert len(keys) == 6
 
 
@@ -467,7 +551,9 @@ def test_scene_to_dict_is_json_and_describe_reads(small_scenes):
     assert record["questions"][0]["answer"] == scene.questions[0].answer
     assert len(record["objects"]) == 6 and record["objects"][0]["box"] == list(scene.objects[0].box)
     text = S.describe(scene)
-    assert scene.captions[0] in text and scene.questions[-1].text in text and scene.description in text
+    assert (
+        scene.captions[0] in text and scene.questions[-1].text in text and scene.description in text
+    )
     assert record["description"] == scene.description
 
 

@@ -6,8 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from fusionlib.data.datasets import (CAPTION_KEYS, QUESTION_KEYS, TRUTH_KEYS, CaptionDataset, QuestionDataset, TensorBatches,
-                                     collate, make_loader, make_tensor_loader, standardise_batch)
+from fusionlib.data.datasets import (
+    CAPTION_KEYS,
+    QUESTION_KEYS,
+    TRUTH_KEYS,
+    CaptionDataset,
+    QuestionDataset,
+    TensorBatches,
+    collate,
+    make_loader,
+    make_tensor_loader,
+    standardise_batch,
+)
 from fusionlib.data.shapes import WorldConfig, answer_vocab, generate_split
 from fusionlib.data.tokenizer import train_tokenizer
 from fusionlib.train import TrainConfig, train
@@ -21,10 +31,16 @@ DET = DetectorConfig(steps=1, batch_size=4)
 def data():
     scenes = generate_split(WORLD, "train")
     detector, _ = train_detector(WORLD, DET, scenes, progress=False)
-    features = extract_region_features(detector, scenes, max_regions=6 + DET.num_jitter + DET.num_background)
-    tok = train_tokenizer([c for s in scenes for c in s.captions] + [q.text for s in scenes for q in s.questions])
-    return {"questions": QuestionDataset(scenes, features, tok, answer_vocab(WORLD)),
-            "captions": CaptionDataset(scenes, features, tok)}
+    features = extract_region_features(
+        detector, scenes, max_regions=6 + DET.num_jitter + DET.num_background
+    )
+    tok = train_tokenizer(
+        [c for s in scenes for c in s.captions] + [q.text for s in scenes for q in s.questions]
+    )
+    return {
+        "questions": QuestionDataset(scenes, features, tok, answer_vocab(WORLD)),
+        "captions": CaptionDataset(scenes, features, tok),
+    }
 
 
 def assert_same_batch(a, b):
@@ -42,7 +58,9 @@ def test_batches_equal_collate_of_the_same_items(data, kind):
     for indices in ([0], [3, 1, 4, 1, 5], list(range(len(ds)))[::-1], [-1, 2]):
         want = collate([ds[i] for i in indices], pad_token_id=ds.pad_token_id)
         got = tb.__getitems__(indices)
-        assert set(got) == set(QUESTION_KEYS if kind == "questions" else CAPTION_KEYS + TRUTH_KEYS) | {"attention_mask"}
+        assert set(got) == set(
+            QUESTION_KEYS if kind == "questions" else CAPTION_KEYS + TRUTH_KEYS
+        ) | {"attention_mask"}
         assert_same_batch({k: want[k] for k in got}, got)
     # Short texts only: input_ids are trimmed to the batch's longest, as collate pads them.
     lengths = ds.lengths[ds.text_id]
@@ -55,19 +73,28 @@ def test_loader_gives_the_batches_of_make_loader(data, shuffle):
     ds = data["questions"]
     ours = list(make_tensor_loader(TensorBatches(ds), batch_size=16, shuffle=shuffle, seed=3))
     theirs = list(make_loader(ds, batch_size=16, shuffle=shuffle, seed=3))
-    assert len(ours) == len(theirs) == -(-len(ds) // 16)                # the last batch is smaller
+    assert len(ours) == len(theirs) == -(-len(ds) // 16)  # the last batch is smaller
     for a, b in zip(theirs, ours):
         assert_same_batch(a, b)
 
 
 def test_keys_restrict_the_batch_and_are_checked(data):
     ds = data["questions"]
-    tb = TensorBatches(ds, keys=("input_ids", "region_feats", "region_loc5", "region_mask", "answer"))
+    tb = TensorBatches(
+        ds, keys=("input_ids", "region_feats", "region_loc5", "region_mask", "answer")
+    )
     batch = tb.__getitems__([0, 1])
-    assert list(batch) == ["input_ids", "attention_mask", "region_feats", "region_loc5", "region_mask", "answer"]
+    assert list(batch) == [
+        "input_ids",
+        "attention_mask",
+        "region_feats",
+        "region_loc5",
+        "region_mask",
+        "answer",
+    ]
     only_regions = TensorBatches(ds, keys=("region_feats",)).__getitems__([2])
     assert list(only_regions) == ["region_feats"]
-    assert tb[0]["answer"].shape == (1,)                                  # an item is a batch of one
+    assert tb[0]["answer"].shape == (1,)  # an item is a batch of one
     with pytest.raises(ValueError, match="caption_index"):
         TensorBatches(ds, keys=("caption_index",))
     with pytest.raises(TypeError, match="QuestionDataset or CaptionDataset"):
@@ -109,26 +136,41 @@ def run(loader, steps, seen, checkpoint_dir=None, resume=False, crash_at=None):
 
 def test_train_reshuffles_each_epoch_and_resumes_exactly(data, tmp_path):
     ds = data["questions"]
-    steps = 3 * -(-len(ds) // 16)                                          # three epochs
+    steps = 3 * -(-len(ds) // 16)  # three epochs
     seen_plain, seen_tensor = [], []
     plain = run(make_loader(ds, batch_size=16, seed=0), steps, seen_plain)
     straight = run(make_tensor_loader(TensorBatches(ds), batch_size=16, seed=0), steps, seen_tensor)
-    assert seen_tensor == seen_plain                                       # train() drives both the same way
+    assert seen_tensor == seen_plain  # train() drives both the same way
     assert straight.train["loss"] == pytest.approx(plain.train["loss"], abs=1e-6)
     per_epoch = steps // 3
-    epochs = [sorted(x for b in seen_tensor[e * per_epoch:(e + 1) * per_epoch] for x in b) for e in range(3)]
+    epochs = [
+        sorted(x for b in seen_tensor[e * per_epoch : (e + 1) * per_epoch] for x in b)
+        for e in range(3)
+    ]
     assert epochs[0] == epochs[1] == epochs[2] and len(epochs[0]) == len(ds)
-    assert seen_tensor[:per_epoch] != seen_tensor[per_epoch:2 * per_epoch]
+    assert seen_tensor[:per_epoch] != seen_tensor[per_epoch : 2 * per_epoch]
 
     seen_crashed: list = []
     with pytest.raises(KeyboardInterrupt):
-        run(make_tensor_loader(TensorBatches(ds), batch_size=16, seed=0), steps, seen_crashed,
-            str(tmp_path), crash_at=per_epoch + 1)
-    saved = torch.load(tmp_path / "last" / "trainer_state.pt", map_location="cpu", weights_only=True)["step"]
-    assert 0 < saved < per_epoch and saved % 3 == 0                        # resumes in the middle of an epoch
+        run(
+            make_tensor_loader(TensorBatches(ds), batch_size=16, seed=0),
+            steps,
+            seen_crashed,
+            str(tmp_path),
+            crash_at=per_epoch + 1,
+        )
+    saved = torch.load(
+        tmp_path / "last" / "trainer_state.pt", map_location="cpu", weights_only=True
+    )["step"]
+    assert 0 < saved < per_epoch and saved % 3 == 0  # resumes in the middle of an epoch
     seen_resumed = list(seen_crashed[:saved])
-    resumed = run(make_tensor_loader(TensorBatches(ds), batch_size=16, seed=0), steps, seen_resumed,
-                  str(tmp_path), resume=True)
+    resumed = run(
+        make_tensor_loader(TensorBatches(ds), batch_size=16, seed=0),
+        steps,
+        seen_resumed,
+        str(tmp_path),
+        resume=True,
+    )
     assert seen_resumed == seen_tensor
     assert resumed.train["loss"] == pytest.approx(straight.train["loss"], abs=1e-6)
 
@@ -148,7 +190,7 @@ def test_standardise_uses_real_regions_and_keeps_padding_zero(data):
     for key in stats:
         real = train_tb.per_image[key][mask]
         torch.testing.assert_close(real.mean(0), torch.zeros(real.shape[1]), atol=1e-4, rtol=0)
-        std = real.std(0)                                   # 1, or 0 for a dimension that never varies
+        std = real.std(0)  # 1, or 0 for a dimension that never varies
         assert torch.all(((std - 1).abs() < 1e-3) | (std < 1e-6)), (key, std)
         assert torch.all(train_tb.per_image[key][~mask] == 0)
     mean, std = stats["region_loc5"]
@@ -173,7 +215,9 @@ def test_standardise_scale_is_carried_by_the_statistics(data):
     stats = train_tb.standardise(scale={"region_loc5": 3.0})
     real = train_tb.per_image["region_loc5"][train_tb.per_image["region_mask"]]
     varying = real.std(0) > 1e-3
-    torch.testing.assert_close(real.std(0)[varying], torch.full((int(varying.sum()),), 3.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        real.std(0)[varying], torch.full((int(varying.sum()),), 3.0), atol=1e-3, rtol=0
+    )
     other.standardise(stats)
     torch.testing.assert_close(other.per_image["region_loc5"], train_tb.per_image["region_loc5"])
     with pytest.raises(ValueError, match="positive numbers"):
@@ -192,7 +236,14 @@ def test_standardise_batch_gives_a_collated_batch_what_tensor_batches_give(data)
     items = [0, 3, 5, len(ds) - 1]
     ours = standardise_batch(collate([ds[i] for i in items]), stats)
     theirs = tb.__getitems__(items)
-    for key in ("region_feats", "region_loc5", "region_loc7", "image_feats", "input_ids", "region_mask"):
+    for key in (
+        "region_feats",
+        "region_loc5",
+        "region_loc7",
+        "image_feats",
+        "input_ids",
+        "region_mask",
+    ):
         torch.testing.assert_close(ours[key], theirs[key], msg=key)
     padded = collate([ds[i] for i in items])
     padded["region_mask"] = padded["region_mask"].clone()

@@ -24,8 +24,20 @@ def val_texts():
 
 
 def test_special_tokens_have_fixed_ids(tok):
-    assert tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 1, 2, 3, 4]
-    ids = (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id)
+    assert tok.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    ids = (
+        tok.pad_token_id,
+        tok.unk_token_id,
+        tok.cls_token_id,
+        tok.sep_token_id,
+        tok.mask_token_id,
+    )
     assert ids == (0, 1, 2, 3, 4)
     assert 60 < len(tok) <= 512
 
@@ -35,7 +47,7 @@ def test_round_trip_on_unseen_captions_and_questions(tok, val_texts):
     for text in val_texts:
         ids = tok(text)["input_ids"]
         assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
-        assert tok.unk_token_id not in ids, text       # the world's words are all in the vocabulary
+        assert tok.unk_token_id not in ids, text  # the world's words are all in the vocabulary
         assert tok.decode(ids, skip_special_tokens=True) == " ".join(text.lower().split())
 
 
@@ -57,13 +69,21 @@ def test_unknown_characters_map_to_unk(tok):
 
 def test_unseen_word_of_seen_letters_is_split_into_pieces(tok):
     pieces = tok.tokenize("greenest")
-    assert pieces[0] == "green" and all(p.startswith("##") for p in pieces[1:]) and "[UNK]" not in pieces
+    assert (
+        pieces[0] == "green"
+        and all(p.startswith("##") for p in pieces[1:])
+        and "[UNK]" not in pieces
+    )
     assert tok.convert_tokens_to_string(pieces) == "greenest"
 
 
 def test_pairs_get_segments_and_padding_gets_a_mask(tok):
-    batch = tok(["what shape is the red object?", "is it left?"], ["there is a red circle", "a"],
-                padding=True, return_tensors="pt")
+    batch = tok(
+        ["what shape is the red object?", "is it left?"],
+        ["there is a red circle", "a"],
+        padding=True,
+        return_tensors="pt",
+    )
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
     assert ids.shape == mask.shape == types.shape and ids.dtype == torch.long
     lengths = mask.sum(1)
@@ -73,7 +93,7 @@ def test_pairs_get_segments_and_padding_gets_a_mask(tok):
         assert (ids[row, n:] == tok.pad_token_id).all()
         seps = (ids[row, :n] == tok.sep_token_id).nonzero().flatten().tolist()
         assert len(seps) == 2 and seps[1] == n - 1
-        assert (types[row, : seps[0] + 1] == 0).all() and (types[row, seps[0] + 1: n] == 1).all()
+        assert (types[row, : seps[0] + 1] == 0).all() and (types[row, seps[0] + 1 : n] == 1).all()
     assert int(lengths[0]) > int(lengths[1])
 
 
@@ -81,8 +101,11 @@ def test_save_and_load_give_identical_encodings(tok, val_texts, tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tok.save_pretrained(tmp_path / "tok")
-    loaded = [T.load_tokenizer(tmp_path / "tok"), PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"),
-              AutoTokenizer.from_pretrained(tmp_path / "tok")]
+    loaded = [
+        T.load_tokenizer(tmp_path / "tok"),
+        PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"),
+        AutoTokenizer.from_pretrained(tmp_path / "tok"),
+    ]
     pairs = list(zip(val_texts[::2], val_texts[1::2]))
     want = tok(val_texts, padding=True)
     want_pairs = tok([a for a, _ in pairs], [b for _, b in pairs], padding=True)
@@ -151,4 +174,4 @@ def test_the_default_world_reads_the_committed_tokenizer(tmp_path, monkeypatch):
     committed = os.path.join(runtime.checkpoint_root(), "world", f"tokenizer-{WorldConfig().key()}")
     tok = world_tokenizer(WorldConfig())
     assert tok.get_vocab() == load_tokenizer(committed).get_vocab()
-    assert os.listdir(tmp_path) == []                 # nothing trained, nothing cached
+    assert os.listdir(tmp_path) == []  # nothing trained, nothing cached

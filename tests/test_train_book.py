@@ -15,12 +15,26 @@ NAME = "ch03/relation_network"
 
 
 def command(out, work, *extra):
-    return [sys.executable, os.path.join(REPO, "scripts", "train_book.py"), "--recipe", "smoke", "--only", NAME,
-            "--out", str(out), "--work", str(work), "--no-progress", *extra]
+    return [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train_book.py"),
+        "--recipe",
+        "smoke",
+        "--only",
+        NAME,
+        "--out",
+        str(out),
+        "--work",
+        str(work),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(out, work, *extra):
-    return subprocess.run(command(out, work, *extra), cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command(out, work, *extra), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +52,20 @@ def test_smoke_recipe_writes_weights_and_manifest(straight):
     assert record.recipe == "smoke" and record.steps == 30 and record.batch_size == 32
     assert set(record.metrics) >= {"accuracy", "relational_accuracy", "non_relational_accuracy"}
     assert os.path.isfile(root / "out" / NAME / "model.safetensors")
-    assert not os.path.exists(root / "work" / NAME)          # training state is removed once saved
-    again = run(root / "out", root / "work")                 # a second run finds it up to date
+    assert not os.path.exists(root / "work" / NAME)  # training state is removed once saved
+    again = run(root / "out", root / "work")  # a second run finds it up to date
     assert again.returncode == 0 and f"{NAME}: up to date" in again.stdout
 
 
 def test_a_killed_run_resumes_to_the_same_weights(straight, tmp_path):
     root, _ = straight
     state = tmp_path / "work" / NAME / "last" / "trainer_state.pt"
-    proc = subprocess.Popen(command(tmp_path / "out", tmp_path / "work"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(tmp_path / "out", tmp_path / "work"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

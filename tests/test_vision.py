@@ -16,9 +16,20 @@ from torchvision.ops import roi_align
 
 import fusionlib.vision as vision
 from fusionlib.data.shapes import WorldConfig, generate_split
-from fusionlib.vision import (DetectorConfig, RegionFeatures, cache_key, classify_boxes, detector_cache_path,
-                              evaluate_detector, extract_region_features, features_cache_path, load_detector,
-                              load_or_build_features, loc5, train_detector)
+from fusionlib.vision import (
+    DetectorConfig,
+    RegionFeatures,
+    cache_key,
+    classify_boxes,
+    detector_cache_path,
+    evaluate_detector,
+    extract_region_features,
+    features_cache_path,
+    load_detector,
+    load_or_build_features,
+    loc5,
+    train_detector,
+)
 from fusionlib.vision import cache as cache_module
 from fusionlib.vision import regions as regions_module
 from fusionlib.vision.scenes import object_boxes
@@ -28,11 +39,31 @@ TINY = DetectorConfig(steps=3, batch_size=8)
 
 # Names imported from fusionlib.vision by the notebooks, scripts, tests and the rest of fusionlib.
 BOOK_NAMES = [
-    "DetectorConfig", "RegionDetector", "RegionFeatures", "cache_key", "check_boxes", "classify_boxes",
-    "detector_cache_path", "detector_class_names", "evaluate_detector", "extract_grid_features",
-    "extract_region_features", "faster_rcnn_weights_path", "features_cache_path", "grid_boxes", "load_detector",
-    "load_or_build_features", "load_or_train_detector", "loc5", "loc7", "propose_regions", "resnet18_backbone",
-    "train_detector", "FasterRCNNRegions", "FASTER_RCNN_URL", "FASTER_RCNN_FILE",
+    "DetectorConfig",
+    "RegionDetector",
+    "RegionFeatures",
+    "cache_key",
+    "check_boxes",
+    "classify_boxes",
+    "detector_cache_path",
+    "detector_class_names",
+    "evaluate_detector",
+    "extract_grid_features",
+    "extract_region_features",
+    "faster_rcnn_weights_path",
+    "features_cache_path",
+    "grid_boxes",
+    "load_detector",
+    "load_or_build_features",
+    "load_or_train_detector",
+    "loc5",
+    "loc7",
+    "propose_regions",
+    "resnet18_backbone",
+    "train_detector",
+    "FasterRCNNRegions",
+    "FASTER_RCNN_URL",
+    "FASTER_RCNN_FILE",
 ]
 
 
@@ -88,15 +119,18 @@ def test_region_features_are_torchvision_roi_align_of_the_backbone(detector, tes
     boxes = feats.boxes[1, :n]
     with torch.no_grad():
         fmap = detector.backbone(detector.images_to_tensor(scene.image[None]))
-        pooled = roi_align(fmap, [boxes], output_size=(4, 4), spatial_scale=0.25, sampling_ratio=2, aligned=True)
+        pooled = roi_align(
+            fmap, [boxes], output_size=(4, 4), spatial_scale=0.25, sampling_ratio=2, aligned=True
+        )
         expected = detector.box_head(pooled)
         torch.testing.assert_close(detector.pool(fmap, [boxes]), pooled)
     torch.testing.assert_close(feats.feats[1, :n], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_training_lowers_the_loss_and_evaluation_matches_a_manual_count(train_scenes, test_scenes):
-    det, history = train_detector(WORLD, DetectorConfig(steps=25, batch_size=8, warmup_steps=5),
-                                  train_scenes, progress=False)
+    det, history = train_detector(
+        WORLD, DetectorConfig(steps=25, batch_size=8, warmup_steps=5), train_scenes, progress=False
+    )
     assert np.mean(history["loss"][-5:]) < np.mean(history["loss"][:5])
     acc = evaluate_detector(det, test_scenes)
     names = {n: i for i, n in enumerate(det.class_names)}
@@ -135,15 +169,29 @@ def test_region_features_fields(detector, test_scenes):
     f = extract_region_features(detector, scenes, max_regions=12)
     N, R, D, C = 6, 12, TINY.feature_dim, detector.num_classes
     assert (f.feats.shape, f.boxes.shape, f.mask.shape) == ((N, R, D), (N, R, 4), (N, R))
-    assert f.soft_labels.shape == (N, R, C) and f.region_object.shape == (N, R) and f.image_feats.shape == (N, D)
-    assert (f.mask.dtype, f.region_object.dtype, f.indices.dtype) == (torch.bool, torch.long, torch.long)
+    assert (
+        f.soft_labels.shape == (N, R, C)
+        and f.region_object.shape == (N, R)
+        and f.image_feats.shape == (N, D)
+    )
+    assert (f.mask.dtype, f.region_object.dtype, f.indices.dtype) == (
+        torch.bool,
+        torch.long,
+        torch.long,
+    )
     assert f.indices.tolist() == [s.index for s in scenes] and f.image_size == (75, 75)
     assert f.loc5.shape == (N, R, 5) and f.loc7.shape == (N, R, 7)
     torch.testing.assert_close(f.loc5, loc5(f.boxes, (75, 75)))
     for i, s in enumerate(scenes):
         n = len(s.objects) + TINY.num_jitter + TINY.num_background
-        assert f.mask[i].tolist() == [True] * n + [False] * (R - n)        # real regions first, then padding
-        assert (f.feats[i, n:] == 0).all() and (f.boxes[i, n:] == 0).all() and (f.region_object[i, n:] == -1).all()
+        assert f.mask[i].tolist() == [True] * n + [False] * (
+            R - n
+        )  # real regions first, then padding
+        assert (
+            (f.feats[i, n:] == 0).all()
+            and (f.boxes[i, n:] == 0).all()
+            and (f.region_object[i, n:] == -1).all()
+        )
         torch.testing.assert_close(f.soft_labels[i, :n].sum(-1), torch.ones(n))
         torch.testing.assert_close(f.image_feats[i], f.feats[i, :n].mean(0))
         owners = f.region_object[i, :n]
@@ -162,24 +210,38 @@ def test_extraction_does_not_depend_on_batching(detector, test_scenes):
     assert torch.equal(part.boxes, whole.boxes[4:8])
     assert whole.row(test_scenes[5].index) == 5
     sub = whole.select([5, 6])
-    assert torch.equal(sub.feats, whole.feats[5:7]) and sub.indices.tolist() == whole.indices[5:7].tolist()
+    assert (
+        torch.equal(sub.feats, whole.feats[5:7])
+        and sub.indices.tolist() == whole.indices[5:7].tolist()
+    )
 
 
 def test_a_variable_object_count_is_padded_to_a_fixed_number_of_regions(detector):
     world = WorldConfig(num_objects=4, min_objects=2, num_train=12, num_val=2, num_test=2)
     scenes = generate_split(world, "train")
     assert len({len(s.objects) for s in scenes}) > 1
-    f = extract_region_features(detector, scenes, max_regions=4 + TINY.num_jitter + TINY.num_background)
+    f = extract_region_features(
+        detector, scenes, max_regions=4 + TINY.num_jitter + TINY.num_background
+    )
     counts = f.mask.sum(1).tolist()
     assert counts == [len(s.objects) + TINY.num_jitter + TINY.num_background for s in scenes]
-    torch.testing.assert_close(f.image_feats, (f.feats * f.mask[..., None]).sum(1) / f.mask.sum(1, keepdim=True))
+    torch.testing.assert_close(
+        f.image_feats, (f.feats * f.mask[..., None]).sum(1) / f.mask.sum(1, keepdim=True)
+    )
 
 
 def test_region_features_reject_inconsistent_fields():
     N, R, D = 2, 3, 4
-    good = dict(feats=torch.zeros(N, R, D), boxes=torch.zeros(N, R, 4), mask=torch.zeros(N, R, dtype=torch.bool),
-                soft_labels=torch.zeros(N, R, 5), region_object=torch.full((N, R), -1),
-                image_feats=torch.zeros(N, D), indices=torch.arange(N), image_size=(75, 75))
+    good = dict(
+        feats=torch.zeros(N, R, D),
+        boxes=torch.zeros(N, R, 4),
+        mask=torch.zeros(N, R, dtype=torch.bool),
+        soft_labels=torch.zeros(N, R, 5),
+        region_object=torch.full((N, R), -1),
+        image_feats=torch.zeros(N, D),
+        indices=torch.arange(N),
+        image_size=(75, 75),
+    )
     RegionFeatures(**good)
     with pytest.raises(ValueError, match="mask"):
         RegionFeatures(**{**good, "mask": torch.zeros(N, R)})
@@ -187,7 +249,9 @@ def test_region_features_reject_inconsistent_fields():
         RegionFeatures(**{**good, "boxes": torch.full((N, R, 4), 80.0)})
 
 
-def test_save_and_load_round_trip_and_a_failed_save_keeps_the_old_file(detector, test_scenes, tmp_path, monkeypatch):
+def test_save_and_load_round_trip_and_a_failed_save_keeps_the_old_file(
+    detector, test_scenes, tmp_path, monkeypatch
+):
     features = extract_region_features(detector, test_scenes[:3])
     path = features.save(tmp_path / "regions.safetensors", {"split": "test"})
     loaded = RegionFeatures.load(path)
@@ -196,7 +260,7 @@ def test_save_and_load_round_trip_and_a_failed_save_keeps_the_old_file(detector,
     assert (loaded.image_size, loaded.class_names) == (features.image_size, features.class_names)
     before = open(path, "rb").read()
 
-    def broken(tensors, tmp, metadata=None):                # a full disk halfway through the file
+    def broken(tensors, tmp, metadata=None):  # a full disk halfway through the file
         with open(tmp, "wb") as f:
             f.write(b"half")
         raise OSError("disk full")
@@ -212,7 +276,9 @@ def test_save_and_load_round_trip_and_a_failed_save_keeps_the_old_file(detector,
 
 
 def _files(root) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
 
 
 def test_cache_builds_once_then_loads(tmp_path, monkeypatch, train_scenes, test_scenes):
@@ -223,7 +289,10 @@ def test_cache_builds_once_then_loads(tmp_path, monkeypatch, train_scenes, test_
     key = cache_key(WORLD, TINY)
     assert f"features/regions-test-{key}.safetensors" in files
     assert f"features/detector-{key}/model.safetensors" in files
-    assert len(built) == len(test_scenes) and built.num_regions == 6 + TINY.num_jitter + TINY.num_background
+    assert (
+        len(built) == len(test_scenes)
+        and built.num_regions == 6 + TINY.num_jitter + TINY.num_background
+    )
 
     def fail(*args, **kwargs):
         raise AssertionError("must load from the cache, not rebuild")
@@ -238,8 +307,10 @@ def test_cache_builds_once_then_loads(tmp_path, monkeypatch, train_scenes, test_
 def test_the_cache_key_of_the_default_configs_never_changes():
     """The book's cached features are found by this key: a change would rebuild them for every reader."""
     assert cache_key(WorldConfig(), DetectorConfig()) == "1b0477c30b4a5a33"
-    assert cache_key(WorldConfig(num_train=200, num_val=50, num_test=50), DetectorConfig(steps=20)) == \
-        "8ac5a0942bb680e2"                               # the smoke profile's
+    assert (
+        cache_key(WorldConfig(num_train=200, num_val=50, num_test=50), DetectorConfig(steps=20))
+        == "8ac5a0942bb680e2"
+    )  # the smoke profile's
 
 
 def test_cache_is_rebuilt_after_a_config_change(tmp_path, monkeypatch, train_scenes, test_scenes):
@@ -247,22 +318,28 @@ def test_cache_is_rebuilt_after_a_config_change(tmp_path, monkeypatch, train_sce
     a = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
     changed = DetectorConfig(steps=3, batch_size=8, seed=1)
     assert cache_key(WORLD, changed) != cache_key(WORLD, TINY)
-    assert cache_key(WorldConfig(num_train=64, num_val=16, num_test=16, seed=1), TINY) != cache_key(WORLD, TINY)
+    assert cache_key(WorldConfig(num_train=64, num_val=16, num_test=16, seed=1), TINY) != cache_key(
+        WORLD, TINY
+    )
     b = load_or_build_features(WORLD, changed, "test", test_scenes, train_scenes, progress=False)
     detectors = [f for f in _files(tmp_path) if f.endswith("model.safetensors")]
-    assert len(detectors) == 2                       # a second detector was trained for the new config
+    assert len(detectors) == 2  # a second detector was trained for the new config
     assert not torch.equal(a.feats, b.feats)
 
 
-def test_corrupt_cache_files_are_rebuilt_with_a_warning(tmp_path, monkeypatch, train_scenes, test_scenes):
+def test_corrupt_cache_files_are_rebuilt_with_a_warning(
+    tmp_path, monkeypatch, train_scenes, test_scenes
+):
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
     first = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
     path = features_cache_path(WORLD, TINY, "test")
     size = os.path.getsize(path)
-    with open(path, "r+b") as f:                     # truncate: a crash mid-copy, a full disk
+    with open(path, "r+b") as f:  # truncate: a crash mid-copy, a full disk
         f.truncate(size // 2)
     with pytest.warns(UserWarning, match="rebuilding"):
-        again = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
+        again = load_or_build_features(
+            WORLD, TINY, "test", test_scenes, train_scenes, progress=False
+        )
     assert os.path.getsize(path) == size
     torch.testing.assert_close(again.feats, first.feats)
     # Garbage in the cached detector: retrained (with a warning), then features rebuilt from it.
@@ -270,8 +347,10 @@ def test_corrupt_cache_files_are_rebuilt_with_a_warning(tmp_path, monkeypatch, t
         f.write(b"not a safetensors file")
     os.remove(path)
     with pytest.warns(UserWarning, match="retraining"):
-        rebuilt = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
-    torch.testing.assert_close(rebuilt.feats, first.feats)   # training is deterministic in the seed
+        rebuilt = load_or_build_features(
+            WORLD, TINY, "test", test_scenes, train_scenes, progress=False
+        )
+    torch.testing.assert_close(rebuilt.feats, first.feats)  # training is deterministic in the seed
     assert not [f for f in _files(tmp_path) if ".tmp" in f]
 
 
@@ -283,7 +362,9 @@ def test_unknown_split_or_partial_split_raises(tmp_path, monkeypatch, test_scene
         load_or_build_features(WORLD, TINY, "test", test_scenes[:5], progress=False)
 
 
-def test_features_made_by_another_detector_are_rebuilt(tmp_path, monkeypatch, train_scenes, test_scenes):
+def test_features_made_by_another_detector_are_rebuilt(
+    tmp_path, monkeypatch, train_scenes, test_scenes
+):
     """Two runs racing on an empty cache can each train a detector; features must match the cached one."""
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
     load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
@@ -291,10 +372,12 @@ def test_features_made_by_another_detector_are_rebuilt(tmp_path, monkeypatch, tr
     detector = load_detector(detector_dir)
     with torch.no_grad():
         for p in detector.parameters():
-            p.add_(0.01)                                 # "another" detector replaces the cached one
+            p.add_(0.01)  # "another" detector replaces the cached one
     detector.save(detector_dir)
     with pytest.warns(UserWarning, match="another detector"):
-        rebuilt = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
+        rebuilt = load_or_build_features(
+            WORLD, TINY, "test", test_scenes, train_scenes, progress=False
+        )
     expected = extract_region_features(detector, test_scenes, TINY, max_regions=rebuilt.num_regions)
     torch.testing.assert_close(rebuilt.feats, expected.feats)
     assert oct(os.stat(features_cache_path(WORLD, TINY, "test")).st_mode & 0o777) == "0o644"

@@ -27,8 +27,10 @@ def test_grid_features_of_two_small_pil_images(tmp_path):
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)),
-              Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).convert("L")]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).convert("L"),
+    ]
     backbone = vision.resnet18_backbone(seed=0)
     f = extract_grid_features(images, backbone, grid=(4, 4), image_size=64)
     assert f.feats.shape == (2, 16, 512) and f.soft_labels.shape == (2, 16, 1000)
@@ -39,7 +41,10 @@ def test_grid_features_of_two_small_pil_images(tmp_path):
     # A local weights file is the opt-in path; it must load into the same architecture.
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "r18.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in backbone.state_dict().items()},
+        str(tmp_path / "r18.safetensors"),
+    )
     again = vision.resnet18_backbone(tmp_path / "r18.safetensors", seed=1)
     torch.testing.assert_close(extract_grid_features(images, again, image_size=64).feats, f.feats)
     with pytest.raises(FileNotFoundError, match="resnet18"):

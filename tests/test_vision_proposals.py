@@ -23,21 +23,23 @@ def test_proposals_have_the_iou_properties_of_a_detector(train_scenes):
         objects = object_boxes(scene)
         boxes, owner = propose_regions(objects, 75, 3, 2, gen)
         assert boxes.shape == (len(objects) + 5, 4) and owner.shape == (len(objects) + 5,)
-        check_boxes(boxes, 75)                                          # inside the image
+        check_boxes(boxes, 75)  # inside the image
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
         iou = box_iou(boxes, objects)
         # every object appears as its exact box, owned by itself
-        exact = [(boxes == objects[k]).all(1).nonzero().flatten().tolist() for k in range(len(objects))]
+        exact = [
+            (boxes == objects[k]).all(1).nonzero().flatten().tolist() for k in range(len(objects))
+        ]
         assert all(len(e) >= 1 for e in exact)
         assert all(owner[e[0]] == k for k, e in enumerate(exact))
-        assert int((owner >= 0).sum()) == len(objects) + 3                # objects + 3 jittered copies
+        assert int((owner >= 0).sum()) == len(objects) + 3  # objects + 3 jittered copies
         fg = owner >= 0
         own_iou = iou[fg].gather(1, owner[fg][:, None]).squeeze(1)
-        assert (own_iou >= 0.5).all()                                    # jittered copies keep IoU >= 0.5
-        assert (own_iou >= iou[fg].max(1).values).all()                  # ... and overlap their own object most
+        assert (own_iou >= 0.5).all()  # jittered copies keep IoU >= 0.5
+        assert (own_iou >= iou[fg].max(1).values).all()  # ... and overlap their own object most
         bg = owner == -1
         assert int(bg.sum()) == 2
-        assert (iou[bg].max(1).values < 0.3).all()                       # background is background
+        assert (iou[bg].max(1).values < 0.3).all()  # background is background
         first_slots.add(int(owner[0]))
     assert len(first_slots) > 3, "regions must be shuffled, not object 0 first"
 

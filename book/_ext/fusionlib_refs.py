@@ -60,7 +60,7 @@ def _lookup(dotted: str) -> Any:
 
 
 def _canonical(obj: Any) -> str | None:
-    obj = getattr(obj, "__func__", obj)               # bound and class methods
+    obj = getattr(obj, "__func__", obj)  # bound and class methods
     if isinstance(obj, property):
         obj = obj.fget
     module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
@@ -71,8 +71,9 @@ def _canonical(obj: Any) -> str | None:
     return f"{module}.{qualname}"
 
 
-def missing_reference(app: Sphinx, env: BuildEnvironment, node: pending_xref,
-                      contnode: nodes.TextElement) -> nodes.reference | None:
+def missing_reference(
+    app: Sphinx, env: BuildEnvironment, node: pending_xref, contnode: nodes.TextElement
+) -> nodes.reference | None:
     if node.get("refdomain") != "py":
         return None
     target = node["reftarget"].lstrip("~.")
@@ -90,15 +91,17 @@ def missing_reference(app: Sphinx, env: BuildEnvironment, node: pending_xref,
         canonical = _canonical(_lookup(dotted))
         if canonical is None or canonical == node["reftarget"]:
             continue
-        resolved = domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], canonical,
-                                       node, contnode)
+        resolved = domain.resolve_xref(
+            env, node["refdoc"], app.builder, node["reftype"], canonical, node, contnode
+        )
         if resolved is not None:
             return resolved
     return None
 
 
-def skip_namedtuple_fields(app: Sphinx, what: str, name: str, obj: Any, skip: bool,
-                           options: Any) -> bool | None:
+def skip_namedtuple_fields(
+    app: Sphinx, what: str, name: str, obj: Any, skip: bool, options: Any
+) -> bool | None:
     doc = getattr(obj, "__doc__", None)
     if what == "class" and isinstance(doc, str) and doc.startswith("Alias for field number"):
         return True
@@ -113,7 +116,9 @@ def napoleon_except_attributes(app: Sphinx) -> None:
         if listener.handler is napoleon._process_docstring:
             app.disconnect(listener.id)
 
-            def process(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
+            def process(
+                app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
+            ) -> None:
                 if what not in ("attribute", "data", "property"):
                     napoleon._process_docstring(app, what, name, obj, options, lines)
 

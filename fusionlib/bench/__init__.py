@@ -22,8 +22,12 @@ def run(name: str, argv: list[str] | None = None) -> None:
     importlib.import_module(f"fusionlib.bench.{name}").main(argv)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
-                     sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 3,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
     """Median seconds per call of each function, measured interleaved (A B C A B C ...).
 
     Interleaving spreads drifts of the machine (other processes, clocks)

@@ -18,16 +18,29 @@ import torch
 
 from fusionlib import runtime
 from fusionlib.data.shapes import WorldConfig, generate_split
-from fusionlib.vision import DetectorConfig, evaluate_detector, extract_region_features, train_detector
+from fusionlib.vision import (
+    DetectorConfig,
+    evaluate_detector,
+    extract_region_features,
+    train_detector,
+)
 
 EXTRACTION_BUDGET_S = 60.0
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m fusionlib.bench features", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, the target machine)")
-    parser.add_argument("--device", default="cpu", help="device for training and extraction (default cpu)")
-    parser.add_argument("--steps", type=int, default=DetectorConfig().steps, help="detector training steps")
+    parser = argparse.ArgumentParser(
+        prog="python -m fusionlib.bench features", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (default 2, the target machine)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="device for training and extraction (default cpu)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=DetectorConfig().steps, help="detector training steps"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="images per extraction batch")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
@@ -44,14 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
         scenes = splits["train"] + splits["val"] + splits["test"]
         report["images"] = len(scenes)
 
-        detector, history = train_detector(world, cfg, splits["train"], progress=args.progress, device=args.device)
+        detector, history = train_detector(
+            world, cfg, splits["train"], progress=args.progress, device=args.device
+        )
         report["train_seconds"] = history["train_seconds"]
         report["detector_params"] = history["num_params"]
         report["test_accuracy"] = evaluate_detector(detector, splits["test"])
 
         detector.to(runtime.device(args.device))
         start = time.perf_counter()
-        features = extract_region_features(detector, scenes, batch_size=args.batch_size, progress=args.progress)
+        features = extract_region_features(
+            detector, scenes, batch_size=args.batch_size, progress=args.progress
+        )
         runtime.synchronize(runtime.device(args.device))
         report["extract_seconds"] = time.perf_counter() - start
         report["regions"] = int(features.mask.sum())
@@ -59,12 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
     fmt = runtime.format_seconds
     print(f"device {args.device}, {args.threads} CPU threads, torch {torch.__version__}")
     print(f"world: {report['images']:,} images generated in {fmt(report['generate_seconds'])}")
-    print(f"detector: {report['detector_params']:,} params, {cfg.steps} steps x {cfg.batch_size} images "
-          f"trained in {fmt(report['train_seconds'])}; test accuracy on object boxes {report['test_accuracy']:.4f}")
+    print(
+        f"detector: {report['detector_params']:,} params, {cfg.steps} steps x {cfg.batch_size} images "
+        f"trained in {fmt(report['train_seconds'])}; test accuracy on object boxes {report['test_accuracy']:.4f}"
+    )
     verdict = "within" if report["extract_seconds"] < EXTRACTION_BUDGET_S else "OVER"
-    print(f"region features: {report['images']:,} images, {report['regions']:,} regions extracted in "
-          f"{fmt(report['extract_seconds'])} ({report['images'] / report['extract_seconds']:,.0f} images/s; "
-          f"{verdict} the {EXTRACTION_BUDGET_S:.0f} s budget)")
+    print(
+        f"region features: {report['images']:,} images, {report['regions']:,} regions extracted in "
+        f"{fmt(report['extract_seconds'])} ({report['images'] / report['extract_seconds']:,.0f} images/s; "
+        f"{verdict} the {EXTRACTION_BUDGET_S:.0f} s budget)"
+    )
     print(json.dumps(report))
     return report
 

@@ -78,13 +78,26 @@ __all__ = [
 ]
 
 PAIRS = (("vilbert", "lxmert"), ("vilbert_same_attention", "lxmert"), ("uniter", "visualbert"))
-LABELS = {"vilbert": "fusionlib ViLBERT", "vilbert_same_attention": "fusionlib ViLBERT (same attention sublayers)",
-          "lxmert": "transformers LxmertModel", "uniter": "fusionlib UNITER",
-          "visualbert": "transformers VisualBertModel"}
+LABELS = {
+    "vilbert": "fusionlib ViLBERT",
+    "vilbert_same_attention": "fusionlib ViLBERT (same attention sublayers)",
+    "lxmert": "transformers LxmertModel",
+    "uniter": "fusionlib UNITER",
+    "visualbert": "transformers VisualBertModel",
+}
 
 # Dense bf16 tensor-core peaks from the vendor's data sheets (no sparsity), FLOP/s.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
-                   "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,16 +122,33 @@ class MatchedSize:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_heads", "ffn_size", "batch_size", "text_len", "num_regions",
-                     "single_stream_layers", "vocab_size", "region_dim"):
+        for name in (
+            "hidden_size",
+            "num_heads",
+            "ffn_size",
+            "batch_size",
+            "text_len",
+            "num_regions",
+            "single_stream_layers",
+            "vocab_size",
+            "region_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+            )
         layers = tuple(self.lxmert_layers)
-        if len(layers) != 3 or not all(isinstance(n, int) and n >= 0 for n in layers) or layers[2] == 0:
-            raise ValueError(f"lxmert_layers must be (language >= 0, vision >= 0, cross >= 1), got {self.lxmert_layers!r}")
+        if (
+            len(layers) != 3
+            or not all(isinstance(n, int) and n >= 0 for n in layers)
+            or layers[2] == 0
+        ):
+            raise ValueError(
+                f"lxmert_layers must be (language >= 0, vision >= 0, cross >= 1), got {self.lxmert_layers!r}"
+            )
         object.__setattr__(self, "lxmert_layers", layers)
         if self.vocab_size <= 5:
             raise ValueError(f"vocab_size must exceed the 5 special tokens, got {self.vocab_size}")
@@ -128,7 +158,9 @@ class MatchedSize:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -151,23 +183,41 @@ def vilbert_config(size: MatchedSize, same_attention: bool = False):
     extra = cross if same_attention else 0
     step = 1 if same_attention else 0
     return ViLBERTConfig(
-        vocab_size=size.vocab_size, num_region_classes=16, region_dim=size.region_dim,
-        text_hidden_size=size.hidden_size, text_num_layers=lang + extra, text_num_heads=size.num_heads,
-        text_ffn_size=size.ffn_size, visual_hidden_size=size.hidden_size, visual_num_layers=vis + extra,
-        visual_num_heads=size.num_heads, visual_ffn_size=size.ffn_size, bi_hidden_size=size.hidden_size,
-        bi_num_heads=size.num_heads, text_layer_ids=tuple(lang + step * k for k in range(cross)),
-        visual_layer_ids=tuple(vis + step * k for k in range(cross)), dropout=size.dropout,
-        max_text_len=max(size.text_len, 40))
+        vocab_size=size.vocab_size,
+        num_region_classes=16,
+        region_dim=size.region_dim,
+        text_hidden_size=size.hidden_size,
+        text_num_layers=lang + extra,
+        text_num_heads=size.num_heads,
+        text_ffn_size=size.ffn_size,
+        visual_hidden_size=size.hidden_size,
+        visual_num_layers=vis + extra,
+        visual_num_heads=size.num_heads,
+        visual_ffn_size=size.ffn_size,
+        bi_hidden_size=size.hidden_size,
+        bi_num_heads=size.num_heads,
+        text_layer_ids=tuple(lang + step * k for k in range(cross)),
+        visual_layer_ids=tuple(vis + step * k for k in range(cross)),
+        dropout=size.dropout,
+        max_text_len=max(size.text_len, 40),
+    )
 
 
 def uniter_config(size: MatchedSize):
     """The :class:`~fusionlib.models.uniter.UniterConfig` matching VisualBERT's depth and widths."""
     from fusionlib.models.uniter import UniterConfig
 
-    return UniterConfig(vocab_size=size.vocab_size, num_region_classes=16, region_dim=size.region_dim,
-                        hidden_size=size.hidden_size, num_layers=size.single_stream_layers,
-                        num_heads=size.num_heads, ffn_size=size.ffn_size, dropout=size.dropout,
-                        max_text_len=max(size.text_len, 40))
+    return UniterConfig(
+        vocab_size=size.vocab_size,
+        num_region_classes=16,
+        region_dim=size.region_dim,
+        hidden_size=size.hidden_size,
+        num_layers=size.single_stream_layers,
+        num_heads=size.num_heads,
+        ffn_size=size.ffn_size,
+        dropout=size.dropout,
+        max_text_len=max(size.text_len, 40),
+    )
 
 
 def _quiet_transformers():
@@ -182,11 +232,19 @@ def lxmert_model(size: MatchedSize) -> nn.Module:
 
     _quiet_transformers()
     lang, vis, cross = size.lxmert_layers
-    config = LxmertConfig(vocab_size=size.vocab_size, hidden_size=size.hidden_size,
-                          num_attention_heads=size.num_heads, intermediate_size=size.ffn_size, l_layers=lang,
-                          r_layers=vis, x_layers=cross, visual_feat_dim=size.region_dim,
-                          hidden_dropout_prob=size.dropout, attention_probs_dropout_prob=size.dropout,
-                          max_position_embeddings=max(size.text_len, 40))
+    config = LxmertConfig(
+        vocab_size=size.vocab_size,
+        hidden_size=size.hidden_size,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.ffn_size,
+        l_layers=lang,
+        r_layers=vis,
+        x_layers=cross,
+        visual_feat_dim=size.region_dim,
+        hidden_dropout_prob=size.dropout,
+        attention_probs_dropout_prob=size.dropout,
+        max_position_embeddings=max(size.text_len, 40),
+    )
     return LxmertModel(config)
 
 
@@ -195,15 +253,24 @@ def visualbert_model(size: MatchedSize) -> nn.Module:
     from transformers import VisualBertConfig, VisualBertModel
 
     _quiet_transformers()
-    config = VisualBertConfig(vocab_size=size.vocab_size, hidden_size=size.hidden_size,
-                              num_hidden_layers=size.single_stream_layers, num_attention_heads=size.num_heads,
-                              intermediate_size=size.ffn_size, visual_embedding_dim=size.region_dim,
-                              hidden_dropout_prob=size.dropout, attention_probs_dropout_prob=size.dropout,
-                              max_position_embeddings=max(size.text_len, 40), pad_token_id=0)
+    config = VisualBertConfig(
+        vocab_size=size.vocab_size,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.single_stream_layers,
+        num_attention_heads=size.num_heads,
+        intermediate_size=size.ffn_size,
+        visual_embedding_dim=size.region_dim,
+        hidden_dropout_prob=size.dropout,
+        attention_probs_dropout_prob=size.dropout,
+        max_position_embeddings=max(size.text_len, 40),
+        pad_token_id=0,
+    )
     return VisualBertModel(config)
 
 
-def synthetic_batch(size: MatchedSize, device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Tensor]:
+def synthetic_batch(
+    size: MatchedSize, device: torch.device | str = "cpu", seed: int = 0
+) -> dict[str, Tensor]:
     """A dense batch at ``size``: every token and region real, ``[CLS]`` (id 2) first.
 
     Keys: fusionlib's batch keys (``input_ids``, ``attention_mask``,
@@ -216,13 +283,19 @@ def synthetic_batch(size: MatchedSize, device: torch.device | str = "cpu", seed:
     ids[:, 0] = 2
     xy = torch.rand(B, R, 2, generator=g) * 0.7
     wh = 0.05 + torch.rand(B, R, 2, generator=g) * 0.25
-    box = torch.cat([xy, xy + wh], dim=-1)                                        # (B, R, 4) in [0, 1]
-    area = (wh[..., :1] * wh[..., 1:])
+    box = torch.cat([xy, xy + wh], dim=-1)  # (B, R, 4) in [0, 1]
+    area = wh[..., :1] * wh[..., 1:]
     feats = torch.randn(B, R, size.region_dim, generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.bool), "region_feats": feats,
-             "region_loc4": box, "region_loc5": torch.cat([box, area], -1),
-             "region_loc7": torch.cat([box, wh, area], -1), "region_mask": torch.ones(B, R, dtype=torch.bool),
-             "image_feats": feats.mean(dim=1)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(B, T, dtype=torch.bool),
+        "region_feats": feats,
+        "region_loc4": box,
+        "region_loc5": torch.cat([box, area], -1),
+        "region_loc7": torch.cat([box, wh, area], -1),
+        "region_mask": torch.ones(B, R, dtype=torch.bool),
+        "image_feats": feats.mean(dim=1),
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -232,7 +305,7 @@ class Contender:
 
     name: str
     model: nn.Module
-    forward: Callable[[], list[Tensor]]      # the outputs whose means are summed into the loss
+    forward: Callable[[], list[Tensor]]  # the outputs whose means are summed into the loss
 
     @property
     def label(self) -> str:
@@ -249,8 +322,13 @@ class Contender:
         self.loss().backward()
 
 
-def build_contenders(size: MatchedSize, device: torch.device | str = "cpu", names: tuple[str, ...] | None = None,
-                     batch: dict[str, Tensor] | None = None, seed: int = 0) -> dict[str, Contender]:
+def build_contenders(
+    size: MatchedSize,
+    device: torch.device | str = "cpu",
+    names: tuple[str, ...] | None = None,
+    batch: dict[str, Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, Contender]:
     """The models of :data:`LABELS` at ``size`` on ``device``, in train mode, each reading the same ``batch``."""
     from fusionlib.models.uniter import UniterModel
     from fusionlib.models.vilbert import ViLBERT
@@ -268,7 +346,9 @@ def build_contenders(size: MatchedSize, device: torch.device | str = "cpu", name
     for name in names:
         torch.manual_seed(seed)
         if name.startswith("vilbert"):
-            model = ViLBERT(vilbert_config(size, same_attention=name.endswith("same_attention"))).to(device)
+            model = ViLBERT(
+                vilbert_config(size, same_attention=name.endswith("same_attention"))
+            ).to(device)
 
             def forward(m=model):
                 o = m(b)
@@ -283,16 +363,26 @@ def build_contenders(size: MatchedSize, device: torch.device | str = "cpu", name
             model = lxmert_model(size).to(device)
 
             def forward(m=model):
-                o = m(input_ids=b["input_ids"], attention_mask=text_mask_int, visual_feats=b["region_feats"],
-                      visual_pos=b["region_loc4"], visual_attention_mask=region_mask_int)
+                o = m(
+                    input_ids=b["input_ids"],
+                    attention_mask=text_mask_int,
+                    visual_feats=b["region_feats"],
+                    visual_pos=b["region_loc4"],
+                    visual_attention_mask=region_mask_int,
+                )
                 return [o.language_output, o.vision_output, o.pooled_output]
         else:
             model = visualbert_model(size).to(device)
 
             def forward(m=model):
-                o = m(input_ids=b["input_ids"], attention_mask=text_mask_int, visual_embeds=b["region_feats"],
-                      visual_attention_mask=region_mask_int)
+                o = m(
+                    input_ids=b["input_ids"],
+                    attention_mask=text_mask_int,
+                    visual_embeds=b["region_feats"],
+                    visual_attention_mask=region_mask_int,
+                )
                 return [o.last_hidden_state, o.pooler_output]
+
         model.train()
         out[name] = Contender(name, model, forward)
     return out
@@ -310,7 +400,11 @@ def saved_activation_bytes(fn: Callable[[], Any], exclude: nn.Module | None = No
     are left out (they exist whether or not we train). This is the memory
     that grows with batch size and sequence length, the part a GPU runs out of.
     """
-    skip = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude is not None else set()
+    skip = (
+        {p.untyped_storage().data_ptr() for p in exclude.parameters()}
+        if exclude is not None
+        else set()
+    )
     seen: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -341,8 +435,12 @@ def step_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def time_rounds(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 2,
-                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def time_rounds(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 10,
+    warmup: int = 2,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
     """Seconds of every call, round by round: ``{name: [round 0, round 1, ...]}``.
 
     Each round is one :func:`fusionlib.bench.time_interleaved` pass (every
@@ -365,14 +463,32 @@ def ratio_summary(slow: list[float], fast: list[float]) -> dict[str, float]:
     if len(slow) != len(fast) or not slow:
         raise ValueError(f"need as many rounds of each, got {len(slow)} and {len(fast)}")
     ratios = sorted(s / f for s, f in zip(slow, fast))
-    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-    return {"median": statistics.median(ratios), "q25": q[0], "q75": q[2], "min": ratios[0], "max": ratios[-1],
-            "rounds": len(ratios)}
+    q = (
+        statistics.quantiles(ratios, n=4, method="inclusive")
+        if len(ratios) > 1
+        else [ratios[0]] * 3
+    )
+    return {
+        "median": statistics.median(ratios),
+        "q25": q[0],
+        "q75": q[2],
+        "min": ratios[0],
+        "max": ratios[-1],
+        "rounds": len(ratios),
+    }
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
-    return {"median_ms": 1e3 * statistics.median(samples), "q25_ms": 1e3 * q[0], "q75_ms": 1e3 * q[2]}
+    q = (
+        statistics.quantiles(samples, n=4, method="inclusive")
+        if len(samples) > 1
+        else [samples[0]] * 3
+    )
+    return {
+        "median_ms": 1e3 * statistics.median(samples),
+        "q25_ms": 1e3 * q[0],
+        "q75_ms": 1e3 * q[2],
+    }
 
 
 def _peak_cuda_bytes(fn: Callable[[], Any], device: torch.device) -> int:
@@ -390,7 +506,7 @@ def peak_bf16_flops(device: torch.device | str | None = None) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):       # "H100 PCIe" before "H100"
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
         if key in name:
             return PEAK_BF16_FLOPS[key]
     return None
@@ -422,8 +538,14 @@ def attention_flops(num_text: int, num_regions: int, hidden: int, kind: str) -> 
     raise ValueError(f"kind must be 'single', 'co' or 'cross', got {kind!r}")
 
 
-def attention_cost(lengths: list[tuple[int, int]], hidden: int = 256, heads: int = 4, batch: int = 32,
-                   repeats: int = 5, device: torch.device | str | None = None) -> list[dict[str, float]]:
+def attention_cost(
+    lengths: list[tuple[int, int]],
+    hidden: int = 256,
+    heads: int = 4,
+    batch: int = 32,
+    repeats: int = 5,
+    device: torch.device | str | None = None,
+) -> list[dict[str, float]]:
     """Measured forward+backward time of the attention core, single-stream vs co-attention (chapter 7).
 
     For each ``(T, V)``: ``single`` runs one fused SDPA over ``T + V``
@@ -457,17 +579,27 @@ def attention_cost(lengths: list[tuple[int, int]], hidden: int = 256, heads: int
         def cross_pair():
             tq, tk, tv = text
             iq, ik, iv = image
-            return F.scaled_dot_product_attention(tq, ik, iv).sum() + F.scaled_dot_product_attention(iq, tk, tv).sum()
+            return (
+                F.scaled_dot_product_attention(tq, ik, iv).sum()
+                + F.scaled_dot_product_attention(iq, tk, tv).sum()
+            )
 
         def co():
-            (cross_pair() + F.scaled_dot_product_attention(*text).sum()
-             + F.scaled_dot_product_attention(*image).sum()).backward()
+            (
+                cross_pair()
+                + F.scaled_dot_product_attention(*text).sum()
+                + F.scaled_dot_product_attention(*image).sum()
+            ).backward()
 
         def cross():
             cross_pair().backward()
 
-        samples = time_rounds({"single": single, "co": co, "cross": cross}, repeats=repeats, warmup=1,
-                              sync=lambda: runtime.synchronize(dev))
+        samples = time_rounds(
+            {"single": single, "co": co, "cross": cross},
+            repeats=repeats,
+            warmup=1,
+            sync=lambda: runtime.synchronize(dev),
+        )
         row: dict[str, float] = {"text": T, "regions": V}
         for kind in ("single", "co", "cross"):
             row[f"{kind}_ms"] = 1e3 * statistics.median(samples[kind])
@@ -491,17 +623,27 @@ def _maybe_autocast(device: torch.device, bf16: bool) -> Iterator[None]:
         yield
 
 
-def _race(contenders: dict[str, Contender], device: torch.device, repeats: int, warmup: int,
-          bf16: bool = False, wrap: Callable[[Callable[[], None]], Callable[[], None]] | None = None
-          ) -> dict[str, list[float]]:
+def _race(
+    contenders: dict[str, Contender],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    bf16: bool = False,
+    wrap: Callable[[Callable[[], None]], Callable[[], None]] | None = None,
+) -> dict[str, list[float]]:
     def step(c: Contender) -> Callable[[], None]:
         def go() -> None:
             with _maybe_autocast(device, bf16):
                 c.step()
+
         return wrap(go) if wrap is not None else go
 
-    return time_rounds({name: step(c) for name, c in contenders.items()}, repeats=repeats, warmup=warmup,
-                       sync=lambda: runtime.synchronize(device))
+    return time_rounds(
+        {name: step(c) for name, c in contenders.items()},
+        repeats=repeats,
+        warmup=warmup,
+        sync=lambda: runtime.synchronize(device),
+    )
 
 
 def _cpu_name() -> str:
@@ -521,14 +663,27 @@ def _versions() -> dict[str, Any]:
 
     import fusionlib
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "fusionlib": fusionlib.__version__, "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "fusionlib": fusionlib.__version__,
+        "python": platform.python_version(),
+    }
 
 
-def bench_models(size: MatchedSize | None = None, repeats: int = 10, warmup: int = 2, threads: int | None = None,
-                 device: str | None = None, attention: bool = True, attention_seq_lens: tuple[int, ...] = (24, 64, 256),
-                 precision: bool = True, cuda_extras: bool = True, compile: bool | tuple[str, ...] = True,
-                 verbose: bool = True) -> dict[str, Any]:
+def bench_models(
+    size: MatchedSize | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+    device: str | None = None,
+    attention: bool = True,
+    attention_seq_lens: tuple[int, ...] = (24, 64, 256),
+    precision: bool = True,
+    cuda_extras: bool = True,
+    compile: bool | tuple[str, ...] = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Run the whole comparison and return it as a dict (what :func:`main` writes to JSON).
 
     Keys: ``size``, ``device``, ``versions``, ``threads``, ``models`` (per
@@ -546,34 +701,54 @@ def bench_models(size: MatchedSize | None = None, repeats: int = 10, warmup: int
     if threads:
         torch.set_num_threads(threads)
     try:
-        report: dict[str, Any] = {"size": size.to_dict(), "device": dev.type,
-                                  "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                                  else _cpu_name(),
-                                  "threads": torch.get_num_threads(), "versions": _versions(),
-                                  "repeats": repeats, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        say(f"{dev.type} ({report['device_name']}), {report['threads']} threads | torch {torch.__version__}, "
-            f"transformers {report['versions']['transformers']}")
-        say(f"size: hidden {size.hidden_size}, heads {size.num_heads}, ffn {size.ffn_size}, batch {size.batch_size}, "
+        report: dict[str, Any] = {
+            "size": size.to_dict(),
+            "device": dev.type,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+            "threads": torch.get_num_threads(),
+            "versions": _versions(),
+            "repeats": repeats,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
+        say(
+            f"{dev.type} ({report['device_name']}), {report['threads']} threads | torch {torch.__version__}, "
+            f"transformers {report['versions']['transformers']}"
+        )
+        say(
+            f"size: hidden {size.hidden_size}, heads {size.num_heads}, ffn {size.ffn_size}, batch {size.batch_size}, "
             f"{size.text_len} tokens, {size.num_regions} regions, LXMERT layers {size.lxmert_layers}, "
-            f"single-stream layers {size.single_stream_layers}, dropout {size.dropout}")
+            f"single-stream layers {size.single_stream_layers}, dropout {size.dropout}"
+        )
         contenders = build_contenders(size, dev)
         models: dict[str, dict[str, Any]] = {}
         for name, c in contenders.items():
             flops = step_flops(c.step)
             if dev.type == "cuda":
-                memory = {"peak_bytes": _peak_cuda_bytes(c.step, dev), "kind": "torch.cuda.max_memory_allocated"}
+                memory = {
+                    "peak_bytes": _peak_cuda_bytes(c.step, dev),
+                    "kind": "torch.cuda.max_memory_allocated",
+                }
             else:
-                memory = {"peak_bytes": saved_activation_bytes(c.step, exclude=c.model),
-                          "kind": "bytes saved for backward (saved_tensors_hooks)"}
-            models[name] = {"label": c.label, "parameters": c.num_parameters(), "gflop_per_step": flops / 1e9,
-                            "memory_bytes": memory["peak_bytes"], "memory_kind": memory["kind"]}
+                memory = {
+                    "peak_bytes": saved_activation_bytes(c.step, exclude=c.model),
+                    "kind": "bytes saved for backward (saved_tensors_hooks)",
+                }
+            models[name] = {
+                "label": c.label,
+                "parameters": c.num_parameters(),
+                "gflop_per_step": flops / 1e9,
+                "memory_bytes": memory["peak_bytes"],
+                "memory_kind": memory["kind"],
+            }
         samples = _race(contenders, dev, repeats, warmup)
         for name, s in samples.items():
             models[name].update(_summary(s))
             models[name]["samples_per_s"] = size.batch_size / statistics.median(s)
             models[name]["gflop_per_s"] = models[name]["gflop_per_step"] / statistics.median(s)
         report["models"] = models
-        report["ratios"] = {f"{ours}_vs_{peer}": ratio_summary(samples[peer], samples[ours]) for ours, peer in PAIRS}
+        report["ratios"] = {
+            f"{ours}_vs_{peer}": ratio_summary(samples[peer], samples[ours]) for ours, peer in PAIRS
+        }
         _print_models(models, report["ratios"], say)
 
         if precision:
@@ -583,34 +758,56 @@ def bench_models(size: MatchedSize | None = None, repeats: int = 10, warmup: int
         if attention:
             from fusionlib.bench.attention import bench_attention
 
-            rows = bench_attention(seq_lens=attention_seq_lens, batch=8, width=size.hidden_size,
-                                   heads=size.num_heads, mode="train", repeats=max(3, repeats // 2),
-                                   dev=str(dev))
+            rows = bench_attention(
+                seq_lens=attention_seq_lens,
+                batch=8,
+                width=size.hidden_size,
+                heads=size.num_heads,
+                mode="train",
+                repeats=max(3, repeats // 2),
+                dev=str(dev),
+            )
             report["attention"] = rows
             say("\nattention (batch 8, forward+backward), median ms:")
             say(f"{'seq_len':>8} {'scratch':>9} {'fused':>9} {'torch':>9} {'fused/torch':>12}")
             for r in rows:
-                say(f"{r['seq_len']:>8} {r['scratch']:>9.2f} {r['fused']:>9.2f} {r['torch']:>9.2f} "
-                    f"{r['fused_over_torch']:>12.2f}")
+                say(
+                    f"{r['seq_len']:>8} {r['scratch']:>9.2f} {r['fused']:>9.2f} {r['torch']:>9.2f} "
+                    f"{r['fused_over_torch']:>12.2f}"
+                )
         return report
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _print_models(models: dict[str, dict[str, Any]], ratios: dict[str, dict[str, float]], say: Callable) -> None:
-    say(f"\n{'model':<46} {'params':>10} {'GFLOP':>7} {'ms/step':>9} {'IQR ms':>15} {'memory MB':>10}")
+def _print_models(
+    models: dict[str, dict[str, Any]], ratios: dict[str, dict[str, float]], say: Callable
+) -> None:
+    say(
+        f"\n{'model':<46} {'params':>10} {'GFLOP':>7} {'ms/step':>9} {'IQR ms':>15} {'memory MB':>10}"
+    )
     for m in models.values():
-        say(f"{m['label']:<46} {m['parameters']:>10,} {m['gflop_per_step']:>7.2f} {m['median_ms']:>9.1f} "
-            f"{m['q25_ms']:>7.1f}-{m['q75_ms']:<7.1f} {m['memory_bytes'] / 2**20:>10.1f}")
+        say(
+            f"{m['label']:<46} {m['parameters']:>10,} {m['gflop_per_step']:>7.2f} {m['median_ms']:>9.1f} "
+            f"{m['q25_ms']:>7.1f}-{m['q75_ms']:<7.1f} {m['memory_bytes'] / 2**20:>10.1f}"
+        )
     say("\nspeed-up = peer time / fusionlib time, per round (median [quartiles]):")
     for key, r in ratios.items():
         ours, peer = key.split("_vs_")
-        say(f"  {LABELS[ours]} vs {LABELS[peer]}: {r['median']:.2f}x [{r['q25']:.2f}-{r['q75']:.2f}] "
-            f"over {r['rounds']} rounds")
+        say(
+            f"  {LABELS[ours]} vs {LABELS[peer]}: {r['median']:.2f}x [{r['q25']:.2f}-{r['q75']:.2f}] "
+            f"over {r['rounds']} rounds"
+        )
 
 
-def _precision(contenders: dict[str, Contender], size: MatchedSize, dev: torch.device, repeats: int, warmup: int,
-               say: Callable) -> dict[str, Any]:
+def _precision(
+    contenders: dict[str, Contender],
+    size: MatchedSize,
+    dev: torch.device,
+    repeats: int,
+    warmup: int,
+    say: Callable,
+) -> dict[str, Any]:
     """fp32 vs bf16 autocast for every model (both sides under the same precision), interleaved.
 
     On CUDA, fp32 matrix products use TF32 only if the user enabled it; the
@@ -624,33 +821,57 @@ def _precision(contenders: dict[str, Contender], size: MatchedSize, dev: torch.d
         def bf16_step(c=c):
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 c.step()
+
         both[name + "@bf16"] = bf16_step
-    samples = time_rounds(both, repeats=repeats, warmup=warmup, sync=lambda: runtime.synchronize(dev))
+    samples = time_rounds(
+        both, repeats=repeats, warmup=warmup, sync=lambda: runtime.synchronize(dev)
+    )
     peak = peak_bf16_flops(dev)
     table = {}
     for name, c in contenders.items():
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             flops = step_flops(c.step)
         seconds = statistics.median(samples[name + "@bf16"])
-        table[name] = {"fp32_ms": 1e3 * statistics.median(samples[name]), "bf16_ms": 1e3 * seconds,
-                       "bf16_speedup": ratio_summary(samples[name], samples[name + "@bf16"])["median"],
-                       "bf16_samples_per_s": size.batch_size / seconds,
-                       "bf16_fraction_of_peak": (flops / seconds / peak) if peak else None}
-    ratios = {f"{ours}_vs_{peer}": ratio_summary(samples[peer + "@bf16"], samples[ours + "@bf16"])
-              for ours, peer in PAIRS}
-    say(f"\nfp32 vs bf16 autocast on {dev.type} (median ms per step; bf16 samples/s; fraction of the bf16 peak):")
+        table[name] = {
+            "fp32_ms": 1e3 * statistics.median(samples[name]),
+            "bf16_ms": 1e3 * seconds,
+            "bf16_speedup": ratio_summary(samples[name], samples[name + "@bf16"])["median"],
+            "bf16_samples_per_s": size.batch_size / seconds,
+            "bf16_fraction_of_peak": (flops / seconds / peak) if peak else None,
+        }
+    ratios = {
+        f"{ours}_vs_{peer}": ratio_summary(samples[peer + "@bf16"], samples[ours + "@bf16"])
+        for ours, peer in PAIRS
+    }
+    say(
+        f"\nfp32 vs bf16 autocast on {dev.type} (median ms per step; bf16 samples/s; fraction of the bf16 peak):"
+    )
     for name, p in table.items():
-        frac = f"{100 * p['bf16_fraction_of_peak']:.1f}%" if p["bf16_fraction_of_peak"] is not None else "n/a"
-        say(f"  {LABELS[name]:<46} {p['fp32_ms']:>9.1f} {p['bf16_ms']:>9.1f} ({p['bf16_speedup']:.2f}x) "
-            f"{p['bf16_samples_per_s']:>9.0f} {frac:>7}")
+        frac = (
+            f"{100 * p['bf16_fraction_of_peak']:.1f}%"
+            if p["bf16_fraction_of_peak"] is not None
+            else "n/a"
+        )
+        say(
+            f"  {LABELS[name]:<46} {p['fp32_ms']:>9.1f} {p['bf16_ms']:>9.1f} ({p['bf16_speedup']:.2f}x) "
+            f"{p['bf16_samples_per_s']:>9.0f} {frac:>7}"
+        )
     for key, r in ratios.items():
         ours, peer = key.split("_vs_")
-        say(f"  bf16 speed-up {LABELS[ours]} vs {LABELS[peer]}: {r['median']:.2f}x [{r['q25']:.2f}-{r['q75']:.2f}]")
+        say(
+            f"  bf16 speed-up {LABELS[ours]} vs {LABELS[peer]}: {r['median']:.2f}x [{r['q25']:.2f}-{r['q75']:.2f}]"
+        )
     return {"precision": table, "ratios_bf16": ratios, "peak_bf16_flops": peak}
 
 
-def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: int, warmup: int,
-                 compile: bool | tuple[str, ...], say: Callable) -> dict[str, Any]:
+def _cuda_extras(
+    contenders: dict[str, Contender],
+    dev: torch.device,
+    repeats: int,
+    warmup: int,
+    compile: bool | tuple[str, ...],
+    say: Callable,
+) -> dict[str, Any]:
     """SDPA backends and torch.compile (fusionlib's models, bf16 autocast)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -659,26 +880,34 @@ def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: i
     # SDPA backends, fusionlib's models only (the peers never call SDPA), bf16.
     ours = {n: c for n, c in contenders.items() if n in ("vilbert", "uniter")}
     backends = {}
-    for label, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                           ("math", SDPBackend.MATH)):
+    for label, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("math", SDPBackend.MATH),
+    ):
+
         def wrap(fn, backend=backend):
             def go():
                 with sdpa_kernel([backend]):
                     fn()
+
             return go
+
         row = {}
         for name, c in ours.items():
             try:
                 samples = _race({name: c}, dev, repeats, warmup, bf16=True, wrap=wrap)
                 row[name] = {"ms": 1e3 * statistics.median(samples[name])}
-            except RuntimeError as error:       # e.g. flash attention takes no arbitrary mask
+            except RuntimeError as error:  # e.g. flash attention takes no arbitrary mask
                 row[name] = {"ms": None, "error": str(error).splitlines()[0][:200]}
         backends[label] = row
     out["sdpa_backends"] = backends
     say("\nSDPA backends (bf16, median ms):")
     for label, row in backends.items():
-        cells = ", ".join(f"{n} {v['ms']:.2f}" if v["ms"] is not None else f"{n} unsupported ({v['error'][:60]})"
-                          for n, v in row.items())
+        cells = ", ".join(
+            f"{n} {v['ms']:.2f}" if v["ms"] is not None else f"{n} unsupported ({v['error'][:60]})"
+            for n, v in row.items()
+        )
         say(f"  {label:<10} {cells}")
 
     to_compile = tuple(ours) if compile is True else tuple(compile or ())
@@ -693,7 +922,7 @@ def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: i
                 with torch.autocast(dev.type, dtype=torch.bfloat16):
                     fast.step()
                     fast.step()
-            except Exception as error:      # noqa: BLE001 - inductor needs triton and a C compiler
+            except Exception as error:  # noqa: BLE001 - inductor needs triton and a C compiler
                 # A machine that cannot compile gets a note in the report, not a failed benchmark
                 # (the measurements above are already taken). ``compile`` keeps only complete rows.
                 failed[name] = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -702,16 +931,22 @@ def _cuda_extras(contenders: dict[str, Contender], dev: torch.device, repeats: i
             runtime.synchronize(dev)
             compile_s = time.perf_counter() - started
             samples = _race({name: c, name + "_compiled": fast}, dev, repeats, warmup, bf16=True)
-            compiled[name] = {"eager_ms": 1e3 * statistics.median(samples[name]),
-                              "compiled_ms": 1e3 * statistics.median(samples[name + "_compiled"]),
-                              "compile_seconds": compile_s}
+            compiled[name] = {
+                "eager_ms": 1e3 * statistics.median(samples[name]),
+                "compiled_ms": 1e3 * statistics.median(samples[name + "_compiled"]),
+                "compile_seconds": compile_s,
+            }
         out["compile"] = compiled
         if failed:
             out["compile_errors"] = failed
             say("\ntorch.compile failed: " + ", ".join(f"{n}: {e}" for n, e in failed.items()))
-        say("\ntorch.compile (bf16, median ms): " + ", ".join(
-            f"{n} eager {v['eager_ms']:.2f} -> compiled {v['compiled_ms']:.2f} (compiling took {v['compile_seconds']:.0f} s)"
-            for n, v in compiled.items()))
+        say(
+            "\ntorch.compile (bf16, median ms): "
+            + ", ".join(
+                f"{n} eager {v['eager_ms']:.2f} -> compiled {v['compiled_ms']:.2f} (compiling took {v['compile_seconds']:.0f} s)"
+                for n, v in compiled.items()
+            )
+        )
     return out
 
 
@@ -721,11 +956,18 @@ def results_name(device: torch.device | str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m fusionlib.bench models", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fusionlib.bench models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d = MatchedSize()
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (the target: 2)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (each times every model once)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (the target: 2)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=10, help="timed rounds (each times every model once)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--hidden", type=int, default=d.hidden_size)
@@ -737,15 +979,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-attention", action="store_true", help="skip the attention comparison")
     parser.add_argument("--no-precision", action="store_true", help="skip fp32 vs bf16 autocast")
     parser.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
-    parser.add_argument("--out", default=None, help="JSON path (default: results/bench_models_<device>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default: results/bench_models_<device>.json)"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads <= 0:
         parser.error(f"--threads must be positive, got {args.threads}")
-    size = MatchedSize(hidden_size=args.hidden, num_heads=args.heads, ffn_size=args.ffn, batch_size=args.batch,
-                       text_len=args.tokens, num_regions=args.regions)
-    report = bench_models(size, repeats=args.repeats, warmup=args.warmup, threads=args.threads, device=args.device,
-                          attention=not args.no_attention, precision=not args.no_precision,
-                          compile=not args.no_compile)
+    size = MatchedSize(
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        ffn_size=args.ffn,
+        batch_size=args.batch,
+        text_len=args.tokens,
+        num_regions=args.regions,
+    )
+    report = bench_models(
+        size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        device=args.device,
+        attention=not args.no_attention,
+        precision=not args.no_precision,
+        compile=not args.no_compile,
+    )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:

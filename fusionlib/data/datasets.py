@@ -67,21 +67,36 @@ from .. import runtime
 from ..vision.regions import RegionFeatures
 from .shapes import QUESTION_FAMILIES
 
-REGION_KEYS = ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
-               "region_soft_labels", "image_feats", "image_index")
+REGION_KEYS = (
+    "region_feats",
+    "region_boxes",
+    "region_loc5",
+    "region_loc7",
+    "region_mask",
+    "region_soft_labels",
+    "image_feats",
+    "image_index",
+)
 QUESTION_KEYS = ("input_ids",) + REGION_KEYS + ("answer", "family", "relational", "question_index")
 CAPTION_KEYS = ("input_ids",) + REGION_KEYS + ("caption_index",)
-TRUTH_KEYS = ("text_facts", "image_objects")           # captions of a world the truth judge can read
-EDIT_KEYS = ("edit_input_ids", "edit_kinds")           # CaptionDataset(edits=E)
+TRUTH_KEYS = ("text_facts", "image_objects")  # captions of a world the truth judge can read
+EDIT_KEYS = ("edit_input_ids", "edit_kinds")  # CaptionDataset(edits=E)
 CAPTION_TEXTS = ("captions", "descriptions", "both")
-PADDED_KEYS = ("input_ids",)   # variable length: padded by collate, which adds attention_mask
+PADDED_KEYS = ("input_ids",)  # variable length: padded by collate, which adds attention_mask
 
 
 class _RegionTextDataset(Dataset):
     """Shared part: look up an image's regions and a pre-tokenized text."""
 
-    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any,
-                 texts: list[str], scene_pos: list[int], max_length: int):
+    def __init__(
+        self,
+        scenes: Sequence[Any],
+        features: RegionFeatures,
+        tokenizer: Any,
+        texts: list[str],
+        scene_pos: list[int],
+        max_length: int,
+    ):
         if not isinstance(features, RegionFeatures):
             raise TypeError(f"features must be a RegionFeatures, got {type(features).__name__}")
         if not isinstance(max_length, int) or max_length <= 0:
@@ -93,8 +108,10 @@ class _RegionTextDataset(Dataset):
             try:
                 rows.append(features.row(s.index))
             except KeyError:
-                raise ValueError(f"features has no row for scene index {s.index} (split {s.split!r}); "
-                                 "extract features for the same scenes") from None
+                raise ValueError(
+                    f"features has no row for scene index {s.index} (split {s.split!r}); "
+                    "extract features for the same scenes"
+                ) from None
         self.features = features
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
@@ -103,18 +120,27 @@ class _RegionTextDataset(Dataset):
         # and only the distinct texts: the world's questions repeat a few hundred
         # templates, so 196,000 questions are ~50x fewer distinct strings.
         position: dict[str, int] = {}
-        which = torch.tensor([position.setdefault(t, len(position)) for t in texts], dtype=torch.long)
+        which = torch.tensor(
+            [position.setdefault(t, len(position)) for t in texts], dtype=torch.long
+        )
         distinct = list(position)
-        enc = tokenizer(distinct, padding="longest", return_tensors="pt", return_attention_mask=True,
-                        return_token_type_ids=False)
+        enc = tokenizer(
+            distinct,
+            padding="longest",
+            return_tensors="pt",
+            return_attention_mask=True,
+            return_token_type_ids=False,
+        )
         lengths = enc["attention_mask"].sum(dim=1)
         longest = int(lengths.max())
         if longest > max_length:
             worst = distinct[int(lengths.argmax())]
-            raise ValueError(f"max_length={max_length} is shorter than the longest text ({longest} tokens: "
-                             f"{worst!r}); raise max_length rather than cut texts")
-        self.input_ids = enc["input_ids"]                       # (distinct texts, longest)
-        self.text_id = which                                    # (M,) row of input_ids for each item
+            raise ValueError(
+                f"max_length={max_length} is shorter than the longest text ({longest} tokens: "
+                f"{worst!r}); raise max_length rather than cut texts"
+            )
+        self.input_ids = enc["input_ids"]  # (distinct texts, longest)
+        self.text_id = which  # (M,) row of input_ids for each item
         self.lengths = lengths
         self.row = torch.tensor([rows[p] for p in scene_pos], dtype=torch.long)
         self.image_index = torch.tensor([scenes[p].index for p in scene_pos], dtype=torch.long)
@@ -155,8 +181,14 @@ class QuestionDataset(_RegionTextDataset):
     (nothing is truncated silently).
     """
 
-    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any, answers: Sequence[str],
-                 max_length: int = 32):
+    def __init__(
+        self,
+        scenes: Sequence[Any],
+        features: RegionFeatures,
+        tokenizer: Any,
+        answers: Sequence[str],
+        max_length: int = 32,
+    ):
         answer_ids = {a: i for i, a in enumerate(answers)}
         if len(answer_ids) != len(answers):
             raise ValueError(f"answers must be distinct, got {list(answers)}")
@@ -164,9 +196,13 @@ class QuestionDataset(_RegionTextDataset):
         for p, s in enumerate(scenes):
             for k, q in enumerate(s.questions):
                 if q.answer not in answer_ids:
-                    raise ValueError(f"answer {q.answer!r} of scene {s.index} is not in answers {list(answers)}")
+                    raise ValueError(
+                        f"answer {q.answer!r} of scene {s.index} is not in answers {list(answers)}"
+                    )
                 if q.family not in QUESTION_FAMILIES:
-                    raise ValueError(f"family {q.family!r} of scene {s.index} is not in {QUESTION_FAMILIES}")
+                    raise ValueError(
+                        f"family {q.family!r} of scene {s.index} is not in {QUESTION_FAMILIES}"
+                    )
                 texts.append(q.text)
                 scene_pos.append(p)
                 ans.append(answer_ids[q.answer])
@@ -211,12 +247,22 @@ class CaptionDataset(_RegionTextDataset):
     class names in ``features``.
     """
 
-    def __init__(self, scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any, max_length: int | None = None,
-                 text: str = "captions", judge: bool | None = None, edits: int = 0):
+    def __init__(
+        self,
+        scenes: Sequence[Any],
+        features: RegionFeatures,
+        tokenizer: Any,
+        max_length: int | None = None,
+        text: str = "captions",
+        judge: bool | None = None,
+        edits: int = 0,
+    ):
         if text not in CAPTION_TEXTS:
             raise ValueError(f"text must be one of {CAPTION_TEXTS}, got {text!r}")
         if isinstance(edits, bool) or not isinstance(edits, int) or edits < 0:
-            raise ValueError(f"edits must be an int >= 0 (how many minimal edits per text), got {edits!r}")
+            raise ValueError(
+                f"edits must be an int >= 0 (how many minimal edits per text), got {edits!r}"
+            )
         texts, scene_pos, cpos = [], [], []
         for p, s in enumerate(scenes):
             chosen = []
@@ -224,7 +270,9 @@ class CaptionDataset(_RegionTextDataset):
                 chosen += list(enumerate(s.captions))
             if text in ("descriptions", "both"):
                 if not getattr(s, "description", ""):
-                    raise ValueError(f"scene {s.index} has no description; text={text!r} needs one per scene")
+                    raise ValueError(
+                        f"scene {s.index} has no description; text={text!r} needs one per scene"
+                    )
                 chosen.append((-1, s.description))
             for k, c in chosen:
                 texts.append(c)
@@ -238,7 +286,9 @@ class CaptionDataset(_RegionTextDataset):
         if judge is None:
             judge = len(scenes) > 0 and all(getattr(s, "objects", None) for s in scenes)
         if edits and not judge:
-            raise ValueError("edits need the truth judge (judge=True): an edit is kept only if it is false of the image")
+            raise ValueError(
+                "edits need the truth judge (judge=True): an edit is kept only if it is false of the image"
+            )
         if judge:
             self._add_truth(scenes, texts, scene_pos)
         if edits:
@@ -249,20 +299,33 @@ class CaptionDataset(_RegionTextDataset):
 
         missing = [s.index for s in scenes if not getattr(s, "objects", None)]
         if missing:
-            raise ValueError(f"judge=True needs the objects of every scene; scenes {missing[:5]} have none "
-                             "(a real corpus has no truth judge: use judge=False)")
+            raise ValueError(
+                f"judge=True needs the objects of every scene; scenes {missing[:5]} have none "
+                "(a real corpus has no truth judge: use judge=False)"
+            )
         distinct: dict[str, int] = {}
-        which = torch.tensor([distinct.setdefault(t, len(distinct)) for t in texts], dtype=torch.long)
-        self.text_facts = truth.encode_facts(list(distinct))[which]                 # (M, K, F)
-        objects = truth.encode_scenes(scenes)                                        # (scenes, P, O)
+        which = torch.tensor(
+            [distinct.setdefault(t, len(distinct)) for t in texts], dtype=torch.long
+        )
+        self.text_facts = truth.encode_facts(list(distinct))[which]  # (M, K, F)
+        objects = truth.encode_scenes(scenes)  # (scenes, P, O)
         # Held per feature row, like the regions, so TensorBatches gathers it by the same row index.
-        self.image_objects = torch.zeros(len(self.features.feats), *objects.shape[1:], dtype=torch.long)
+        self.image_objects = torch.zeros(
+            len(self.features.feats), *objects.shape[1:], dtype=torch.long
+        )
         for p, s in enumerate(scenes):
             self.image_objects[self.features.row(s.index)] = objects[p]
         self.batch_keys = self.batch_keys + TRUTH_KEYS
 
-    def _add_edits(self, scenes: Sequence[Any], texts: list[str], scene_pos: list[int], tokenizer: Any,
-                   per_text: int, max_length: int) -> None:
+    def _add_edits(
+        self,
+        scenes: Sequence[Any],
+        texts: list[str],
+        scene_pos: list[int],
+        tokenizer: Any,
+        per_text: int,
+        max_length: int,
+    ) -> None:
         import numpy as np
 
         from . import truth
@@ -280,7 +343,7 @@ class CaptionDataset(_RegionTextDataset):
                 lists = list(by_kind.values())
                 order = rng.permutation(len(lists))
                 kept: list[truth.Edit] = []
-                while len(kept) < per_text:                     # the kinds in turn, each in a random order
+                while len(kept) < per_text:  # the kinds in turn, each in a random order
                     for k in order:
                         if pools[k] and len(kept) < per_text:
                             kept.append(lists[k][pools[k].pop()])
@@ -291,25 +354,33 @@ class CaptionDataset(_RegionTextDataset):
             for e in edits:
                 distinct.setdefault(e.text, len(distinct))
         pad = self.pad_token_id
-        index = torch.full((len(texts), per_text), len(distinct), dtype=torch.long)   # the last row: no edit
+        index = torch.full(
+            (len(texts), per_text), len(distinct), dtype=torch.long
+        )  # the last row: no edit
         kinds = torch.full((len(texts), per_text), -1, dtype=torch.long)
         for n, edits in enumerate(chosen):
             for j, e in enumerate(edits):
                 index[n, j] = distinct[e.text]
                 kinds[n, j] = truth.EDIT_KINDS.index(e.kind)
         if distinct:
-            enc = tokenizer(list(distinct), padding="longest", return_tensors="pt", return_token_type_ids=False)
+            enc = tokenizer(
+                list(distinct), padding="longest", return_tensors="pt", return_token_type_ids=False
+            )
             longest = int(enc["attention_mask"].sum(dim=1).max())
             if longest > max_length:
-                raise ValueError(f"max_length={max_length} is shorter than the longest edit ({longest} tokens); "
-                                 "raise max_length")
+                raise ValueError(
+                    f"max_length={max_length} is shorter than the longest edit ({longest} tokens); "
+                    "raise max_length"
+                )
             table = enc["input_ids"]
         else:
             table = torch.empty(0, 1, dtype=torch.long)
-        table = torch.cat([table, torch.full((1, table.shape[1]), pad, dtype=torch.long)])   # + an all-[PAD] row
+        table = torch.cat(
+            [table, torch.full((1, table.shape[1]), pad, dtype=torch.long)]
+        )  # + an all-[PAD] row
         ids = table[index]
-        self.edit_input_ids = ids                                                   # (M, E, Te)
-        self.edit_kinds = kinds                                                     # (M, E)
+        self.edit_input_ids = ids  # (M, E, Te)
+        self.edit_kinds = kinds  # (M, E)
         self.batch_keys = self.batch_keys + EDIT_KEYS
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
@@ -332,14 +403,16 @@ def _world_vocabulary(features: RegionFeatures) -> tuple[list[str], list[str]]:
     for name in features.class_names:
         parts = name.split()
         if len(parts) != 2:
-            continue                                   # "background"
+            continue  # "background"
         if parts[0] not in colors:
             colors.append(parts[0])
         if parts[1] not in shapes:
             shapes.append(parts[1])
     if not colors or not shapes:
-        raise ValueError(f"features.class_names must name '<colour> <shape>' classes to edit texts with, "
-                         f"got {features.class_names!r}")
+        raise ValueError(
+            f"features.class_names must name '<colour> <shape>' classes to edit texts with, "
+            f"got {features.class_names!r}"
+        )
     return colors, shapes
 
 
@@ -360,7 +433,9 @@ def collate(items: Sequence[dict[str, Tensor]], pad_token_id: int = 0) -> dict[s
         if set(item.keys()) != set(keys):
             missing = sorted(set(keys) - set(item.keys()))
             extra = sorted(set(item.keys()) - set(keys))
-            raise ValueError(f"item {n} has different keys from item 0: missing {missing}, extra {extra}")
+            raise ValueError(
+                f"item {n} has different keys from item 0: missing {missing}, extra {extra}"
+            )
     batch: dict[str, Tensor] = {}
     for key in keys:
         values = [item[key] for item in items]
@@ -368,11 +443,15 @@ def collate(items: Sequence[dict[str, Tensor]], pad_token_id: int = 0) -> dict[s
             if not isinstance(v, Tensor):
                 raise TypeError(f"item {n}[{key!r}] must be a tensor, got {type(v).__name__}")
             if v.dtype != values[0].dtype:
-                raise ValueError(f"key {key!r}: item {n} has dtype {v.dtype}, item 0 has {values[0].dtype}")
+                raise ValueError(
+                    f"key {key!r}: item {n} has dtype {v.dtype}, item 0 has {values[0].dtype}"
+                )
         if key in PADDED_KEYS:
             for n, v in enumerate(values):
                 if v.dim() != 1:
-                    raise ValueError(f"key {key!r}: item {n} must be 1-d (T,), got {tuple(v.shape)}")
+                    raise ValueError(
+                        f"key {key!r}: item {n} must be 1-d (T,), got {tuple(v.shape)}"
+                    )
             longest = max(len(v) for v in values)
             ids = torch.full((len(values), longest), pad_token_id, dtype=values[0].dtype)
             mask = torch.zeros(len(values), longest, dtype=torch.bool)
@@ -385,13 +464,22 @@ def collate(items: Sequence[dict[str, Tensor]], pad_token_id: int = 0) -> dict[s
             shape = values[0].shape
             for n, v in enumerate(values):
                 if v.shape != shape:
-                    raise ValueError(f"key {key!r}: item {n} has shape {tuple(v.shape)}, item 0 has {tuple(shape)}")
+                    raise ValueError(
+                        f"key {key!r}: item {n} has shape {tuple(v.shape)}, item 0 has {tuple(shape)}"
+                    )
             batch[key] = torch.stack(values)
     return batch
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False, num_workers: int = 0, **kwargs: Any) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    **kwargs: Any,
+) -> DataLoader:
     """A ``DataLoader`` over ``dataset`` with :func:`collate` and a generator seeded with ``seed``.
 
     The same seed gives the same batches in the same order. ``[PAD]`` is taken
@@ -402,9 +490,16 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: i
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     pad = getattr(dataset, "pad_token_id", 0)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers, generator=torch.Generator().manual_seed(seed),
-                      collate_fn=functools.partial(collate, pad_token_id=pad), **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=functools.partial(collate, pad_token_id=pad),
+        **kwargs,
+    )
 
 
 def to_hf_dataset(scenes: Sequence[Any], kind: str = "captions") -> "datasets.Dataset":  # noqa: F821
@@ -423,16 +518,27 @@ def to_hf_dataset(scenes: Sequence[Any], kind: str = "captions") -> "datasets.Da
     columns: dict[str, list[Any]] = {"image": [], "image_index": []}
     if kind == "captions":
         columns.update(caption_index=[], caption=[])
-        features = datasets.Features({
-            "image": datasets.Image(), "image_index": datasets.Value("int64"),
-            "caption_index": datasets.Value("int64"), "caption": datasets.Value("string")})
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "image_index": datasets.Value("int64"),
+                "caption_index": datasets.Value("int64"),
+                "caption": datasets.Value("string"),
+            }
+        )
     else:
         columns.update(question_index=[], question=[], answer=[], family=[], relational=[])
-        features = datasets.Features({
-            "image": datasets.Image(), "image_index": datasets.Value("int64"),
-            "question_index": datasets.Value("int64"), "question": datasets.Value("string"),
-            "answer": datasets.Value("string"), "family": datasets.Value("string"),
-            "relational": datasets.Value("bool")})
+        features = datasets.Features(
+            {
+                "image": datasets.Image(),
+                "image_index": datasets.Value("int64"),
+                "question_index": datasets.Value("int64"),
+                "question": datasets.Value("string"),
+                "answer": datasets.Value("string"),
+                "family": datasets.Value("string"),
+                "relational": datasets.Value("bool"),
+            }
+        )
     for s in scenes:
         image = Image.fromarray(s.image)
         if kind == "captions":
@@ -464,15 +570,22 @@ STANDARDISED_KEYS = ("region_feats", "region_loc5", "region_loc7")
 class RetrievalSet(NamedTuple):
     """Images and texts for retrieval (chapters 2, 5, 6); see :func:`retrieval_set`."""
 
-    images: dict[str, Tensor]      # the region keys of a batch, (N_images, R, ...) and image_feats (N_images, D)
-    captions: dict[str, Tensor]    # input_ids and attention_mask of the texts, (N_texts, T)
-    caption_image: Tensor          # (N_texts,) long: the row of ``images`` each text was written for
-    texts: list[str]               # the texts themselves
-    truth: Tensor | None           # (N_texts, N_images) bool from the truth judge; None for real corpora
+    images: dict[
+        str, Tensor
+    ]  # the region keys of a batch, (N_images, R, ...) and image_feats (N_images, D)
+    captions: dict[str, Tensor]  # input_ids and attention_mask of the texts, (N_texts, T)
+    caption_image: Tensor  # (N_texts,) long: the row of ``images`` each text was written for
+    texts: list[str]  # the texts themselves
+    truth: Tensor | None  # (N_texts, N_images) bool from the truth judge; None for real corpora
 
 
-def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: Any,
-                  statistics: dict[str, tuple[Tensor, Tensor]] | None = None, text: str = "captions") -> RetrievalSet:
+def retrieval_set(
+    scenes: Sequence[Any],
+    features: RegionFeatures,
+    tokenizer: Any,
+    statistics: dict[str, tuple[Tensor, Tensor]] | None = None,
+    text: str = "captions",
+) -> RetrievalSet:
     """Every text of ``scenes`` against every one of their images, for recall@K.
 
     ``text="captions"``: every short caption; a caption is true of many
@@ -495,17 +608,23 @@ def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: An
     indices = [int(s.index) for s in scenes]
     repeated = sorted(i for i, n in collections.Counter(indices).items() if n > 1)
     if repeated:
-        raise ValueError(f"scenes must not repeat a scene (one image would count as two); "
-                         f"scene indices {repeated[:5]} appear more than once")
+        raise ValueError(
+            f"scenes must not repeat a scene (one image would count as two); "
+            f"scene indices {repeated[:5]} appear more than once"
+        )
     if text == "captions":
         silent = [s.index for s in scenes if not s.captions]
         if silent:
-            raise ValueError(f"every scene needs a caption to be retrieved by; scenes {silent[:5]} have none")
+            raise ValueError(
+                f"every scene needs a caption to be retrieved by; scenes {silent[:5]} have none"
+            )
     items = CaptionDataset(scenes, features, tokenizer, text=text)
     batch = collate([items[i] for i in range(len(items))], pad_token_id=tokenizer.pad_token_id)
     position = {index: p for p, index in enumerate(indices)}
     caption_image = torch.tensor([position[int(i)] for i in batch["image_index"]], dtype=torch.long)
-    first_caption = torch.searchsorted(caption_image, torch.arange(len(scenes)))      # texts come scene by scene
+    first_caption = torch.searchsorted(
+        caption_image, torch.arange(len(scenes))
+    )  # texts come scene by scene
     images = {k: batch[k][first_caption] for k in REGION_KEYS if k != "image_index"}
     if statistics is not None:
         images = standardise_batch(images, statistics)
@@ -519,7 +638,9 @@ def retrieval_set(scenes: Sequence[Any], features: RegionFeatures, tokenizer: An
     return RetrievalSet(images, captions, caption_image, texts, judged)
 
 
-def standardise_batch(batch: dict[str, Tensor], statistics: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+def standardise_batch(
+    batch: dict[str, Tensor], statistics: dict[str, tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
     """A copy of ``batch`` with its region features and locations z-scored by ``statistics`` (chapter 3).
 
     ``statistics`` is what :meth:`TensorBatches.standardise` returned on the
@@ -531,21 +652,29 @@ def standardise_batch(batch: dict[str, Tensor], statistics: dict[str, tuple[Tens
     ``image_feats`` moves with ``region_feats``. Other keys are passed on as they are.
     """
     if "region_mask" not in batch:
-        raise ValueError("standardise_batch needs batch['region_mask'] to tell real regions from padding")
+        raise ValueError(
+            "standardise_batch needs batch['region_mask'] to tell real regions from padding"
+        )
     out = dict(batch)
     mask = batch["region_mask"]
     for key, (mean, std) in statistics.items():
         if key not in STANDARDISED_KEYS:
-            raise ValueError(f"statistics keys must be among {list(STANDARDISED_KEYS)}, got {key!r}")
+            raise ValueError(
+                f"statistics keys must be among {list(STANDARDISED_KEYS)}, got {key!r}"
+            )
         if key not in batch:
             continue
         x = batch[key]
         if tuple(mean.shape) != (x.shape[-1],) or tuple(std.shape) != (x.shape[-1],):
-            raise ValueError(f"statistics[{key!r}] must be two ({x.shape[-1]},) tensors for batch[{key!r}] "
-                             f"{tuple(x.shape)}, got {tuple(mean.shape)} and {tuple(std.shape)}")
+            raise ValueError(
+                f"statistics[{key!r}] must be two ({x.shape[-1]},) tensors for batch[{key!r}] "
+                f"{tuple(x.shape)}, got {tuple(mean.shape)} and {tuple(std.shape)}"
+            )
         if tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"batch['region_mask'] must be {tuple(x.shape[:-1])} like batch[{key!r}], "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"batch['region_mask'] must be {tuple(x.shape[:-1])} like batch[{key!r}], "
+                f"got {tuple(mask.shape)}"
+            )
         mean, std = mean.to(x.device), std.to(x.device)
         out[key] = ((x - mean) / std).masked_fill(~mask[..., None], 0.0)
         if key == "region_feats" and "image_feats" in batch:
@@ -582,47 +711,73 @@ class TensorBatches(Dataset):
     ``input_ids``). ``dataset[i]`` is the batch of the one item ``i``.
     """
 
-    def __init__(self, dataset: _RegionTextDataset, device: torch.device | str | None = None,
-                 keys: Sequence[str] | None = None):
+    def __init__(
+        self,
+        dataset: _RegionTextDataset,
+        device: torch.device | str | None = None,
+        keys: Sequence[str] | None = None,
+    ):
         if not isinstance(dataset, (QuestionDataset, CaptionDataset)):
-            raise TypeError(f"dataset must be a QuestionDataset or CaptionDataset, got {type(dataset).__name__}")
+            raise TypeError(
+                f"dataset must be a QuestionDataset or CaptionDataset, got {type(dataset).__name__}"
+            )
         all_keys = dataset.batch_keys
         keys = tuple(all_keys) if keys is None else tuple(k for k in keys if k != "attention_mask")
         unknown = sorted(set(keys) - set(all_keys))
         if unknown:
-            raise ValueError(f"keys {unknown} are not batch keys of a {type(dataset).__name__}; "
-                             f"choose from {list(all_keys)} (and attention_mask)")
+            raise ValueError(
+                f"keys {unknown} are not batch keys of a {type(dataset).__name__}; "
+                f"choose from {list(all_keys)} (and attention_mask)"
+            )
         if not keys:
             raise ValueError("keys must name at least one batch key")
         self.keys = keys
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.pad_token_id = dataset.pad_token_id
         f = dataset.features
-        on = {"region_feats": f.feats, "region_boxes": f.boxes, "region_loc5": dataset.loc5,
-              "region_loc7": dataset.loc7, "region_mask": f.mask, "region_soft_labels": f.soft_labels,
-              "image_feats": f.image_feats, "image_objects": getattr(dataset, "image_objects", None)}
+        on = {
+            "region_feats": f.feats,
+            "region_boxes": f.boxes,
+            "region_loc5": dataset.loc5,
+            "region_loc7": dataset.loc7,
+            "region_mask": f.mask,
+            "region_soft_labels": f.soft_labels,
+            "image_feats": f.image_feats,
+            "image_objects": getattr(dataset, "image_objects", None),
+        }
         # Per image: (images, R, ...) on the device, gathered by each item's row.
         self.per_image = {k: v.to(self.device) for k, v in on.items() if k in keys}
         per_item = {"image_index": dataset.image_index}
-        for name in ("answer", "family", "relational", "question_index", "caption_index", "text_facts",
-                     "edit_input_ids", "edit_kinds"):
+        for name in (
+            "answer",
+            "family",
+            "relational",
+            "question_index",
+            "caption_index",
+            "text_facts",
+            "edit_input_ids",
+            "edit_kinds",
+        ):
             if hasattr(dataset, name):
                 per_item[name] = getattr(dataset, name)
         self.per_item = {k: v.to(self.device) for k, v in per_item.items() if k in keys}
         self.row = dataset.row.to(self.device)
         self.text_id = dataset.text_id.to(self.device)
-        self.input_ids = dataset.input_ids.to(self.device)                 # (texts, T_max)
-        self.text_lengths = dataset.lengths.to(self.device)                # (texts,)
+        self.input_ids = dataset.input_ids.to(self.device)  # (texts, T_max)
+        self.text_lengths = dataset.lengths.to(self.device)  # (texts,)
         # Each item's text length stays on the host: the batch's T is found without a device read-back.
-        self.item_lengths = dataset.lengths[dataset.text_id]               # (M,) on the CPU
+        self.item_lengths = dataset.lengths[dataset.text_id]  # (M,) on the CPU
         self.positions = torch.arange(self.input_ids.shape[1], device=self.device)
 
     def __len__(self) -> int:
         return len(self.item_lengths)
 
-    def standardise(self, statistics: dict[str, tuple[Tensor, Tensor]] | None = None,
-                    keys: Sequence[str] = STANDARDISED_KEYS,
-                    scale: dict[str, float] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    def standardise(
+        self,
+        statistics: dict[str, tuple[Tensor, Tensor]] | None = None,
+        keys: Sequence[str] = STANDARDISED_KEYS,
+        scale: dict[str, float] | None = None,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         """Z-score region features and locations in place, per dimension, over the real regions (chapter 3).
 
         The detector's features are ReLU outputs (mean ~6, std ~7 on the
@@ -645,21 +800,34 @@ class TensorBatches(Dataset):
         if unknown:
             raise ValueError(f"keys must be among {list(STANDARDISED_KEYS)}, got {unknown}")
         if "region_mask" not in self.per_image:
-            raise ValueError("standardise needs region_mask among the keys, to tell real regions from padding")
+            raise ValueError(
+                "standardise needs region_mask among the keys, to tell real regions from padding"
+            )
         mask = self.per_image["region_mask"]
         present = [k for k in keys if k in self.per_image]
         scale = dict(scale or {})
         if statistics is None:
-            bad = {k: v for k, v in scale.items() if k not in keys or not (isinstance(v, (int, float)) and v > 0)}
+            bad = {
+                k: v
+                for k, v in scale.items()
+                if k not in keys or not (isinstance(v, (int, float)) and v > 0)
+            }
             if bad:
-                raise ValueError(f"scale must map keys among {list(keys)} to positive numbers, got {bad}")
+                raise ValueError(
+                    f"scale must map keys among {list(keys)} to positive numbers, got {bad}"
+                )
             statistics = {}
             for key in present:
-                real = self.per_image[key][mask]                              # (real regions, dim)
-                statistics[key] = (real.mean(dim=0), real.std(dim=0).clamp(min=1e-6) / scale.get(key, 1.0))
+                real = self.per_image[key][mask]  # (real regions, dim)
+                statistics[key] = (
+                    real.mean(dim=0),
+                    real.std(dim=0).clamp(min=1e-6) / scale.get(key, 1.0),
+                )
         elif scale:
-            raise ValueError("pass scale when measuring the statistics (on the training split); "
-                             "the statistics returned then carry it")
+            raise ValueError(
+                "pass scale when measuring the statistics (on the training split); "
+                "the statistics returned then carry it"
+            )
         missing = [k for k in present if k not in statistics]
         if missing:
             raise ValueError(f"statistics has no entry for {missing}; it has {sorted(statistics)}")
@@ -681,8 +849,10 @@ class TensorBatches(Dataset):
         idx_host = torch.as_tensor(indices, dtype=torch.long)
         n = len(self)
         if bool(((idx_host < -n) | (idx_host >= n)).any()):
-            raise IndexError(f"indices must lie in [-{n}, {n}) for a dataset of {n} items, "
-                             f"got values in [{int(idx_host.min())}, {int(idx_host.max())}]")
+            raise IndexError(
+                f"indices must lie in [-{n}, {n}) for a dataset of {n} items, "
+                f"got values in [{int(idx_host.min())}, {int(idx_host.max())}]"
+            )
         idx_host = idx_host % n
         T = int(self.item_lengths[idx_host].max())
         idx = idx_host.to(self.device, non_blocking=True)
@@ -697,15 +867,25 @@ class TensorBatches(Dataset):
                 batch[key] = value[row]
         for key, value in self.per_item.items():
             batch[key] = value[idx]
-        return {k: batch[k] for k in (*(("input_ids", "attention_mask") if "input_ids" in self.keys else ()),
-                                      *(k for k in self.keys if k != "input_ids"))}
+        return {
+            k: batch[k]
+            for k in (
+                *(("input_ids", "attention_mask") if "input_ids" in self.keys else ()),
+                *(k for k in self.keys if k != "input_ids"),
+            )
+        }
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return self.__getitems__([i])
 
 
-def make_tensor_loader(batches: TensorBatches, batch_size: int, shuffle: bool = True, seed: int = 0,
-                       drop_last: bool = False) -> DataLoader:
+def make_tensor_loader(
+    batches: TensorBatches,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     """A ``DataLoader`` over a :class:`TensorBatches` that builds each batch in one call, on its device.
 
     Same shuffling (and so, for the same ``seed``, the same batches) as
@@ -718,5 +898,12 @@ def make_tensor_loader(batches: TensorBatches, batch_size: int, shuffle: bool = 
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return DataLoader(batches, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=0,
-                      generator=torch.Generator().manual_seed(seed), collate_fn=_batch_as_is)
+    return DataLoader(
+        batches,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_batch_as_is,
+    )

@@ -90,7 +90,7 @@ LAYOUT = (
     "  <folder>/train/metadata.jsonl, <folder>/validation/metadata.jsonl, ... (one folder per split);\n"
     "  metadata.jsonl, one JSON object per line:\n"
     '    coco_captions, flickr30k: {"file_name": "img1.jpg", "captions": ["a caption", "another"]}\n'
-    '    vqav2 (one line per question):\n'
+    "    vqav2 (one line per question):\n"
     '      {"file_name": "img1.jpg", "question": "what is it?", "answers": ["dog", "dog", "cat"]}'
 )
 
@@ -109,12 +109,12 @@ class RealSample:
     images come without boxes.
     """
 
-    image: Any                                   # PIL.Image.Image (RGB) or np.ndarray (H, W, 3) uint8
+    image: Any  # PIL.Image.Image (RGB) or np.ndarray (H, W, 3) uint8
     captions: list[str]
     questions: list[Question]
     objects: list[SceneObject] = field(default_factory=list)
-    source: str = ""                             # the corpus name
-    image_id: str = ""                           # file name or id from the corpus
+    source: str = ""  # the corpus name
+    image_id: str = ""  # file name or id from the corpus
 
     def image_array(self) -> np.ndarray:
         """The image as ``(H, W, 3)`` uint8."""
@@ -126,8 +126,13 @@ class RealSample:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_corpus(name: str, path_or_id: str | os.PathLike, split: str = "train", limit: int | None = None,
-                cache_dir: str | os.PathLike | None = None) -> list[RealSample]:
+def load_corpus(
+    name: str,
+    path_or_id: str | os.PathLike,
+    split: str = "train",
+    limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[RealSample]:
     """Load a real corpus as a list of :class:`RealSample` (one per image).
 
     ``name`` is one of ``CORPORA``; ``path_or_id`` a local imagefolder (see the
@@ -139,8 +144,13 @@ def load_corpus(name: str, path_or_id: str | os.PathLike, split: str = "train", 
     return list(iter_corpus(name, path_or_id, split=split, limit=limit, cache_dir=cache_dir))
 
 
-def iter_corpus(name: str, path_or_id: str | os.PathLike, split: str = "train", limit: int | None = None,
-                cache_dir: str | os.PathLike | None = None) -> Iterator[RealSample]:
+def iter_corpus(
+    name: str,
+    path_or_id: str | os.PathLike,
+    split: str = "train",
+    limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Iterator[RealSample]:
     """Like :func:`load_corpus`, one sample at a time (images are decoded as they are reached)."""
     if name not in CORPORA:
         raise ValueError(f"name must be one of {CORPORA}, got {name!r}")
@@ -152,46 +162,78 @@ def iter_corpus(name: str, path_or_id: str | os.PathLike, split: str = "train", 
 
 def _looks_local(path: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else is meant as a folder.
-    return (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-            or os.sep != "/" and os.sep in path)
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or os.sep != "/"
+        and os.sep in path
+    )
 
 
 def _not_found(name: str, what: str) -> CorpusNotFoundError:
-    return CorpusNotFoundError(f"{what}\n\nTo use {name}, download it:\n  {DOWNLOADS[name]}\n\n{LAYOUT}")
+    return CorpusNotFoundError(
+        f"{what}\n\nTo use {name}, download it:\n  {DOWNLOADS[name]}\n\n{LAYOUT}"
+    )
 
 
-def _load_dataset(name: str, path_or_id: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None):
+def _load_dataset(
+    name: str, path_or_id: str | os.PathLike, split: str, cache_dir: str | os.PathLike | None
+):
     import datasets
 
     source = os.path.expanduser(os.fspath(path_or_id))
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     if os.path.isdir(source):
         has_metadata = os.path.isfile(os.path.join(source, "metadata.jsonl")) or any(
-            os.path.isfile(os.path.join(source, d, "metadata.jsonl")) for d in os.listdir(source))
+            os.path.isfile(os.path.join(source, d, "metadata.jsonl")) for d in os.listdir(source)
+        )
         if not has_metadata:
-            raise _not_found(name, f"{source!r} is a folder but holds no metadata.jsonl (nor do its sub-folders).")
+            raise _not_found(
+                name,
+                f"{source!r} is a folder but holds no metadata.jsonl (nor do its sub-folders).",
+            )
         try:
-            return datasets.load_dataset("imagefolder", data_dir=source, split=split, cache_dir=cache_dir)
+            return datasets.load_dataset(
+                "imagefolder", data_dir=source, split=split, cache_dir=cache_dir
+            )
         except ValueError as err:
             if "split" in str(err).lower():
-                splits = sorted(d for d in os.listdir(source)
-                                if os.path.isfile(os.path.join(source, d, "metadata.jsonl")))
-                raise ValueError(f"split {split!r} is not in {source!r} (a flat folder is split 'train'; "
-                                 f"split folders found: {splits or 'none'}): {err}") from err
+                splits = sorted(
+                    d
+                    for d in os.listdir(source)
+                    if os.path.isfile(os.path.join(source, d, "metadata.jsonl"))
+                )
+                raise ValueError(
+                    f"split {split!r} is not in {source!r} (a flat folder is split 'train'; "
+                    f"split folders found: {splits or 'none'}): {err}"
+                ) from err
             raise
     if os.path.exists(source):
-        raise _not_found(name, f"{source!r} is a file, not a folder with metadata.jsonl and images.")
+        raise _not_found(
+            name, f"{source!r} is a file, not a folder with metadata.jsonl and images."
+        )
     if _looks_local(source):
         raise _not_found(name, f"No folder at {source!r}.")
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
-    except (OSError, HfHubHTTPError, OfflineModeIsEnabled) as err:  # ConnectionError, DatasetNotFoundError: OSErrors
-        offline = (" (offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
-                   if datasets.config.HF_HUB_OFFLINE else "")
-        raise _not_found(name, f"{source!r} is not a local folder, and the Hub dataset {source!r} could not be "
-                               f"loaded{offline}: {type(err).__name__}: {err}") from err
+    except (
+        OSError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+    ) as err:  # ConnectionError, DatasetNotFoundError: OSErrors
+        offline = (
+            " (offline mode is on: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+            if datasets.config.HF_HUB_OFFLINE
+            else ""
+        )
+        raise _not_found(
+            name,
+            f"{source!r} is not a local folder, and the Hub dataset {source!r} could not be "
+            f"loaded{offline}: {type(err).__name__}: {err}",
+        ) from err
 
 
 def _first(columns: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -228,20 +270,27 @@ def _samples(name: str, ds, limit: int | None) -> Iterator[RealSample]:
     from datasets import Image as ImageFeature
 
     columns = list(ds.column_names)
-    image_col = "image" if "image" in columns else next(
-        (c for c, f in ds.features.items() if isinstance(f, ImageFeature)), None)
+    image_col = (
+        "image"
+        if "image" in columns
+        else next((c for c, f in ds.features.items() if isinstance(f, ImageFeature)), None)
+    )
     if image_col is None:
         raise ValueError(f"the {name} data has no image column (columns: {columns})")
     if name == "vqav2":
         q_col, a_col = _first(columns, QUESTION_COLUMNS), _first(columns, ANSWER_COLUMNS)
         if q_col is None or a_col is None:
-            raise ValueError(f"vqav2 needs a question column {QUESTION_COLUMNS} and an answers column "
-                             f"{ANSWER_COLUMNS}; found columns {columns}")
+            raise ValueError(
+                f"vqav2 needs a question column {QUESTION_COLUMNS} and an answers column "
+                f"{ANSWER_COLUMNS}; found columns {columns}"
+            )
         questions_col, answers_col = ds[q_col], ds[a_col]
     else:
         c_col = _first(columns, CAPTION_COLUMNS)
         if c_col is None:
-            raise ValueError(f"{name} needs a caption column, one of {CAPTION_COLUMNS}; found columns {columns}")
+            raise ValueError(
+                f"{name} needs a caption column, one of {CAPTION_COLUMNS}; found columns {columns}"
+            )
         captions_col = ds[c_col]
 
     # Rows of one image (VQA: one row per question) become one sample.
@@ -267,14 +316,23 @@ def _samples(name: str, ds, limit: int | None) -> Iterator[RealSample]:
             if name == "vqav2":
                 text = questions_col[row]
                 if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"row {row} ({key}) of the vqav2 data has no question: {text!r}")
-                questions.append(Question(text.strip(), majority_answer(answers_col[row]), VQA_FAMILY, False, ""))
+                    raise ValueError(
+                        f"row {row} ({key}) of the vqav2 data has no question: {text!r}"
+                    )
+                questions.append(
+                    Question(text.strip(), majority_answer(answers_col[row]), VQA_FAMILY, False, "")
+                )
             else:
                 captions += _texts(captions_col[row])
         if name != "vqav2" and not captions:
             raise ValueError(f"image {key!r} of the {name} data has no caption")
-        yield RealSample(image=image, captions=captions, questions=questions, source=name,
-                         image_id=os.path.basename(key))
+        yield RealSample(
+            image=image,
+            captions=captions,
+            questions=questions,
+            source=name,
+            image_id=os.path.basename(key),
+        )
 
 
 # ----------------------------------------------------------------------------- metadata.jsonl from official files
@@ -282,14 +340,16 @@ def _samples(name: str, ds, limit: int | None) -> Iterator[RealSample]:
 
 def _write_jsonl(rows: list[dict], folder: str | os.PathLike) -> str:
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:      # row by row: VQAv2 has 200k+ questions
+        with open(tmp, "w", encoding="utf-8") as f:  # row by row: VQAv2 has 200k+ questions
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     return atomic_write(os.path.join(os.fspath(folder), "metadata.jsonl"), write)
 
 
-def metadata_from_coco_captions(annotation_file: str | os.PathLike, folder: str | os.PathLike) -> str:
+def metadata_from_coco_captions(
+    annotation_file: str | os.PathLike, folder: str | os.PathLike
+) -> str:
     """Write ``folder/metadata.jsonl`` from a COCO ``captions_*.json``; the images go into ``folder``.
 
     One line per image: ``{"file_name", "captions"}``. Returns the file written.
@@ -299,12 +359,17 @@ def metadata_from_coco_captions(annotation_file: str | os.PathLike, folder: str 
     captions: dict[int, list[str]] = {}
     for ann in coco["annotations"]:
         captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
-    rows = [{"file_name": img["file_name"], "captions": captions[img["id"]]}
-            for img in coco["images"] if img["id"] in captions]
+    rows = [
+        {"file_name": img["file_name"], "captions": captions[img["id"]]}
+        for img in coco["images"]
+        if img["id"] in captions
+    ]
     return _write_jsonl(rows, folder)
 
 
-def metadata_from_karpathy(karpathy_file: str | os.PathLike, folder: str | os.PathLike) -> list[str]:
+def metadata_from_karpathy(
+    karpathy_file: str | os.PathLike, folder: str | os.PathLike
+) -> list[str]:
     """Write ``folder/<split>/metadata.jsonl`` from a Karpathy ``dataset_*.json`` (Flickr30k, COCO).
 
     Karpathy's ``train``/``restval`` become ``train``, ``val`` becomes
@@ -317,12 +382,20 @@ def metadata_from_karpathy(karpathy_file: str | os.PathLike, folder: str | os.Pa
     for img in images:
         split = rename.get(img.get("split", "train"), img.get("split", "train"))
         by_split.setdefault(split, []).append(
-            {"file_name": img["filename"], "captions": [s["raw"].strip() for s in img["sentences"]]})
-    return [_write_jsonl(rows, os.path.join(os.fspath(folder), split)) for split, rows in by_split.items()]
+            {"file_name": img["filename"], "captions": [s["raw"].strip() for s in img["sentences"]]}
+        )
+    return [
+        _write_jsonl(rows, os.path.join(os.fspath(folder), split))
+        for split, rows in by_split.items()
+    ]
 
 
-def metadata_from_vqa(questions_file: str | os.PathLike, annotations_file: str | os.PathLike,
-                      folder: str | os.PathLike, image_prefix: str = "COCO_val2014_") -> str:
+def metadata_from_vqa(
+    questions_file: str | os.PathLike,
+    annotations_file: str | os.PathLike,
+    folder: str | os.PathLike,
+    image_prefix: str = "COCO_val2014_",
+) -> str:
     """Write ``folder/metadata.jsonl`` from the official VQAv2 questions and annotations files.
 
     One line per question: ``{"file_name", "question", "answers", "question_id"}``,
@@ -332,12 +405,22 @@ def metadata_from_vqa(questions_file: str | os.PathLike, annotations_file: str |
     with open(questions_file, encoding="utf-8") as f:
         questions = json.load(f)["questions"]
     with open(annotations_file, encoding="utf-8") as f:
-        answers = {a["question_id"]: [x["answer"] for x in a["answers"]] for a in json.load(f)["annotations"]}
+        answers = {
+            a["question_id"]: [x["answer"] for x in a["answers"]]
+            for a in json.load(f)["annotations"]
+        }
     rows = []
     for q in questions:
         if q["question_id"] not in answers:
-            raise ValueError(f"question {q['question_id']} has no annotation in {os.fspath(annotations_file)!r}")
-        rows.append({"file_name": f"{image_prefix}{q['image_id']:012d}.jpg", "question": q["question"],
-                     "answers": answers[q["question_id"]], "question_id": q["question_id"]})
+            raise ValueError(
+                f"question {q['question_id']} has no annotation in {os.fspath(annotations_file)!r}"
+            )
+        rows.append(
+            {
+                "file_name": f"{image_prefix}{q['image_id']:012d}.jpg",
+                "question": q["question"],
+                "answers": answers[q["question_id"]],
+                "question_id": q["question_id"],
+            }
+        )
     return _write_jsonl(rows, folder)
-

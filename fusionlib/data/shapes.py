@@ -55,9 +55,9 @@ from PIL import Image, ImageDraw
 
 # --------------------------------------------------------------------------- constants
 
-COLORS = ("red", "green", "blue", "orange", "gray", "yellow")   # Sort-of-CLEVR order
-SHAPES = ("square", "circle")                                    # the Sort-of-CLEVR shapes
-KNOWN_SHAPES = ("square", "circle", "triangle")                  # what the renderer can draw
+COLORS = ("red", "green", "blue", "orange", "gray", "yellow")  # Sort-of-CLEVR order
+SHAPES = ("square", "circle")  # the Sort-of-CLEVR shapes
+KNOWN_SHAPES = ("square", "circle", "triangle")  # what the renderer can draw
 
 # RGB of every colour the renderer knows: the six Sort-of-CLEVR colours first
 # (the values of the reference implementation), then extras for worlds with
@@ -83,16 +83,16 @@ NON_RELATIONAL_FAMILIES = ("shape", "left", "top")
 RELATIONAL_FAMILIES = ("closest", "furthest", "count")
 QUESTION_FAMILIES = NON_RELATIONAL_FAMILIES + RELATIONAL_FAMILIES
 
-GAP = 2                 # background pixels kept between any two boxes
-TIE_MARGIN = 1.0        # closest/furthest must win by at least this many pixels
-MIN_OBJECT_SIZE = 4     # below this a circle and a square are the same blob
-MAX_DENSITY = 0.4       # random placement needs free room; see WorldConfig.__post_init__
-WORLD_VERSION = 1       # bump when generation changes, so cache keys change too
+GAP = 2  # background pixels kept between any two boxes
+TIE_MARGIN = 1.0  # closest/furthest must win by at least this many pixels
+MIN_OBJECT_SIZE = 4  # below this a circle and a square are the same blob
+MAX_DENSITY = 0.4  # random placement needs free room; see WorldConfig.__post_init__
+WORLD_VERSION = 1  # bump when generation changes, so cache keys change too
 
-_MAX_LAYOUTS = 200      # whole-layout restarts before giving up
+_MAX_LAYOUTS = 200  # whole-layout restarts before giving up
 _TRIES_PER_OBJECT = 60  # positions tried for one object within a layout
-_MAX_MOVES = 50         # tie-breaking moves within a layout
-_SHAPE_DRAWS = 8        # shape assignments tried before a layout is given up for another split
+_MAX_MOVES = 50  # tie-breaking moves within a layout
+_SHAPE_DRAWS = 8  # shape assignments tried before a layout is given up for another split
 
 # Question wording: 3 templates per family, so a model must read, not match a
 # fixed string; few enough to stay learnable in minutes.
@@ -148,20 +148,29 @@ class WorldConfig:
     unknown shape or colour).
     """
 
-    image_size: int = 75            # square images, pixels
-    num_objects: int = 6            # max objects per scene (<= len(colors)); one object per colour
-    min_objects: int | None = None  # None -> exactly num_objects; else uniform in [min_objects, num_objects]
-    object_size: int = 10           # side of a square / diameter of a circle, pixels
+    image_size: int = 75  # square images, pixels
+    num_objects: int = 6  # max objects per scene (<= len(colors)); one object per colour
+    min_objects: int | None = (
+        None  # None -> exactly num_objects; else uniform in [min_objects, num_objects]
+    )
+    object_size: int = 10  # side of a square / diameter of a circle, pixels
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = COLORS
     num_train: int = 9_800
     num_val: int = 500
     num_test: int = 200
     seed: int = 0
-    num_questions: int = 20         # per scene; half non-relational, half relational
-    num_captions: int = 5           # distinct captions per scene (>= 3)
-    description_facts: int = 5      # facts joined into each scene's description (one per object where possible)
-    description_kinds: tuple[str, ...] = ("relation", "location", "nearest", "farthest")  # kinds they take turns
+    num_questions: int = 20  # per scene; half non-relational, half relational
+    num_captions: int = 5  # distinct captions per scene (>= 3)
+    description_facts: int = (
+        5  # facts joined into each scene's description (one per object where possible)
+    )
+    description_kinds: tuple[str, ...] = (
+        "relation",
+        "location",
+        "nearest",
+        "farthest",
+    )  # kinds they take turns
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples so the config stays hashable.
@@ -183,14 +192,18 @@ class WorldConfig:
             raise ValueError("WorldConfig.shapes must name at least one shape, got ()")
         unknown = [s for s in self.shapes if s not in KNOWN_SHAPES]
         if unknown:
-            raise ValueError(f"WorldConfig.shapes has unknown shape(s) {unknown}; known shapes are {KNOWN_SHAPES}")
+            raise ValueError(
+                f"WorldConfig.shapes has unknown shape(s) {unknown}; known shapes are {KNOWN_SHAPES}"
+            )
         if len(set(self.shapes)) != len(self.shapes):
             raise ValueError(f"WorldConfig.shapes must not repeat a shape, got {self.shapes}")
         if not self.colors:
             raise ValueError("WorldConfig.colors must name at least one colour, got ()")
         unknown = [c for c in self.colors if c not in PALETTE]
         if unknown:
-            raise ValueError(f"WorldConfig.colors has unknown colour(s) {unknown}; known colours are {tuple(PALETTE)}")
+            raise ValueError(
+                f"WorldConfig.colors has unknown colour(s) {unknown}; known colours are {tuple(PALETTE)}"
+            )
         if len(set(self.colors)) != len(self.colors):
             raise ValueError(f"WorldConfig.colors must not repeat a colour, got {self.colors}")
 
@@ -201,19 +214,23 @@ class WorldConfig:
         if num_objects > len(self.colors):
             raise ValueError(
                 f"WorldConfig.num_objects must be <= len(colors) = {len(self.colors)} "
-                f"(one object per colour), got {num_objects}")
+                f"(one object per colour), got {num_objects}"
+            )
         if self.min_objects is not None:
             min_objects = check_int("min_objects", 2)
             if min_objects > num_objects:
                 raise ValueError(
-                    f"WorldConfig.min_objects must be <= num_objects = {num_objects}, got {min_objects}")
+                    f"WorldConfig.min_objects must be <= num_objects = {num_objects}, got {min_objects}"
+                )
         if object_size < MIN_OBJECT_SIZE:
             raise ValueError(
                 f"WorldConfig.object_size must be >= {MIN_OBJECT_SIZE} px (smaller shapes cannot be told apart), "
-                f"got {object_size}")
+                f"got {object_size}"
+            )
         if object_size > image_size:
             raise ValueError(
-                f"WorldConfig.object_size must be <= image_size = {image_size}, got {object_size}")
+                f"WorldConfig.object_size must be <= image_size = {image_size}, got {object_size}"
+            )
         # Up-front room check: each object claims a (size + gap)^2 patch of the
         # (image + gap)^2 canvas; random placement stalls well before the
         # packing limit, so ask for free room.
@@ -224,7 +241,8 @@ class WorldConfig:
                 f"WorldConfig.image_size = {image_size} is too small for {num_objects} objects of "
                 f"object_size = {object_size}: they would cover {density:.0%} of the image (at most "
                 f"{MAX_DENSITY:.0%} leaves room for random placement); use image_size >= {smallest}, "
-                f"or fewer / smaller objects")
+                f"or fewer / smaller objects"
+            )
         check_int("num_train", 1)
         check_int("num_val", 0)
         check_int("num_test", 0)
@@ -232,22 +250,31 @@ class WorldConfig:
         num_questions = check_int("num_questions", 0)
         if num_questions % 2:
             raise ValueError(
-                f"WorldConfig.num_questions must be even (half non-relational, half relational), got {num_questions}")
+                f"WorldConfig.num_questions must be even (half non-relational, half relational), got {num_questions}"
+            )
         check_int("num_captions", 3)
         if self.num_captions > 12:
             raise ValueError(f"WorldConfig.num_captions must be <= 12, got {self.num_captions}")
         check_int("description_facts", 1)
         if self.description_facts > 12:
-            raise ValueError(f"WorldConfig.description_facts must be <= 12, got {self.description_facts}")
+            raise ValueError(
+                f"WorldConfig.description_facts must be <= 12, got {self.description_facts}"
+            )
         if not self.description_kinds:
-            raise ValueError("WorldConfig.description_kinds must name at least one caption kind, got ()")
+            raise ValueError(
+                "WorldConfig.description_kinds must name at least one caption kind, got ()"
+            )
         unknown = [k for k in self.description_kinds if k not in CAPTION_KINDS]
         if unknown or len(set(self.description_kinds)) != len(self.description_kinds):
-            raise ValueError(f"WorldConfig.description_kinds must be distinct kinds among {CAPTION_KINDS}, "
-                             f"got {self.description_kinds}")
+            raise ValueError(
+                f"WorldConfig.description_kinds must be distinct kinds among {CAPTION_KINDS}, "
+                f"got {self.description_kinds}"
+            )
         if self.description_facts > 1 and self.description_kinds == ("count",):
-            raise ValueError("WorldConfig.description_kinds = ('count',) gives one fact only; "
-                             f"add another kind or set description_facts = 1, got {self.description_facts}")
+            raise ValueError(
+                "WorldConfig.description_kinds = ('count',) gives one fact only; "
+                f"add another kind or set description_facts = 1, got {self.description_facts}"
+            )
 
     def key(self) -> str:
         """A short stable hash of every field (and the generator version), for cache names."""
@@ -269,17 +296,17 @@ class WorldConfig:
 class SceneObject:
     color: str
     shape: str
-    center: tuple[float, float]      # (x, y) pixels, origin top-left
-    box: tuple[int, int, int, int]   # (x1, y1, x2, y2) pixels, x2/y2 exclusive, inside the image
+    center: tuple[float, float]  # (x, y) pixels, origin top-left
+    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) pixels, x2/y2 exclusive, inside the image
 
 
 @dataclass(frozen=True, slots=True)
 class Question:
-    text: str                        # natural language, e.g. "what shape is the red object?"
-    answer: str                      # a word from answer_vocab(config)
-    family: str                      # one of QUESTION_FAMILIES ("vqa" for real corpora, see hub.py)
+    text: str  # natural language, e.g. "what shape is the red object?"
+    answer: str  # a word from answer_vocab(config)
+    family: str  # one of QUESTION_FAMILIES ("vqa" for real corpora, see hub.py)
     relational: bool
-    color: str                       # the colour the question is about ("" for real corpora)
+    color: str  # the colour the question is about ("" for real corpora)
 
 
 @dataclass
@@ -292,13 +319,13 @@ class Scene:
     holds the non-relational questions first, then the relational ones.
     """
 
-    index: int                       # global index (train 0.., val and test continue after, so unique)
-    split: str                       # "train" | "val" | "test"
-    image: np.ndarray                # (H, W, 3) uint8
+    index: int  # global index (train 0.., val and test continue after, so unique)
+    split: str  # "train" | "val" | "test"
+    image: np.ndarray  # (H, W, 3) uint8
     objects: list[SceneObject]
-    captions: list[str]              # >= 3 distinct captions
-    questions: list[Question]        # 20 per scene by default (non-relational first)
-    description: str = ""            # several facts joined by "and", enough to single out the scene
+    captions: list[str]  # >= 3 distinct captions
+    questions: list[Question]  # 20 per scene by default (non-relational first)
+    description: str = ""  # several facts joined by "and", enough to single out the scene
 
 
 # --------------------------------------------------------------------------- vocabularies
@@ -357,8 +384,9 @@ class _Stream:
 # --------------------------------------------------------------------------- layout
 
 
-def _layout(config: WorldConfig, colors: list[str], split_id: int,
-            stream: _Stream) -> tuple[list[SceneObject], list[int], list[int]]:
+def _layout(
+    config: WorldConfig, colors: list[str], split_id: int, stream: _Stream
+) -> tuple[list[SceneObject], list[int], list[int]]:
     """Place one object per colour with no touching boxes and unambiguous closest/furthest.
 
     Objects are placed one by one at uniform free positions (rejection
@@ -369,7 +397,7 @@ def _layout(config: WorldConfig, colors: list[str], split_id: int,
     object, the index of its closest and of its furthest other object.
     """
     size, image_size = config.object_size, config.image_size
-    span = image_size - size + 1            # top-left positions that keep the box inside
+    span = image_size - size + 1  # top-left positions that keep the box inside
 
     def free_box(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
         for _ in range(_TRIES_PER_OBJECT):
@@ -395,7 +423,7 @@ def _layout(config: WorldConfig, colors: list[str], split_id: int,
                 break
             boxes.append(box)
         if len(boxes) < n:
-            continue                         # no room left for an object: start again
+            continue  # no room left for an object: start again
         for _ in range(_MAX_MOVES):
             centers = [((x1 + x2) / 2, (y1 + y2) / 2) for x1, y1, x2, y2 in boxes]
             closest, furthest, tie = _closest_and_furthest(centers)
@@ -407,22 +435,26 @@ def _layout(config: WorldConfig, colors: list[str], split_id: int,
                 for _ in range(_SHAPE_DRAWS if len(shapes) > 1 else 1):
                     drawn = [shapes[stream.below(len(shapes))] for _ in range(n)]
                     if _partition(colors, drawn, boxes) == split_id:
-                        objects = [SceneObject(c, s, center, box)
-                                   for c, s, center, box in zip(colors, drawn, centers, boxes)]
+                        objects = [
+                            SceneObject(c, s, center, box)
+                            for c, s, center, box in zip(colors, drawn, centers, boxes)
+                        ]
                         return objects, closest, furthest
-                break                        # this layout belongs to another split: start again
+                break  # this layout belongs to another split: start again
             moved = tie[stream.below(3)]
-            box = free_box(boxes[:moved] + boxes[moved + 1:])
+            box = free_box(boxes[:moved] + boxes[moved + 1 :])
             if box is None:
                 break
             boxes[moved] = box
     raise ValueError(
         f"WorldConfig.image_size = {image_size} gave no valid layout for {n} objects of object_size = {size} "
-        f"after {_MAX_LAYOUTS} tries; use a larger image_size or fewer / smaller objects")
+        f"after {_MAX_LAYOUTS} tries; use a larger image_size or fewer / smaller objects"
+    )
 
 
 def _closest_and_furthest(
-        centers: list[tuple[float, float]]) -> tuple[list[int], list[int], tuple[int, int, int] | None]:
+    centers: list[tuple[float, float]],
+) -> tuple[list[int], list[int], tuple[int, int, int] | None]:
     """For each centre, the index of its closest and of its furthest other centre.
 
     The third value is None, or ``(i, j, k)`` when object ``i``'s closest (or
@@ -456,7 +488,9 @@ def _partition(colors: list[str], shapes: list[str], boxes: list[tuple[int, int,
 
 def split_of(objects: list[SceneObject]) -> str:
     """The split a scene with these objects belongs to (scenes are partitioned by a hash of their objects)."""
-    return SPLITS[_partition([o.color for o in objects], [o.shape for o in objects], [o.box for o in objects])]
+    return SPLITS[
+        _partition([o.color for o in objects], [o.shape for o in objects], [o.box for o in objects])
+    ]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -474,7 +508,9 @@ def render(objects: list[SceneObject], image_size: int) -> np.ndarray:
     for obj in objects:
         x1, y1, x2, y2 = obj.box
         if not (0 <= x1 < x2 <= image_size and 0 <= y1 < y2 <= image_size):
-            raise ValueError(f"box {obj.box} of the {obj.color} {obj.shape} is not inside a {image_size} px image")
+            raise ValueError(
+                f"box {obj.box} of the {obj.color} {obj.shape} is not inside a {image_size} px image"
+            )
         rgb = PALETTE[obj.color]
         # PIL's shape boxes are inclusive, ours exclude x2/y2.
         if obj.shape == "square":
@@ -529,8 +565,13 @@ def _question_text(family: str, template: int, color: str) -> str:
     return text
 
 
-def _questions(config: WorldConfig, objects: list[SceneObject], closest: list[int], furthest: list[int],
-               stream: _Stream) -> list[Question]:
+def _questions(
+    config: WorldConfig,
+    objects: list[SceneObject],
+    closest: list[int],
+    furthest: list[int],
+    stream: _Stream,
+) -> list[Question]:
     """Sort-of-CLEVR sampling: per question a present colour and a family, uniformly."""
     half = config.num_questions // 2
     n = len(objects)
@@ -554,7 +595,11 @@ def _questions(config: WorldConfig, objects: list[SceneObject], closest: list[in
                 ans = objects[furthest[i]].shape
             else:
                 ans = str(sum(o.shape == obj.shape for o in objects))
-            out.append(Question(_question_text(family, template, obj.color), ans, family, relational, obj.color))
+            out.append(
+                Question(
+                    _question_text(family, template, obj.color), ans, family, relational, obj.color
+                )
+            )
     return out
 
 
@@ -580,7 +625,7 @@ def _np(obj: SceneObject, stream: _Stream) -> str:
 
 
 def _relation_caption(objects: list[SceneObject], stream: _Stream, i: int | None = None) -> str:
-    """"a red circle is left of the blue square" and friends, true by box separation.
+    """ "a red circle is left of the blue square" and friends, true by box separation.
 
     The relation is said along an axis where the two boxes do not overlap at
     all (one always exists, as boxes never touch), so it is visibly true, not
@@ -611,8 +656,10 @@ def _relation_caption(objects: list[SceneObject], stream: _Stream, i: int | None
     return f"{rel} {_the(b)} is {_a(a)}"
 
 
-def _location_caption(objects: list[SceneObject], stream: _Stream, image_size: int, i: int | None = None) -> str:
-    """"there is a gray square at the top right": the quadrant of the centre (of object ``i``, random if None)."""
+def _location_caption(
+    objects: list[SceneObject], stream: _Stream, image_size: int, i: int | None = None
+) -> str:
+    """ "there is a gray square at the top right": the quadrant of the centre (of object ``i``, random if None)."""
     obj = objects[stream.below(len(objects)) if i is None else i]
     vertical = "top" if obj.center[1] < image_size / 2 else "bottom"
     horizontal = "left" if obj.center[0] < image_size / 2 else "right"
@@ -624,9 +671,14 @@ def _location_caption(objects: list[SceneObject], stream: _Stream, image_size: i
     return f"at the {vertical} {horizontal} there is {_a(obj)}"
 
 
-def _neighbour_caption(objects: list[SceneObject], neighbour: list[int], stream: _Stream, word: str,
-                       i: int | None = None) -> str:
-    """"the object closest to the yellow circle is a green square" (or furthest), about object ``i`` (random if None)."""
+def _neighbour_caption(
+    objects: list[SceneObject],
+    neighbour: list[int],
+    stream: _Stream,
+    word: str,
+    i: int | None = None,
+) -> str:
+    """ "the object closest to the yellow circle is a green square" (or furthest), about object ``i`` (random if None)."""
     if i is None:
         i = stream.below(len(objects))
     obj, other = objects[i], objects[neighbour[i]]
@@ -657,20 +709,25 @@ def count_words(counts: dict[str, int], order: Sequence[str]) -> tuple[str, str]
 
 
 def _count_caption(objects: list[SceneObject], shapes: tuple[str, ...], stream: _Stream) -> str:
-    """"there are two squares and four circles": how many of each shape (absent shapes left out)."""
+    """ "there are two squares and four circles": how many of each shape (absent shapes left out)."""
     verb, listed = count_words({s: sum(o.shape == s for o in objects) for s in shapes}, shapes)
     if stream.below(2):
         return f"there {verb} {listed}"
     return f"the image shows {listed}"
 
 
-def _captions(config: WorldConfig, objects: list[SceneObject], closest: list[int], furthest: list[int],
-              stream: _Stream) -> list[str]:
+def _captions(
+    config: WorldConfig,
+    objects: list[SceneObject],
+    closest: list[int],
+    furthest: list[int],
+    stream: _Stream,
+) -> list[str]:
     # The first three kinds are a permutation of relation/location/nearest, so
     # every scene has at least three different captions that talk about space;
     # the rest are drawn from every kind.
     first = ["relation", "location", "nearest"]
-    for k in (2, 1):                                   # Fisher-Yates
+    for k in (2, 1):  # Fisher-Yates
         j = stream.below(k + 1)
         first[k], first[j] = first[j], first[k]
     captions: list[str] = []
@@ -692,13 +749,22 @@ def _captions(config: WorldConfig, objects: list[SceneObject], closest: list[int
         if text not in seen:
             seen.add(text)
             captions.append(text)
-    if len(captions) < config.num_captions:      # cannot happen with >= 2 objects; never return fewer silently
-        raise RuntimeError(f"only {len(captions)} distinct captions for a scene, wanted {config.num_captions}")
+    if (
+        len(captions) < config.num_captions
+    ):  # cannot happen with >= 2 objects; never return fewer silently
+        raise RuntimeError(
+            f"only {len(captions)} distinct captions for a scene, wanted {config.num_captions}"
+        )
     return captions
 
 
-def _description(config: WorldConfig, objects: list[SceneObject], closest: list[int], furthest: list[int],
-                 stream: _Stream) -> str:
+def _description(
+    config: WorldConfig,
+    objects: list[SceneObject],
+    closest: list[int],
+    furthest: list[int],
+    stream: _Stream,
+) -> str:
     """Several facts about one scene joined by "and": a text true of this scene and (nearly always) no other.
 
     A short caption is true of many scenes (chapter 2 measures how many). A
@@ -708,7 +774,7 @@ def _description(config: WorldConfig, objects: list[SceneObject], closest: list[
     down most of the layout. A count fact appears at most once.
     """
     kinds = list(config.description_kinds)
-    for k in range(len(kinds) - 1, 0, -1):               # Fisher-Yates
+    for k in range(len(kinds) - 1, 0, -1):  # Fisher-Yates
         j = stream.below(k + 1)
         kinds[k], kinds[j] = kinds[j], kinds[k]
     anchors = list(range(len(objects)))
@@ -763,13 +829,17 @@ def generate_scene(config: WorldConfig, index: int, split: str) -> Scene:
     size = config.split_size(split)
     if not 0 <= index < size:
         raise ValueError(
-            f"index must be in [0, {size}) for split {split!r} (the position inside the split), got {index}")
+            f"index must be in [0, {size}) for split {split!r} (the position inside the split), got {index}"
+        )
     stream = _Stream(config.seed, _SPLIT_ID[split], index)
 
     colors = list(config.colors)
-    n = config.num_objects if config.min_objects is None else config.min_objects + stream.below(
-        config.num_objects - config.min_objects + 1)
-    if n < len(colors):                              # a uniform subset, kept in palette order
+    n = (
+        config.num_objects
+        if config.min_objects is None
+        else config.min_objects + stream.below(config.num_objects - config.min_objects + 1)
+    )
+    if n < len(colors):  # a uniform subset, kept in palette order
         for k in range(len(colors) - 1, 0, -1):
             j = stream.below(k + 1)
             colors[k], colors[j] = colors[j], colors[k]
@@ -782,7 +852,9 @@ def generate_scene(config: WorldConfig, index: int, split: str) -> Scene:
     questions = _questions(config, objects, closest, furthest, stream)
     # Drawn last, so the images, captions and questions of a world are what they were before descriptions.
     description = _description(config, objects, closest, furthest, stream)
-    return Scene(config.split_offset(split) + index, split, image, objects, captions, questions, description)
+    return Scene(
+        config.split_offset(split) + index, split, image, objects, captions, questions, description
+    )
 
 
 def iter_split(config: WorldConfig, split: str) -> Iterator[Scene]:
@@ -825,9 +897,13 @@ def scene_to_dict(scene: Scene, include_image: bool = False) -> dict[str, Any]:
 
 def describe(scene: Scene) -> str:
     """A readable multi-line summary: objects, captions, questions with answers."""
-    lines = [f"scene {scene.index} ({scene.split}), {len(scene.objects)} objects, image {scene.image.shape}"]
+    lines = [
+        f"scene {scene.index} ({scene.split}), {len(scene.objects)} objects, image {scene.image.shape}"
+    ]
     for o in scene.objects:
-        lines.append(f"  {o.color:>6} {o.shape:<8} center ({o.center[0]:.1f}, {o.center[1]:.1f}) box {o.box}")
+        lines.append(
+            f"  {o.color:>6} {o.shape:<8} center ({o.center[0]:.1f}, {o.center[1]:.1f}) box {o.box}"
+        )
     lines.append("captions:")
     lines += [f"  {c}" for c in scene.captions]
     lines.append("description:")

@@ -39,24 +39,42 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)   # their ids are 0..4, in this order
-MODEL_MAX_LENGTH = 128                        # world texts are ~15 tokens; a caption + question pair ~30
-WORLD_VOCAB_SIZE = 512                        # the world uses ~60 words: the vocabulary never fills up
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # their ids are 0..4, in this order
+MODEL_MAX_LENGTH = 128  # world texts are ~15 tokens; a caption + question pair ~30
+WORLD_VOCAB_SIZE = 512  # the world uses ~60 words: the vocabulary never fills up
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 1) -> "PreTrainedTokenizerFast":
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, min_frequency: int = 1
+) -> "PreTrainedTokenizerFast":
     """Train a BERT-style uncased WordPiece tokenizer on ``texts``.
 
     ``vocab_size`` is an upper bound (special tokens included); a small corpus
     yields fewer tokens. Pieces seen fewer than ``min_frequency`` times are
     not merged into the vocabulary.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     if isinstance(texts, (str, bytes)):
-        raise TypeError("texts must be an iterable of strings, got a single string (wrap it in a list)")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be an int > {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size!r}")
+        raise TypeError(
+            "texts must be an iterable of strings, got a single string (wrap it in a list)"
+        )
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, int)
+        or vocab_size <= len(SPECIAL_TOKENS)
+    ):
+        raise ValueError(
+            f"vocab_size must be an int > {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size!r}"
+        )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
         raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
     texts = list(texts)
@@ -64,19 +82,30 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
     if bad is not None:
         raise TypeError(f"texts must hold strings, found {type(bad).__name__}: {bad!r}")
     if not any(t.strip() for t in texts):
-        raise ValueError(f"texts must contain some words to learn a vocabulary from, got {len(texts)} empty texts")
+        raise ValueError(
+            f"texts must contain some words to learn a vocabulary from, got {len(texts)} empty texts"
+        )
 
     tok = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=True)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
-    if ids != list(range(len(SPECIAL_TOKENS))):  # the trainer puts special tokens first; check, never assume
-        raise RuntimeError(f"special tokens {SPECIAL_TOKENS} got ids {ids}, expected 0..{len(SPECIAL_TOKENS) - 1}")
+    if ids != list(
+        range(len(SPECIAL_TOKENS))
+    ):  # the trainer puts special tokens first; check, never assume
+        raise RuntimeError(
+            f"special tokens {SPECIAL_TOKENS} got ids {ids}, expected 0..{len(SPECIAL_TOKENS) - 1}"
+        )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}",
         pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
@@ -91,7 +120,11 @@ def _wrap(tok: "Tokenizer") -> "PreTrainedTokenizerFast":
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        pad_token=PAD, unk_token=UNK, cls_token=CLS, sep_token=SEP, mask_token=MASK,
+        pad_token=PAD,
+        unk_token=UNK,
+        cls_token=CLS,
+        sep_token=SEP,
+        mask_token=MASK,
         model_max_length=MODEL_MAX_LENGTH,
         padding_side="right",
         # token_type_ids mark segment A (0) and B (1) of a pair, as in BERT.
@@ -105,11 +138,15 @@ def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerFast":
 
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise FileNotFoundError(f"no tokenizer saved at {path!r} (expected {path}/tokenizer.json from save_pretrained)")
+        raise FileNotFoundError(
+            f"no tokenizer saved at {path!r} (expected {path}/tokenizer.json from save_pretrained)"
+        )
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     if ids != list(range(len(SPECIAL_TOKENS))):
-        raise ValueError(f"tokenizer at {path!r} has special-token ids {ids} for {SPECIAL_TOKENS}, expected 0..4")
+        raise ValueError(
+            f"tokenizer at {path!r} has special-token ids {ids} for {SPECIAL_TOKENS}, expected 0..4"
+        )
     return tok
 
 
@@ -122,7 +159,9 @@ def world_texts(config: WorldConfig, split: str = "train") -> list[str]:
     return texts
 
 
-def world_tokenizer(config: WorldConfig | None = None, cache: bool = True) -> "PreTrainedTokenizerFast":
+def world_tokenizer(
+    config: WorldConfig | None = None, cache: bool = True
+) -> "PreTrainedTokenizerFast":
     """The tokenizer of a world, trained on its train split, cached on disk.
 
     A tokenizer committed with the book's checkpoints
@@ -150,7 +189,10 @@ def world_tokenizer(config: WorldConfig | None = None, cache: bool = True) -> "P
         try:
             return load_tokenizer(path)
         except Exception as err:  # a truncated or foreign file: rebuild rather than fail
-            warnings.warn(f"tokenizer cache {path!r} could not be loaded ({err!r}); rebuilding it", stacklevel=2)
+            warnings.warn(
+                f"tokenizer cache {path!r} could not be loaded ({err!r}); rebuilding it",
+                stacklevel=2,
+            )
             shutil.rmtree(path, ignore_errors=True)
     tok = train_tokenizer(world_texts(config, "train"), vocab_size=WORLD_VOCAB_SIZE)
     if cache:

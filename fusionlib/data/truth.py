@@ -59,15 +59,35 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 
-from .shapes import (CAPTION_KINDS, COLORS, KNOWN_SHAPES, NUMBER_WORDS, PALETTE, SHAPES, Scene, SceneObject, article,
-                     count_words)
+from .shapes import (
+    CAPTION_KINDS,
+    COLORS,
+    KNOWN_SHAPES,
+    NUMBER_WORDS,
+    PALETTE,
+    SHAPES,
+    Scene,
+    SceneObject,
+    article,
+    count_words,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
-    "Fact", "Edit", "EDIT_KINDS", "parse_caption", "parse_text", "is_true", "encode_facts", "encode_scenes",
-    "evaluate", "truth_matrix", "false_caption", "minimal_edits",
+    "Fact",
+    "Edit",
+    "EDIT_KINDS",
+    "parse_caption",
+    "parse_text",
+    "is_true",
+    "encode_facts",
+    "encode_scenes",
+    "evaluate",
+    "truth_matrix",
+    "false_caption",
+    "minimal_edits",
 ]
 
 RELATIONS = ("left of", "right of", "above", "below")
@@ -104,23 +124,38 @@ class Fact:
             raise ValueError(f"a {self.kind} fact names {wanted} object(s), got {self.objects!r}")
         for colour, shape in self.objects:
             if colour not in PALETTE:
-                raise ValueError(f"Fact.objects: unknown colour {colour!r}; known colours are {tuple(PALETTE)}")
+                raise ValueError(
+                    f"Fact.objects: unknown colour {colour!r}; known colours are {tuple(PALETTE)}"
+                )
             if shape not in KNOWN_SHAPES:
-                raise ValueError(f"Fact.objects: unknown shape {shape!r}; known shapes are {KNOWN_SHAPES}")
-        allowed = {"relation": RELATIONS, "location": QUADRANTS, "nearest": ("nearest",),
-                   "farthest": ("farthest",), "count": ("",)}[self.kind]
+                raise ValueError(
+                    f"Fact.objects: unknown shape {shape!r}; known shapes are {KNOWN_SHAPES}"
+                )
+        allowed = {
+            "relation": RELATIONS,
+            "location": QUADRANTS,
+            "nearest": ("nearest",),
+            "farthest": ("farthest",),
+            "count": ("",),
+        }[self.kind]
         if self.relation not in allowed:
-            raise ValueError(f"Fact.relation of a {self.kind} fact must be one of {allowed}, got {self.relation!r}")
+            raise ValueError(
+                f"Fact.relation of a {self.kind} fact must be one of {allowed}, got {self.relation!r}"
+            )
         if self.kind == "count":
             if not self.counts:
                 raise ValueError("a count fact must count at least one shape, got counts=()")
             shapes = [s for s, _ in self.counts]
             if len(set(shapes)) != len(shapes) or any(s not in KNOWN_SHAPES for s in shapes):
-                raise ValueError(f"Fact.counts must name distinct shapes among {KNOWN_SHAPES}, got {self.counts!r}")
+                raise ValueError(
+                    f"Fact.counts must name distinct shapes among {KNOWN_SHAPES}, got {self.counts!r}"
+                )
             if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for _, n in self.counts):
                 raise ValueError(f"Fact.counts must be non-negative ints, got {self.counts!r}")
         elif self.counts:
-            raise ValueError(f"only a count fact has counts, got {self.counts!r} for a {self.kind} fact")
+            raise ValueError(
+                f"only a count fact has counts, got {self.counts!r} for a {self.kind} fact"
+            )
 
     def text(self) -> str:
         """The fact in the generator's first template ("the red circle is left of the blue square")."""
@@ -149,7 +184,12 @@ _COLOUR_WORDS = {**{c: c for c in PALETTE}, "grey": "gray"}
 _SHAPE_WORDS = {s: s for s in KNOWN_SHAPES}
 _PLURAL_SHAPES = {f"{s}s": s for s in KNOWN_SHAPES}
 _NUMBERS = {**{w: i for i, w in enumerate(NUMBER_WORDS)}, "zero": 0, "none": 0}
-_SUPERLATIVES = {"nearest": "nearest", "closest": "nearest", "farthest": "farthest", "furthest": "farthest"}
+_SUPERLATIVES = {
+    "nearest": "nearest",
+    "closest": "nearest",
+    "farthest": "farthest",
+    "furthest": "farthest",
+}
 _VERTICAL = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom"}
 _HORIZONTAL = {"left": "left", "right": "right"}
 _DETERMINERS = ("a", "an", "the")
@@ -176,12 +216,14 @@ class _Parsed:
 
     fact: Fact
     start: int
-    end: int                                   # one past the last word
-    mentions: list[_Mention] = field(default_factory=list)   # in the order of fact.objects
-    relation_words: list[int] = field(default_factory=list)  # left/right/above/below, or nearest & co + to/from
-    quadrant_words: tuple[int, int] | None = None           # (vertical, horizontal)
-    count_verb: int | None = None                            # "is"/"are" of "there is/are ..."
-    count_span: tuple[int, int] | None = None                # the words of the count list
+    end: int  # one past the last word
+    mentions: list[_Mention] = field(default_factory=list)  # in the order of fact.objects
+    relation_words: list[int] = field(
+        default_factory=list
+    )  # left/right/above/below, or nearest & co + to/from
+    quadrant_words: tuple[int, int] | None = None  # (vertical, horizontal)
+    count_verb: int | None = None  # "is"/"are" of "there is/are ..."
+    count_span: tuple[int, int] | None = None  # the words of the count list
 
 
 class _Reader:
@@ -249,7 +291,7 @@ class _Reader:
             return "below", pos, pos + 1
         start = pos
         if w in ("to", "on") and pos + 1 < len(self.words) and self.words[pos + 1] == "the":
-            start = pos + 2                                  # "to the left of", "on the left of"
+            start = pos + 2  # "to the left of", "on the left of"
         side = self.word(start, _HORIZONTAL, "a relation ('left of', 'right of', 'above', 'below')")
         if side is None:
             return None
@@ -306,8 +348,11 @@ class _Reader:
             counts.append((shape, value))
             pos = p + 1
             # "and <number> <shape>" continues the list; no other fact starts with a number.
-            if pos + 1 < len(self.words) and self.words[pos] == "and" and (
-                    self.words[pos + 1] in _NUMBERS or self.words[pos + 1].isdigit()):
+            if (
+                pos + 1 < len(self.words)
+                and self.words[pos] == "and"
+                and (self.words[pos + 1] in _NUMBERS or self.words[pos + 1].isdigit())
+            ):
                 pos += 1
                 continue
             return tuple(counts), pos
@@ -336,7 +381,11 @@ class _Reader:
             listed = self.count_list(p)
             if listed is not None:
                 counts, end = listed
-                out.append(_Parsed(Fact("count", counts=counts), pos, end, count_verb=verb, count_span=(p, end)))
+                out.append(
+                    _Parsed(
+                        Fact("count", counts=counts), pos, end, count_verb=verb, count_span=(p, end)
+                    )
+                )
 
         # "there is A <relation> B" / "there is A at|in the <quadrant> [of the image]"
         p = self.phrase(pos, "there", "is")
@@ -427,7 +476,7 @@ class _Reader:
         return _COLOUR_WORDS[self.words[m.colour]], self.words[m.shape]
 
     def mention_is_mention(self, pos: int) -> tuple[_Mention, _Mention, int] | None:
-        """"<object> is <object>" from ``pos``: both mentions and the position after them."""
+        """ "<object> is <object>" from ``pos``: both mentions and the position after them."""
         m = self.mention(pos)
         if m is None:
             return None
@@ -438,16 +487,31 @@ class _Reader:
             return None
         return first, m2[0], m2[1]
 
-    def _neighbour(self, kind: str, anchor: _Mention, other: _Mention, sup_pos: list[int], start: int,
-                   end: int) -> _Parsed:
-        return _Parsed(Fact(kind, (self._obj(anchor), self._obj(other)), kind), start, end, [anchor, other], sup_pos)
+    def _neighbour(
+        self, kind: str, anchor: _Mention, other: _Mention, sup_pos: list[int], start: int, end: int
+    ) -> _Parsed:
+        return _Parsed(
+            Fact(kind, (self._obj(anchor), self._obj(other)), kind),
+            start,
+            end,
+            [anchor, other],
+            sup_pos,
+        )
 
-    def _relation(self, rel: str, a: _Mention, b: _Mention, rel_pos: int, start: int, end: int) -> _Parsed:
+    def _relation(
+        self, rel: str, a: _Mention, b: _Mention, rel_pos: int, start: int, end: int
+    ) -> _Parsed:
         # rel_pos: the direction word itself ("left", "above", ...), the one word a flip changes.
-        return _Parsed(Fact("relation", (self._obj(a), self._obj(b)), rel), start, end, [a, b], [rel_pos])
+        return _Parsed(
+            Fact("relation", (self._obj(a), self._obj(b)), rel), start, end, [a, b], [rel_pos]
+        )
 
-    def _location(self, quad: str, a: _Mention, qpos: tuple[int, int], start: int, end: int) -> _Parsed:
-        return _Parsed(Fact("location", (self._obj(a),), quad), start, end, [a], quadrant_words=qpos)
+    def _location(
+        self, quad: str, a: _Mention, qpos: tuple[int, int], start: int, end: int
+    ) -> _Parsed:
+        return _Parsed(
+            Fact("location", (self._obj(a),), quad), start, end, [a], quadrant_words=qpos
+        )
 
     def facts(self) -> list[_Parsed]:
         """The text as one or more facts joined by "and", read from the first word to the last."""
@@ -498,7 +562,9 @@ def parse_caption(text: str) -> Fact:
     """The one fact a caption claims; a description of several facts raises (use :func:`parse_text`)."""
     facts = parse_text(text)
     if len(facts) != 1:
-        raise ValueError(f"parse_caption reads one fact, but {text!r} holds {len(facts)}; use parse_text")
+        raise ValueError(
+            f"parse_caption reads one fact, but {text!r} holds {len(facts)}; use parse_text"
+        )
     return facts[0]
 
 
@@ -508,8 +574,10 @@ def parse_caption(text: str) -> Fact:
 def _scene_size(scene: Scene) -> tuple[int, int]:
     image = getattr(scene, "image", None)
     if not isinstance(image, np.ndarray) or image.ndim != 3:
-        raise ValueError(f"scene.image must be an (H, W, 3) array, got "
-                         f"{getattr(image, 'shape', type(image).__name__)}")
+        raise ValueError(
+            f"scene.image must be an (H, W, 3) array, got "
+            f"{getattr(image, 'shape', type(image).__name__)}"
+        )
     return int(image.shape[1]), int(image.shape[0])
 
 
@@ -526,14 +594,19 @@ def _centre2(o: SceneObject) -> tuple[int, int]:
 def _fact_holds(fact: Fact, objects: Sequence[SceneObject], width: int, height: int) -> bool:
     named = [_find(objects, c, s) for c, s in fact.objects]
     if any(o is None for o in named):
-        return False                                         # names an object the scene does not have
+        return False  # names an object the scene does not have
     if fact.kind == "relation":
         a, b = named
         if a is b:
             return False
         ax1, ay1, ax2, ay2 = a.box
         bx1, by1, bx2, by2 = b.box
-        return {"left of": ax2 <= bx1, "right of": bx2 <= ax1, "above": ay2 <= by1, "below": by2 <= ay1}[fact.relation]
+        return {
+            "left of": ax2 <= bx1,
+            "right of": bx2 <= ax1,
+            "above": ay2 <= by1,
+            "below": by2 <= ay1,
+        }[fact.relation]
     if fact.kind == "location":
         (o,) = named
         cx2, cy2 = _centre2(o)
@@ -553,10 +626,16 @@ def _fact_holds(fact: Fact, objects: Sequence[SceneObject], width: int, height: 
 
         target = d2(other)
         rest = [d2(o) for o in objects if o is not anchor and o is not other]
-        return all(d > target for d in rest) if fact.kind == "nearest" else all(d < target for d in rest)
+        return (
+            all(d > target for d in rest)
+            if fact.kind == "nearest"
+            else all(d < target for d in rest)
+        )
     claimed = dict(fact.counts)
     present = {o.shape for o in objects}
-    return all(sum(o.shape == s for o in objects) == claimed.get(s, 0) for s in present | set(claimed))
+    return all(
+        sum(o.shape == s for o in objects) == claimed.get(s, 0) for s in present | set(claimed)
+    )
 
 
 def is_true(caption: str | Fact | Sequence[Fact], scene: Scene) -> bool:
@@ -572,7 +651,9 @@ def is_true(caption: str | Fact | Sequence[Fact], scene: Scene) -> bool:
     else:
         facts = tuple(caption)
         if not facts or not all(isinstance(f, Fact) for f in facts):
-            raise TypeError(f"caption must be a str, a Fact or a non-empty sequence of Facts, got {caption!r}")
+            raise TypeError(
+                f"caption must be a str, a Fact or a non-empty sequence of Facts, got {caption!r}"
+            )
     width, height = _scene_size(scene)
     return all(_fact_holds(f, scene.objects, width, height) for f in facts)
 
@@ -582,15 +663,28 @@ def is_true(caption: str | Fact | Sequence[Fact], scene: Scene) -> bool:
 _COLOUR_ID = {c: i for i, c in enumerate(PALETTE)}
 _SHAPE_ID = {s: i for i, s in enumerate(KNOWN_SHAPES)}
 _KIND_ID = {k: i for i, k in enumerate(CAPTION_KINDS)}
-_RELATION_ID = {**{r: i for i, r in enumerate(RELATIONS)}, **{q: i for i, q in enumerate(QUADRANTS)},
-                "nearest": 0, "farthest": 0}
-NO_FACT = -1                      # kind of a padding row: true of everything
-FACT_FIELDS = ("kind", "colour_a", "shape_a", "colour_b", "shape_b", "relation",
-               *(f"count_{s}" for s in KNOWN_SHAPES))
+_RELATION_ID = {
+    **{r: i for i, r in enumerate(RELATIONS)},
+    **{q: i for i, q in enumerate(QUADRANTS)},
+    "nearest": 0,
+    "farthest": 0,
+}
+NO_FACT = -1  # kind of a padding row: true of everything
+FACT_FIELDS = (
+    "kind",
+    "colour_a",
+    "shape_a",
+    "colour_b",
+    "shape_b",
+    "relation",
+    *(f"count_{s}" for s in KNOWN_SHAPES),
+)
 OBJECT_FIELDS = ("present", "shape", "x1", "y1", "x2", "y2", "width", "height")
 
 
-def encode_facts(texts: Sequence[str | Sequence[Fact]], num_facts: int | None = None) -> "torch.Tensor":
+def encode_facts(
+    texts: Sequence[str | Sequence[Fact]], num_facts: int | None = None
+) -> "torch.Tensor":
     """Texts (or their facts) -> ``(N, K, len(FACT_FIELDS))`` long, one row per fact, ``K = num_facts``.
 
     A row holds the fact's kind, the colour and shape ids of its objects
@@ -609,7 +703,9 @@ def encode_facts(texts: Sequence[str | Sequence[Fact]], num_facts: int | None = 
         raise ValueError(f"num_facts must be a positive int, got {num_facts!r}")
     if longest > K:
         raise ValueError(f"num_facts={K} is fewer than the {longest} facts of the longest text")
-    out = torch.full((len(parsed), K, len(FACT_FIELDS)), -1, dtype=torch.long)   # -1: no object, no relation
+    out = torch.full(
+        (len(parsed), K, len(FACT_FIELDS)), -1, dtype=torch.long
+    )  # -1: no object, no relation
     out[:, :, 0] = NO_FACT
     out[:, :, 6:] = 0
     for n, facts in enumerate(parsed):
@@ -643,7 +739,9 @@ def encode_scenes(scenes: Sequence[Scene]) -> "torch.Tensor":
         for o in scene.objects:
             c = _COLOUR_ID[o.color]
             if out[n, c, 0]:
-                raise ValueError(f"scene {scene.index} has two {o.color} objects; the judge needs one per colour")
+                raise ValueError(
+                    f"scene {scene.index} has two {o.color} objects; the judge needs one per colour"
+                )
             out[n, c, :6] = (1, _SHAPE_ID[o.shape], *o.box)
     return torch.from_numpy(out)
 
@@ -651,15 +749,27 @@ def encode_scenes(scenes: Sequence[Scene]) -> "torch.Tensor":
 def _check_codes(facts: "torch.Tensor", objects: "torch.Tensor") -> None:
     import torch
 
-    if not isinstance(facts, torch.Tensor) or facts.dim() != 3 or facts.shape[-1] != len(FACT_FIELDS) \
-            or facts.dtype != torch.long:
-        raise ValueError(f"facts must be a long (N, K, {len(FACT_FIELDS)}) tensor from encode_facts, got "
-                         f"{getattr(facts, 'dtype', type(facts).__name__)} {tuple(getattr(facts, 'shape', ()))}")
-    if not isinstance(objects, torch.Tensor) or objects.dim() != 3 or objects.dtype != torch.long \
-            or tuple(objects.shape[1:]) != (len(PALETTE), len(OBJECT_FIELDS)):
-        raise ValueError(f"objects must be a long (S, {len(PALETTE)}, {len(OBJECT_FIELDS)}) tensor from "
-                         f"encode_scenes, got {getattr(objects, 'dtype', type(objects).__name__)} "
-                         f"{tuple(getattr(objects, 'shape', ()))}")
+    if (
+        not isinstance(facts, torch.Tensor)
+        or facts.dim() != 3
+        or facts.shape[-1] != len(FACT_FIELDS)
+        or facts.dtype != torch.long
+    ):
+        raise ValueError(
+            f"facts must be a long (N, K, {len(FACT_FIELDS)}) tensor from encode_facts, got "
+            f"{getattr(facts, 'dtype', type(facts).__name__)} {tuple(getattr(facts, 'shape', ()))}"
+        )
+    if (
+        not isinstance(objects, torch.Tensor)
+        or objects.dim() != 3
+        or objects.dtype != torch.long
+        or tuple(objects.shape[1:]) != (len(PALETTE), len(OBJECT_FIELDS))
+    ):
+        raise ValueError(
+            f"objects must be a long (S, {len(PALETTE)}, {len(OBJECT_FIELDS)}) tensor from "
+            f"encode_scenes, got {getattr(objects, 'dtype', type(objects).__name__)} "
+            f"{tuple(getattr(objects, 'shape', ()))}"
+        )
 
 
 def evaluate(facts: "torch.Tensor", objects: "torch.Tensor") -> "torch.Tensor":
@@ -678,28 +788,38 @@ def evaluate(facts: "torch.Tensor", objects: "torch.Tensor") -> "torch.Tensor":
     facts = facts.to(objects.device)
     N, K, _ = facts.shape
     S, P, _ = objects.shape
-    f = facts.reshape(N * K, -1)                                        # (M, F), M = N * K
+    f = facts.reshape(N * K, -1)  # (M, F), M = N * K
     kind = f[:, 0]
-    obj = objects.to(torch.int32)                                       # pixels and ids: int32 is exact
-    present, shape = obj[..., 0] == 1, obj[..., 1]                      # (S, P)
+    obj = objects.to(torch.int32)  # pixels and ids: int32 is exact
+    present, shape = obj[..., 0] == 1, obj[..., 1]  # (S, P)
     x1, y1, x2, y2 = obj[..., 2], obj[..., 3], obj[..., 4], obj[..., 5]
-    width, height = obj[:, 0, 6], obj[:, 0, 7]                          # (S,)
-    cx2, cy2 = x1 + x2, y1 + y2                                         # twice the centres, whole pixels
+    width, height = obj[:, 0, 6], obj[:, 0, 7]  # (S,)
+    cx2, cy2 = x1 + x2, y1 + y2  # twice the centres, whole pixels
     truth = torch.ones(N * K, S, dtype=torch.bool, device=objects.device)
 
-    def exists(colour: "torch.Tensor", shape_id: "torch.Tensor") -> "torch.Tensor":   # (m,), (m,) -> (m, S)
+    def exists(
+        colour: "torch.Tensor", shape_id: "torch.Tensor"
+    ) -> "torch.Tensor":  # (m,), (m,) -> (m, S)
         c = colour.clamp(min=0)
         return (colour >= 0)[:, None] & present[:, c].T & (shape[:, c].T == shape_id[:, None])
 
-    def at(values: "torch.Tensor", colour: "torch.Tensor") -> "torch.Tensor":          # (S, P), (m,) -> (m, S)
+    def at(
+        values: "torch.Tensor", colour: "torch.Tensor"
+    ) -> "torch.Tensor":  # (S, P), (m,) -> (m, S)
         return values[:, colour.clamp(min=0)].T
 
     rows = torch.nonzero(kind == _KIND_ID["relation"]).squeeze(1)
     if len(rows):
         _, ca, sa, cb, sb, rel = f[rows, :6].unbind(-1)
         ok = exists(ca, sa) & exists(cb, sb) & (ca != cb)[:, None]
-        beside = torch.stack([at(x2, ca) <= at(x1, cb), at(x2, cb) <= at(x1, ca),        # left of, right of
-                              at(y2, ca) <= at(y1, cb), at(y2, cb) <= at(y1, ca)])       # above, below
+        beside = torch.stack(
+            [
+                at(x2, ca) <= at(x1, cb),
+                at(x2, cb) <= at(x1, ca),  # left of, right of
+                at(y2, ca) <= at(y1, cb),
+                at(y2, cb) <= at(y1, ca),
+            ]
+        )  # above, below
         truth[rows] = ok & beside.gather(0, rel[None, :, None].expand(1, -1, S)).squeeze(0)
 
     rows = torch.nonzero(kind == _KIND_ID["location"]).squeeze(1)
@@ -708,7 +828,9 @@ def evaluate(facts: "torch.Tensor", objects: "torch.Tensor") -> "torch.Tensor":
         cx, cy = at(cx2, ca), at(cy2, ca)
         top, bottom, left, right = cy < height, cy > height, cx < width, cx > width
         quadrant = torch.stack([top & left, top & right, bottom & left, bottom & right])
-        truth[rows] = exists(ca, sa) & quadrant.gather(0, quad[None, :, None].expand(1, -1, S)).squeeze(0)
+        truth[rows] = exists(ca, sa) & quadrant.gather(
+            0, quad[None, :, None].expand(1, -1, S)
+        ).squeeze(0)
 
     for name in ("nearest", "farthest"):
         rows = torch.nonzero(kind == _KIND_ID[name]).squeeze(1)
@@ -716,10 +838,10 @@ def evaluate(facts: "torch.Tensor", objects: "torch.Tensor") -> "torch.Tensor":
             continue
         _, ca, sa, cb, sb, _ = f[rows, :6].unbind(-1)
         ok = exists(ca, sa) & exists(cb, sb) & (ca != cb)[:, None]
-        dx = cx2[None] - at(cx2, ca)[..., None]                                 # (m, S, P)
+        dx = cx2[None] - at(cx2, ca)[..., None]  # (m, S, P)
         dy = cy2[None] - at(cy2, ca)[..., None]
-        d2 = dx * dx + dy * dy                                                  # squared, exact in int32
-        target = d2.gather(-1, cb.clamp(min=0)[:, None, None].expand(-1, S, 1))   # (m, S, 1)
+        d2 = dx * dx + dy * dy  # squared, exact in int32
+        target = d2.gather(-1, cb.clamp(min=0)[:, None, None].expand(-1, S, 1))  # (m, S, 1)
         slots = torch.arange(P, device=objects.device)
         others = present[None] & (slots != ca[:, None])[:, None] & (slots != cb[:, None])[:, None]
         beaten = (d2 > target) if name == "nearest" else (d2 < target)
@@ -728,12 +850,16 @@ def evaluate(facts: "torch.Tensor", objects: "torch.Tensor") -> "torch.Tensor":
     rows = torch.nonzero(kind == _KIND_ID["count"]).squeeze(1)
     if len(rows):
         shape_of = torch.where(present, shape, torch.full_like(shape, -1))
-        scene_counts = torch.stack([(shape_of == s).sum(-1) for s in range(len(KNOWN_SHAPES))], dim=-1)  # (S, shapes)
+        scene_counts = torch.stack(
+            [(shape_of == s).sum(-1) for s in range(len(KNOWN_SHAPES))], dim=-1
+        )  # (S, shapes)
         truth[rows] = (scene_counts[None] == f[rows, 6:, None].transpose(1, 2)).all(-1)
     return truth.view(N, K, S).all(dim=1)
 
 
-def truth_matrix(captions: Sequence[str], scenes: Sequence[Scene], chunk: int = 64) -> "torch.Tensor":
+def truth_matrix(
+    captions: Sequence[str], scenes: Sequence[Scene], chunk: int = 64
+) -> "torch.Tensor":
     """``(len(captions), len(scenes))`` bool: is caption ``i`` true of scene ``j``?
 
     Captions may be short captions or descriptions; each distinct text is
@@ -744,7 +870,9 @@ def truth_matrix(captions: Sequence[str], scenes: Sequence[Scene], chunk: int = 
     import torch
 
     if isinstance(captions, str):
-        raise TypeError("captions must be a sequence of texts, got a single string (wrap it in a list)")
+        raise TypeError(
+            "captions must be a sequence of texts, got a single string (wrap it in a list)"
+        )
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     position: dict[str, int] = {}
@@ -754,15 +882,19 @@ def truth_matrix(captions: Sequence[str], scenes: Sequence[Scene], chunk: int = 
     distinct = list(position)
     facts = encode_facts(distinct)
     objects = encode_scenes(scenes)
-    rows = [evaluate(facts[i:i + chunk], objects) for i in range(0, len(distinct), chunk)]
+    rows = [evaluate(facts[i : i + chunk], objects) for i in range(0, len(distinct), chunk)]
     return torch.cat(rows)[torch.tensor(which)]
 
 
 # --------------------------------------------------------------------------- negatives
 
 
-def false_caption(scene: Scene, pool: Sequence[str], generator: np.random.Generator | "torch.Generator",
-                  max_tries: int = 1_000) -> str:
+def false_caption(
+    scene: Scene,
+    pool: Sequence[str],
+    generator: np.random.Generator | "torch.Generator",
+    max_tries: int = 1_000,
+) -> str:
     """A text drawn uniformly from ``pool`` that is false of ``scene`` (an ITM negative that is certainly wrong).
 
     ``generator`` is a ``numpy.random.Generator`` or a CPU ``torch.Generator``.
@@ -779,7 +911,9 @@ def false_caption(scene: Scene, pool: Sequence[str], generator: np.random.Genera
             return int(generator.integers(len(pool)))
         if isinstance(generator, torch.Generator):
             return int(torch.randint(len(pool), (1,), generator=generator))
-        raise TypeError(f"generator must be a numpy.random.Generator or torch.Generator, got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a numpy.random.Generator or torch.Generator, got {type(generator).__name__}"
+        )
 
     for _ in range(max_tries):
         text = pool[draw()]
@@ -788,14 +922,17 @@ def false_caption(scene: Scene, pool: Sequence[str], generator: np.random.Genera
     # Many draws were all true: look at the whole pool before calling it impossible, then draw among the false.
     false = [k for k, t in enumerate(pool) if not is_true(t, scene)]
     if not false:
-        raise ValueError(f"pool holds no text that is false of scene {scene.index} ({len(pool)} texts)")
+        raise ValueError(
+            f"pool holds no text that is false of scene {scene.index} ({len(pool)} texts)"
+        )
     if isinstance(generator, np.random.Generator):
         return pool[false[int(generator.integers(len(false)))]]
     return pool[false[int(torch.randint(len(false), (1,), generator=generator))]]
 
 
-def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
-                  shapes: Sequence[str] = SHAPES) -> list[Edit]:
+def minimal_edits(
+    caption: str, scene: Scene, colors: Sequence[str] = COLORS, shapes: Sequence[str] = SHAPES
+) -> list[Edit]:
     """Every text that differs from ``caption`` in one thing and is false of ``scene``.
 
     One thing at a time, in one fact (for a description, the other facts
@@ -829,7 +966,7 @@ def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
             return
         others_hold = all(h for j, h in enumerate(holds) if j != k)
         if others_hold and _fact_holds(new_fact, scene.objects, width, height):
-            return                                   # still true: not a negative
+            return  # still true: not a negative
         seen.add(text)
         out.append(Edit(kind, text))
 
@@ -846,12 +983,14 @@ def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
             others = {c for i, (c, _) in enumerate(f.objects) if i != j}
             for c in colors:
                 if c == colour or c in others:
-                    continue                         # a fact about one object twice would give itself away
+                    continue  # a fact about one object twice would give itself away
                 ws = list(words)
                 ws[m.colour] = c
                 objs = list(f.objects)
                 objs[j] = (c, shape)
-                keep("color", with_article(ws, m), k, Fact(f.kind, tuple(objs), f.relation, f.counts))
+                keep(
+                    "color", with_article(ws, m), k, Fact(f.kind, tuple(objs), f.relation, f.counts)
+                )
             for s in shapes:
                 if s == shape:
                     continue
@@ -861,17 +1000,33 @@ def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
                 objs[j] = (colour, s)
                 keep("shape", ws, k, Fact(f.kind, tuple(objs), f.relation, f.counts))
         if f.kind == "relation":
-            flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[f.relation]
+            flipped = {
+                "left of": "right of",
+                "right of": "left of",
+                "above": "below",
+                "below": "above",
+            }[f.relation]
             ws = list(words)
             w = ws[p.relation_words[0]]
-            ws[p.relation_words[0]] = {"left": "right", "right": "left", "above": "below", "below": "above",
-                                       "over": "under", "under": "over", "beneath": "above"}[w]
+            ws[p.relation_words[0]] = {
+                "left": "right",
+                "right": "left",
+                "above": "below",
+                "below": "above",
+                "over": "under",
+                "under": "over",
+                "beneath": "above",
+            }[w]
             keep("relation", ws, k, Fact("relation", f.objects, flipped))
         if f.kind in ("nearest", "farthest"):
             ws = list(words)
             sup = p.relation_words[0]
-            ws[sup] = {"nearest": "farthest", "closest": "furthest", "farthest": "nearest",
-                       "furthest": "closest"}[ws[sup]]
+            ws[sup] = {
+                "nearest": "farthest",
+                "closest": "furthest",
+                "farthest": "nearest",
+                "furthest": "closest",
+            }[ws[sup]]
             if len(p.relation_words) > 1:
                 prep = p.relation_words[1]
                 ws[prep] = {"to": "from", "from": "to"}[ws[prep]]
@@ -891,13 +1046,15 @@ def minimal_edits(caption: str, scene: Scene, colors: Sequence[str] = COLORS,
                     continue
                 vertical, horizontal = quad.split()
                 ws = list(words)
-                upper_lower = words[v] in ("upper", "lower")       # keep the text's own wording
+                upper_lower = words[v] in ("upper", "lower")  # keep the text's own wording
                 ws[v] = {"top": "upper", "bottom": "lower"}[vertical] if upper_lower else vertical
                 ws[h] = horizontal
                 keep("quadrant", ws, k, Fact("location", f.objects, quad))
         if f.kind == "count":
             counts = dict(f.counts)
-            order = list(shapes) + [s for s in counts if s not in shapes]   # the generator lists in world order
+            order = list(shapes) + [
+                s for s in counts if s not in shapes
+            ]  # the generator lists in world order
             for src in shapes:
                 for dst in shapes:
                     if src == dst or counts.get(src, 0) < 1:

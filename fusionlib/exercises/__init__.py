@@ -32,8 +32,10 @@ def call_student(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except NotImplementedError:
-        fail(f"{getattr(fn, '__name__', 'your function')} is not implemented yet: replace "
-             "`raise NotImplementedError` with your code.")
+        fail(
+            f"{getattr(fn, '__name__', 'your function')} is not implemented yet: replace "
+            "`raise NotImplementedError` with your code."
+        )
     except ExerciseFailure:
         raise
     except Exception as error:  # noqa: BLE001 - a student's bug, reported, not hidden

@@ -29,14 +29,20 @@ def check_attention_weights(fn: Callable) -> None:
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         want = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         if (got[~mask].abs() > 1e-6).any():
-            fail("masked positions (mask == False) still get weight: fill their scores with -inf before the softmax")
+            fail(
+                "masked positions (mask == False) still get weight: fill their scores with -inf before the softmax"
+            )
         if not torch.allclose(got.sum(-1), torch.ones(got.shape[:-1]), atol=1e-5):
             fail("rows do not sum to 1: take the softmax over the last dimension (the keys)")
-        unscaled = torch.softmax((q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")), dim=-1)
+        unscaled = torch.softmax(
+            (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")), dim=-1
+        )
         if torch.allclose(got, unscaled, atol=1e-5) and not torch.allclose(got, want, atol=1e-5):
             fail("you forgot to divide the scores by sqrt(d_k)")
         if not torch.allclose(got, want, atol=1e-5):
-            fail(f"weights differ from softmax(QK^T/sqrt(d_k)) by up to {(got - want).abs().max():.3g}")
+            fail(
+                f"weights differ from softmax(QK^T/sqrt(d_k)) by up to {(got - want).abs().max():.3g}"
+            )
     passed("your weights match softmax(QKᵀ/√d_k) with the mask, on 3 shapes")
 
 
@@ -51,9 +57,13 @@ def check_causal_mask(fn: Callable) -> None:
         if torch.equal(got, want):
             continue
         if torch.equal(got, ~want):
-            fail("your mask is inverted: in fusionlib and F.scaled_dot_product_attention True means *allowed*")
+            fail(
+                "your mask is inverted: in fusionlib and F.scaled_dot_product_attention True means *allowed*"
+            )
         if torch.equal(got, want.T):
-            fail("your mask lets each position see the future and not the past: use the lower triangle (tril)")
+            fail(
+                "your mask lets each position see the future and not the past: use the lower triangle (tril)"
+            )
         fail(f"for L={L} expected\n{want.int()}\ngot\n{got.int()}")
     passed("your causal mask is the lower triangle, True = allowed")
 
@@ -67,12 +77,16 @@ def check_split_merge_heads(split: Callable, merge: Callable) -> None:
         want = x.view(B, N, H, E // H).transpose(1, 2)
         if not torch.equal(heads, want):
             if torch.equal(heads, x.view(B, H, N, E // H)):
-                fail("split reshapes (B, N, E) straight to (B, H, N, E/H): that mixes tokens between heads. "
-                     "View as (B, N, H, E/H) first, then transpose(1, 2)")
+                fail(
+                    "split reshapes (B, N, E) straight to (B, H, N, E/H): that mixes tokens between heads. "
+                    "View as (B, N, H, E/H) first, then transpose(1, 2)"
+                )
             fail("split(x, H)[:, h] should hold features h*E/H:(h+1)*E/H of every token")
         back = expect_tensor("merge(split(x, H))", call_student(merge, heads), (B, N, E))
         if not torch.equal(back, x):
-            fail("merge(split(x, H)) does not give x back: transpose(1, 2) then reshape to (B, N, E)")
+            fail(
+                "merge(split(x, H)) does not give x back: transpose(1, 2) then reshape to (B, N, E)"
+            )
     passed("split and merge are inverses and keep each token's features together")
 
 
@@ -87,12 +101,21 @@ def check_score_variance(answer: Callable) -> None:
         if math.isclose(got, math.sqrt(d), rel_tol=1e-6) and d != 1:
             fail("that is the standard deviation; the variance is its square")
         if not math.isclose(got, d, rel_tol=1e-6):
-            fail(f"for d_k={d}: each of the d_k products q_i k_i has variance 1, and they are independent")
+            fail(
+                f"for d_k={d}: each of the d_k products q_i k_i has variance 1, and they are independent"
+            )
     g = torch.Generator().manual_seed(0)
-    measured = (torch.randn(20000, 64, generator=g) * torch.randn(20000, 64, generator=g)).sum(-1).var().item()
+    measured = (
+        (torch.randn(20000, 64, generator=g) * torch.randn(20000, 64, generator=g))
+        .sum(-1)
+        .var()
+        .item()
+    )
     passed(f"Var(q·k) = d_k (measured at d_k=64: {measured:.1f})")
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """PyTorch's fused attention, for comparisons in the chapter."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -42,7 +42,7 @@ def _mlm_cases():
         logits = torch.randn(batch, seq, vocab, generator=g, dtype=torch.float64)
         labels = torch.randint(vocab, (batch, seq), generator=g)
         chosen = torch.rand(batch, seq, generator=g) < keep
-        chosen[0, 1] = True                                  # at least one target per case
+        chosen[0, 1] = True  # at least one target per case
         yield logits, torch.where(chosen, labels, torch.full_like(labels, IGNORE_INDEX))
 
 
@@ -58,31 +58,45 @@ def check_masked_cross_entropy(fn: Callable) -> None:
             if got.requires_grad:
                 got.backward()
                 if x.grad is not None and (x.grad[~scored].abs() > 1e-12).any():
-                    fail("positions without a target (label -100) still get a gradient: score masked positions only")
+                    fail(
+                        "positions without a target (label -100) still get a gradient: score masked positions only"
+                    )
             continue
-        per_position = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+        per_position = F.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         if torch.allclose(got.detach(), per_position / labels.numel(), atol=1e-6):
-            fail("you divided by every position (B*T); the mean is over the masked positions only "
-                 "(labels != -100)")
+            fail(
+                "you divided by every position (B*T); the mean is over the masked positions only "
+                "(labels != -100)"
+            )
         if torch.allclose(got.detach(), per_position, atol=1e-6):
             fail("you returned the sum; divide by the number of masked positions")
-        wrong_dim = F.nll_loss(F.log_softmax(logits, dim=1).flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE_INDEX)
+        wrong_dim = F.nll_loss(
+            F.log_softmax(logits, dim=1).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
         if torch.allclose(got.detach(), wrong_dim, atol=1e-6):
-            fail("the softmax must run over the vocabulary (the last dimension), not over positions")
-        fail(f"expected {want.item():.6f} (mean cross-entropy over the {int(scored.sum())} masked positions), "
-             f"got {got.item():.6f}")
+            fail(
+                "the softmax must run over the vocabulary (the last dimension), not over positions"
+            )
+        fail(
+            f"expected {want.item():.6f} (mean cross-entropy over the {int(scored.sum())} masked positions), "
+            f"got {got.item():.6f}"
+        )
     empty = torch.full((2, 4), IGNORE_INDEX, dtype=torch.long)
     x = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
     got = call_student(fn, x, empty)
     if not isinstance(got, torch.Tensor) or got.numel() != 1:
         fail(f"with no masked position the loss should still be a scalar tensor, got {got!r}")
     if not torch.isfinite(got).all():
-        fail("a batch with no masked token gives NaN (0/0): divide by max(number of masked positions, 1)")
+        fail(
+            "a batch with no masked token gives NaN (0/0): divide by max(number of masked positions, 1)"
+        )
     if got.item() != 0.0:
         fail(f"a batch with no masked token should give 0, got {got.item()}")
-    passed("masked-position cross-entropy matches fusionlib.losses.mlm_loss, and an empty batch gives 0")
+    passed(
+        "masked-position cross-entropy matches fusionlib.losses.mlm_loss, and an empty batch gives 0"
+    )
 
 
 # ---------------------------------------------------------------------------- exercise 2
@@ -94,7 +108,10 @@ def check_info_nce(fn: Callable) -> None:
     g = torch.Generator().manual_seed(7)
     for batch, dim, tau in [(4, 8, 0.07), (6, 5, 0.5), (3, 16, 1.0)]:
         # Different norms per row, so a missing normalisation shows.
-        img = torch.randn(batch, dim, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, batch)[:, None]
+        img = (
+            torch.randn(batch, dim, generator=g, dtype=torch.float64)
+            * torch.linspace(0.5, 3, batch)[:, None]
+        )
         txt = img + 0.8 * torch.randn(batch, dim, generator=g, dtype=torch.float64)
         got = _scalar("the loss", call_student(fn, img.clone(), txt.clone(), tau))
         want = contrastive_loss(img, txt, math.log(1 / tau))
@@ -109,17 +126,26 @@ def check_info_nce(fn: Callable) -> None:
             "and text->image": i2t,
             "you used only the text-to-image direction; average it with image->text": t2i,
             "you added the two directions; CLIP averages them (divide by 2)": i2t + t2i,
-            "the embeddings are not L2-normalised: F.normalize(x, dim=-1) before the dot products":
-                (F.cross_entropy(raw, target) + F.cross_entropy(raw.T, target)) / 2,
-            "divide the cosine similarities by the temperature (you multiplied)":
-                (F.cross_entropy(logits * tau * tau, target) + F.cross_entropy(logits.T * tau * tau, target)) / 2,
-            "you forgot the temperature": (F.cross_entropy(logits * tau, target)
-                                           + F.cross_entropy(logits.T * tau, target)) / 2,
+            "the embeddings are not L2-normalised: F.normalize(x, dim=-1) before the dot products": (
+                F.cross_entropy(raw, target) + F.cross_entropy(raw.T, target)
+            )
+            / 2,
+            "divide the cosine similarities by the temperature (you multiplied)": (
+                F.cross_entropy(logits * tau * tau, target)
+                + F.cross_entropy(logits.T * tau * tau, target)
+            )
+            / 2,
+            "you forgot the temperature": (
+                F.cross_entropy(logits * tau, target) + F.cross_entropy(logits.T * tau, target)
+            )
+            / 2,
         }
         for message, value in candidates.items():
             if torch.allclose(got.detach(), value, atol=1e-6):
                 fail(message)
-        fail(f"for batch={batch}, temperature={tau}: expected {want.item():.6f}, got {got.item():.6f}")
+        fail(
+            f"for batch={batch}, temperature={tau}: expected {want.item():.6f}, got {got.item():.6f}"
+        )
     passed("symmetric InfoNCE matches fusionlib.losses.contrastive_loss on 3 cases")
 
 
@@ -136,10 +162,10 @@ def check_bert_replacement(fn: Callable) -> None:
         ids = torch.randint(5, 50, (batch, seq), generator=g)
         chosen = torch.rand(batch, seq, generator=g) < 0.5
         u = torch.rand(batch, seq, generator=g)
-        u[0, :4] = torch.tensor([0.1, 0.85, 0.95, 0.8])      # one of each fate, and the 0.8 boundary
+        u[0, :4] = torch.tensor([0.1, 0.85, 0.95, 0.8])  # one of each fate, and the 0.8 boundary
         chosen[0, :4] = True
         random_ids = torch.randint(5, 50, (batch, seq), generator=g)
-        random_ids[random_ids == ids] += 1                     # a random replacement always differs here
+        random_ids[random_ids == ids] += 1  # a random replacement always differs here
         original = ids.clone()
         out = call_student(fn, ids, chosen.clone(), u.clone(), random_ids.clone(), mask_id)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
@@ -157,16 +183,26 @@ def check_bert_replacement(fn: Callable) -> None:
             fail("tokens that were not chosen changed; only chosen positions are replaced")
         if not torch.equal(labels, want_labels):
             if torch.equal(labels, original):
-                fail("labels must be -100 where no token was chosen, so the loss ignores those positions")
+                fail(
+                    "labels must be -100 where no token was chosen, so the loss ignores those positions"
+                )
             if torch.equal(labels[chosen], inputs[chosen]):
-                fail("labels must hold the ORIGINAL token at chosen positions, not the replaced input")
+                fail(
+                    "labels must hold the ORIGINAL token at chosen positions, not the replaced input"
+                )
             fail("labels should be input_ids at chosen positions and -100 elsewhere")
         if not torch.equal(inputs, want_inputs):
-            if (inputs[chosen & (u >= 0.9)] == mask_id).any() or (inputs[chosen & (u < 0.8)] != mask_id).any():
-                fail("of the chosen positions, exactly those with u < 0.8 become [MASK]; "
-                     "0.8 <= u < 0.9 become the random id, u >= 0.9 stay unchanged")
-            fail("of the chosen positions with 0.8 <= u < 0.9, the token becomes random_ids at that position; "
-                 "u >= 0.9 keeps the original")
+            if (inputs[chosen & (u >= 0.9)] == mask_id).any() or (
+                inputs[chosen & (u < 0.8)] != mask_id
+            ).any():
+                fail(
+                    "of the chosen positions, exactly those with u < 0.8 become [MASK]; "
+                    "0.8 <= u < 0.9 become the random id, u >= 0.9 stay unchanged"
+                )
+            fail(
+                "of the chosen positions with 0.8 <= u < 0.9, the token becomes random_ids at that position; "
+                "u >= 0.9 keeps the original"
+            )
     passed("the 80/10/10 replacement and the labels are right, boundaries included")
 
 
@@ -188,7 +224,9 @@ def check_transport_cost(fn: Callable) -> None:
             fail(f"the cost should have shape (B,) = ({batch},), got {tuple(got.shape)}")
         if torch.allclose(got, want, atol=1e-9):
             continue
-        if n == m and torch.allclose(got, torch.diagonal(cost @ plan, dim1=1, dim2=2).sum(-1), atol=1e-9):
+        if n == m and torch.allclose(
+            got, torch.diagonal(cost @ plan, dim1=1, dim2=2).sum(-1), atol=1e-9
+        ):
             fail("that is trace(C T); the transport cost is trace(C Tᵀ) = sum_ij C_ij T_ij")
         if torch.allclose(got, want / (n * m), atol=1e-9):
             fail("you took the mean of C * T; the cost is the sum over all (word, region) pairs")

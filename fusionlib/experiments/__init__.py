@@ -9,8 +9,28 @@ code. Each function's docstring names the chapter that explains it.
 - :mod:`fusionlib.experiments.book` -- every checkpoint the book uses, and :func:`obtain` (train or load).
 """
 
-from fusionlib.experiments.book import BOOK_EXPERIMENTS, BookExperiment, chapter_recipe, experiment, obtain
-from fusionlib.experiments.world import BookWorld, book_world_configs, load_book_world, tokenizer_digest
+from fusionlib.experiments.book import (
+    BOOK_EXPERIMENTS,
+    BookExperiment,
+    chapter_recipe,
+    experiment,
+    obtain,
+)
+from fusionlib.experiments.world import (
+    BookWorld,
+    book_world_configs,
+    load_book_world,
+    tokenizer_digest,
+)
 
-__all__ = ["BOOK_EXPERIMENTS", "BookExperiment", "BookWorld", "book_world_configs", "chapter_recipe", "experiment",
-           "load_book_world", "obtain", "tokenizer_digest"]
+__all__ = [
+    "BOOK_EXPERIMENTS",
+    "BookExperiment",
+    "BookWorld",
+    "book_world_configs",
+    "chapter_recipe",
+    "experiment",
+    "load_book_world",
+    "obtain",
+    "tokenizer_digest",
+]

@@ -27,14 +27,18 @@ __all__ = ["BookExperiment", "BOOK_EXPERIMENTS", "chapter_recipe", "experiment",
 class BookExperiment:
     """One trained model of the book and how to make, fingerprint and score it."""
 
-    name: str                     # checkpoint name, "ch03/cross_attention"
-    chapter: str                  # results file stem, "03_cross_attention_fusion"
-    headline: str                 # the metric quoted when it loads, e.g. "relational_accuracy"
-    golden: tuple[str, ...]       # metrics the golden tests reproduce
-    data: Callable[[BookWorld, str, Any], Any]                      # (book, recipe, device) -> data
-    spec: Callable[[BookWorld, str], dict[str, Any]]                 # (book, recipe) -> fingerprinted spec
-    train: Callable[..., tuple[nn.Module, dict[str, Any], float]]    # (book, data, recipe, device, checkpoint_dir, progress)
-    evaluate: Callable[[nn.Module, Any, str], dict[str, float]]      # (model, data, recipe) -> test metrics
+    name: str  # checkpoint name, "ch03/cross_attention"
+    chapter: str  # results file stem, "03_cross_attention_fusion"
+    headline: str  # the metric quoted when it loads, e.g. "relational_accuracy"
+    golden: tuple[str, ...]  # metrics the golden tests reproduce
+    data: Callable[[BookWorld, str, Any], Any]  # (book, recipe, device) -> data
+    spec: Callable[[BookWorld, str], dict[str, Any]]  # (book, recipe) -> fingerprinted spec
+    train: Callable[
+        ..., tuple[nn.Module, dict[str, Any], float]
+    ]  # (book, data, recipe, device, checkpoint_dir, progress)
+    evaluate: Callable[
+        [nn.Module, Any, str], dict[str, float]
+    ]  # (model, data, recipe) -> test metrics
 
     def batch_size(self, book: BookWorld, recipe: str) -> int:
         return int(self.spec(book, recipe)["batch_size"])
@@ -45,12 +49,23 @@ class BookExperiment:
 
 def _fusion_experiment(setup: str) -> BookExperiment:
     return BookExperiment(
-        name=f"ch03/{setup}", chapter="03_cross_attention_fusion", headline="relational_accuracy",
+        name=f"ch03/{setup}",
+        chapter="03_cross_attention_fusion",
+        headline="relational_accuracy",
         golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
         data=lambda book, recipe, device: fusion.vqa_data(book, recipe, device),
         spec=lambda book, recipe: fusion.fusion_spec(setup, book, recipe),
-        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: fusion.train_fusion_model(
-            setup, book, data, recipe, device=device, checkpoint_dir=checkpoint_dir, progress=progress),
+        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: (
+            fusion.train_fusion_model(
+                setup,
+                book,
+                data,
+                recipe,
+                device=device,
+                checkpoint_dir=checkpoint_dir,
+                progress=progress,
+            )
+        ),
         evaluate=lambda model, data, recipe: fusion.evaluate_fusion_model(model, data, recipe),
     )
 
@@ -59,8 +74,16 @@ def _fusion_experiment(setup: str) -> BookExperiment:
 # On 2 CPU cores the full recipe's relation network (g over all 100 region pairs, 4 x 256) costs more
 # than the other five together.
 BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
-    _fusion_experiment(s) for s in ("question_only", "image_only", "late_fusion", "cross_attention",
-                                    "cross_attention_geometry", "relation_network"))
+    _fusion_experiment(s)
+    for s in (
+        "question_only",
+        "image_only",
+        "late_fusion",
+        "cross_attention",
+        "cross_attention_geometry",
+        "relation_network",
+    )
+)
 
 
 def experiment(name: str) -> BookExperiment:
@@ -68,7 +91,9 @@ def experiment(name: str) -> BookExperiment:
     for e in BOOK_EXPERIMENTS:
         if e.name == name:
             return e
-    raise KeyError(f"no book experiment named {name!r}; the book has {[e.name for e in BOOK_EXPERIMENTS]}")
+    raise KeyError(
+        f"no book experiment named {name!r}; the book has {[e.name for e in BOOK_EXPERIMENTS]}"
+    )
 
 
 def chapter_recipe(prefix: str, book: BookWorld, mode: str | None = None) -> str:
@@ -83,20 +108,30 @@ def chapter_recipe(prefix: str, book: BookWorld, mode: str | None = None) -> str
     own = checkpoints.profile_recipe()
     names = [e for e in BOOK_EXPERIMENTS if e.name.startswith(prefix.rstrip("/") + "/")]
     if not names:
-        raise ValueError(f"prefix {prefix!r} names no book experiment; they are {[e.name for e in BOOK_EXPERIMENTS]}")
+        raise ValueError(
+            f"prefix {prefix!r} names no book experiment; they are {[e.name for e in BOOK_EXPERIMENTS]}"
+        )
     if mode == "always":
         return own
     for recipe in reversed(checkpoints.RECIPES):
         if checkpoints.recipe_rank(recipe) < checkpoints.recipe_rank(own):
             break
-        if all(checkpoints.find_checkpoint(e.name, e.spec(book, recipe)) is not None for e in names):
+        if all(
+            checkpoints.find_checkpoint(e.name, e.spec(book, recipe)) is not None for e in names
+        ):
             return recipe
     return own
 
 
-def obtain(name: str, book: BookWorld, data: Any, recipe: str | None = None,
-           device: torch.device | str | None = None, mode: str | None = None,
-           progress: bool = True) -> checkpoints.Obtained:
+def obtain(
+    name: str,
+    book: BookWorld,
+    data: Any,
+    recipe: str | None = None,
+    device: torch.device | str | None = None,
+    mode: str | None = None,
+    progress: bool = True,
+) -> checkpoints.Obtained:
     """Load or train checkpoint ``name`` with ``recipe`` on ``book`` and ``data``.
 
     ``recipe`` defaults to the profile's; :func:`chapter_recipe` picks the one a
@@ -106,6 +141,13 @@ def obtain(name: str, book: BookWorld, data: Any, recipe: str | None = None,
     recipe = recipe or checkpoints.profile_recipe()
     device = runtime.device() if device is None else torch.device(device)
     return checkpoints.train_or_load(
-        name, chapter=exp.chapter, specs={recipe: exp.spec(book, recipe)}, train_recipe=recipe,
+        name,
+        chapter=exp.chapter,
+        specs={recipe: exp.spec(book, recipe)},
+        train_recipe=recipe,
         train=lambda: exp.train(book, data, recipe, device=device, progress=progress),
-        evaluate=lambda model: exp.evaluate(model, data, recipe), headline=exp.headline, mode=mode, device=device)
+        evaluate=lambda model: exp.evaluate(model, data, recipe),
+        headline=exp.headline,
+        mode=mode,
+        device=device,
+    )

@@ -31,17 +31,39 @@ from fusionlib.metrics import evaluate_vqa
 from fusionlib.models import VQAConfig, build_model
 from fusionlib.train import _RESULT_FIELDS, TrainConfig, train
 
-__all__ = ["SETUP_NAMES", "SETUP_LABELS", "BATCH_SIZE", "VAL_IMAGES", "EVAL_BATCH", "fusion_setups",
-           "fusion_train_config", "location_scale", "VQAData", "vqa_data", "answer_loss", "fusion_spec",
-           "train_fusion_model", "evaluate_fusion_model"]
+__all__ = [
+    "SETUP_NAMES",
+    "SETUP_LABELS",
+    "BATCH_SIZE",
+    "VAL_IMAGES",
+    "EVAL_BATCH",
+    "fusion_setups",
+    "fusion_train_config",
+    "location_scale",
+    "VQAData",
+    "vqa_data",
+    "answer_loss",
+    "fusion_spec",
+    "train_fusion_model",
+    "evaluate_fusion_model",
+]
 
 # Results key -> the label the chapter's tables print.
-SETUP_LABELS = {"question_only": "question-only", "image_only": "image-only", "late_fusion": "late fusion",
-                "relation_network": "relation network", "cross_attention": "cross-attention",
-                "cross_attention_geometry": "cross-attention + geometry"}
+SETUP_LABELS = {
+    "question_only": "question-only",
+    "image_only": "image-only",
+    "late_fusion": "late fusion",
+    "relation_network": "relation network",
+    "cross_attention": "cross-attention",
+    "cross_attention_geometry": "cross-attention + geometry",
+}
 SETUP_NAMES = tuple(SETUP_LABELS)
 BATCH_SIZE = {"smoke": 32, "small": 128, "full": 512}
-VAL_IMAGES = {"smoke": 50, "small": 150, "full": 500}    # validation curves on part of the split: cheaper on a CPU
+VAL_IMAGES = {
+    "smoke": 50,
+    "small": 150,
+    "full": 500,
+}  # validation curves on part of the split: cheaper on a CPU
 EVAL_BATCH = {"smoke": 256, "small": 1000, "full": 5000}
 
 
@@ -49,7 +71,9 @@ def _check_recipe(recipe: str) -> None:
     recipe_rank(recipe)
 
 
-def fusion_setups(recipe: str, vocab_size: int, num_answers: int, region_dim: int) -> dict[str, tuple[str, VQAConfig]]:
+def fusion_setups(
+    recipe: str, vocab_size: int, num_answers: int, region_dim: int
+) -> dict[str, tuple[str, VQAConfig]]:
     """``{setup: (registered model name, config)}`` for chapter 3's six models under ``recipe``.
 
     Text is mean-pooled with no text self-attention layer (``text_layers=0,
@@ -61,26 +85,61 @@ def fusion_setups(recipe: str, vocab_size: int, num_answers: int, region_dim: in
     _check_recipe(recipe)
     base = dict(vocab_size=vocab_size, num_answers=num_answers, region_dim=region_dim)
     config = {
-        "smoke": VQAConfig(**base, hidden_size=32, num_layers=1, num_heads=2, ffn_size=64, text_layers=0,
-                           text_pooling="mean", classifier_hidden=32, rn_hidden=32, rn_g_layers=2, dropout=0.0),
-        "small": VQAConfig(**base, text_layers=0, ffn_size=256, text_pooling="mean", rn_hidden=64, rn_g_layers=3,
-                           dropout=0.0),
+        "smoke": VQAConfig(
+            **base,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            ffn_size=64,
+            text_layers=0,
+            text_pooling="mean",
+            classifier_hidden=32,
+            rn_hidden=32,
+            rn_g_layers=2,
+            dropout=0.0,
+        ),
+        "small": VQAConfig(
+            **base,
+            text_layers=0,
+            ffn_size=256,
+            text_pooling="mean",
+            rn_hidden=64,
+            rn_g_layers=3,
+            dropout=0.0,
+        ),
         "full": VQAConfig(**base, text_layers=0, ffn_size=256, text_pooling="mean", dropout=0.0),
     }[recipe]
-    geometry = dataclasses.replace(config, region_layers=1, geometry_bias=True, geometry_self_logit=4.0,
-                                   geometry_init="identity")
-    return {"question_only": ("question_only", config), "image_only": ("image_only", config),
-            "late_fusion": ("late_fusion", config), "relation_network": ("relation_network", config),
-            "cross_attention": ("cross_attention", config),
-            "cross_attention_geometry": ("cross_attention", geometry)}
+    geometry = dataclasses.replace(
+        config,
+        region_layers=1,
+        geometry_bias=True,
+        geometry_self_logit=4.0,
+        geometry_init="identity",
+    )
+    return {
+        "question_only": ("question_only", config),
+        "image_only": ("image_only", config),
+        "late_fusion": ("late_fusion", config),
+        "relation_network": ("relation_network", config),
+        "cross_attention": ("cross_attention", config),
+        "cross_attention_geometry": ("cross_attention", geometry),
+    }
 
 
 def fusion_train_config(recipe: str, seed: int = 0) -> TrainConfig:
     """AdamW with warm-up and cosine decay; fp32 (bf16 autocast adds cast kernels and does not pay at this size)."""
     _check_recipe(recipe)
-    config = {"smoke": TrainConfig(steps=30, lr=2e-3, warmup_steps=5, eval_every=15, seed=seed, amp=False),
-              "small": TrainConfig(steps=1600, lr=1e-3, warmup_steps=100, eval_every=400, seed=seed, amp=False),
-              "full": TrainConfig(steps=2500, lr=1e-3, warmup_steps=150, eval_every=500, seed=seed, amp=False)}
+    config = {
+        "smoke": TrainConfig(
+            steps=30, lr=2e-3, warmup_steps=5, eval_every=15, seed=seed, amp=False
+        ),
+        "small": TrainConfig(
+            steps=1600, lr=1e-3, warmup_steps=100, eval_every=400, seed=seed, amp=False
+        ),
+        "full": TrainConfig(
+            steps=2500, lr=1e-3, warmup_steps=150, eval_every=500, seed=seed, amp=False
+        ),
+    }
     return config[recipe]
 
 
@@ -96,8 +155,11 @@ def location_scale(config: VQAConfig, seed: int = 0) -> tuple[float, float, floa
     try:
         torch.manual_seed(seed)
         embeddings = build_model("cross_attention", config).regions.embeddings
-        with torch.no_grad():        # drawn right after the model, as chapter 3 first measured it
-            unit = torch.randn(4096, 1, config.region_dim), torch.randn(4096, 1, config.location_dim)
+        with torch.no_grad():  # drawn right after the model, as chapter 3 first measured it
+            unit = (
+                torch.randn(4096, 1, config.region_dim),
+                torch.randn(4096, 1, config.location_dim),
+            )
             feature_part = embeddings.feature_proj(unit[0]).std(dim=0).mean().item()
             location_part = embeddings.location_proj(unit[1]).std(dim=0).mean().item()
     finally:
@@ -109,9 +171,11 @@ def location_scale(config: VQAConfig, seed: int = 0) -> tuple[float, float, floa
 class VQAData:
     """Question datasets of a world and their on-device, standardised tensors."""
 
-    datasets: dict[str, QuestionDataset]      # train / val (first VAL_IMAGES images) / test
+    datasets: dict[str, QuestionDataset]  # train / val (first VAL_IMAGES images) / test
     tensors: dict[str, TensorBatches]
-    statistics: dict[str, tuple[Tensor, Tensor]]   # the train split's standardisation, applied to every split
+    statistics: dict[
+        str, tuple[Tensor, Tensor]
+    ]  # the train split's standardisation, applied to every split
     location_scale: float
 
 
@@ -121,9 +185,11 @@ def vqa_data(book: BookWorld, recipe: str, device: torch.device | str | None = N
     device = runtime.device() if device is None else torch.device(device)
     val_scenes = book.scenes["val"][: VAL_IMAGES[recipe]]
     tok, answers = book.tokenizer, book.answers
-    datasets = {"train": QuestionDataset(book.scenes["train"], book.features["train"], tok, answers),
-                "val": QuestionDataset(val_scenes, book.features["val"], tok, answers),
-                "test": QuestionDataset(book.scenes["test"], book.features["test"], tok, answers)}
+    datasets = {
+        "train": QuestionDataset(book.scenes["train"], book.features["train"], tok, answers),
+        "val": QuestionDataset(val_scenes, book.features["val"], tok, answers),
+        "test": QuestionDataset(book.scenes["test"], book.features["test"], tok, answers),
+    }
     tensors = {split: TensorBatches(ds, device=device) for split, ds in datasets.items()}
     _, config = fusion_setups(recipe, len(tok), len(answers), book.region_dim)["cross_attention"]
     scale = location_scale(config)[2]
@@ -135,50 +201,83 @@ def vqa_data(book: BookWorld, recipe: str, device: torch.device | str | None = N
 
 def answer_loss(model: nn.Module, batch: dict[str, Tensor], task: str) -> dict[str, Tensor]:
     """The VQA training step as a classification: cross-entropy over the answer vocabulary (section 3.4)."""
-    logits = model(batch)                                                  # (B, num_answers)
-    return {"loss": F.cross_entropy(logits, batch["answer"]),
-            "accuracy": (logits.argmax(dim=-1) == batch["answer"]).float().mean()}
+    logits = model(batch)  # (B, num_answers)
+    return {
+        "loss": F.cross_entropy(logits, batch["answer"]),
+        "accuracy": (logits.argmax(dim=-1) == batch["answer"]).float().mean(),
+    }
 
 
 def fusion_spec(setup: str, book: BookWorld, recipe: str, seed: int = 0) -> dict[str, Any]:
     """Everything a trained chapter-3 model depends on: its fingerprint's input (:mod:`fusionlib.checkpoints`)."""
     if setup not in SETUP_LABELS:
         raise ValueError(f"setup must be one of {SETUP_NAMES}, got {setup!r}")
-    kind, config = fusion_setups(recipe, len(book.tokenizer), len(book.answers), book.region_dim)[setup]
+    kind, config = fusion_setups(recipe, len(book.tokenizer), len(book.answers), book.region_dim)[
+        setup
+    ]
     train_config = fusion_train_config(recipe, seed)
-    return {"model": kind, "model_config": config.to_dict(), "data": book.data_spec(),
-            "train": {k: train_config.to_dict()[k] for k in _RESULT_FIELDS + ("eval_every",)},
-            "batch_size": BATCH_SIZE[recipe], "val_images": VAL_IMAGES[recipe], "step": "answer_loss",
-            "standardise": "train z-score, region_loc5 x location_scale"}
+    return {
+        "model": kind,
+        "model_config": config.to_dict(),
+        "data": book.data_spec(),
+        "train": {k: train_config.to_dict()[k] for k in _RESULT_FIELDS + ("eval_every",)},
+        "batch_size": BATCH_SIZE[recipe],
+        "val_images": VAL_IMAGES[recipe],
+        "step": "answer_loss",
+        "standardise": "train z-score, region_loc5 x location_scale",
+    }
 
 
-def evaluate_fusion_model(model: nn.Module, data: VQAData, recipe: str, split: str = "test",
-                          device: torch.device | str | None = None) -> dict[str, float]:
+def evaluate_fusion_model(
+    model: nn.Module,
+    data: VQAData,
+    recipe: str,
+    split: str = "test",
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
     """Accuracy overall, relational, non-relational and per question family on ``split``."""
     loader = make_tensor_loader(data.tensors[split], EVAL_BATCH[recipe], shuffle=False)
     return evaluate_vqa(model, loader, device=device)
 
 
-def train_fusion_model(setup: str, book: BookWorld, data: VQAData, recipe: str, seed: int = 0,
-                       device: torch.device | str | None = None, checkpoint_dir: str | None = None,
-                       progress: bool = True) -> tuple[nn.Module, dict[str, Any], float]:
+def train_fusion_model(
+    setup: str,
+    book: BookWorld,
+    data: VQAData,
+    recipe: str,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any], float]:
     """Train one of chapter 3's models; ``(model, history dict, wall seconds)``.
 
     With ``checkpoint_dir`` the run saves as it goes and resumes from there
     (``scripts/train_book.py``); the seconds are then summed over resumptions.
     """
-    kind, config = fusion_setups(recipe, len(book.tokenizer), len(book.answers), book.region_dim)[setup]
+    kind, config = fusion_setups(recipe, len(book.tokenizer), len(book.answers), book.region_dim)[
+        setup
+    ]
     train_config = fusion_train_config(recipe, seed)
     train_config.checkpoint_dir = checkpoint_dir
     device = runtime.device() if device is None else torch.device(device)
-    if device.type == "cuda":    # fp32 with TF32 matmuls: at this size bf16's cast kernels cost more than they save
+    if (
+        device.type == "cuda"
+    ):  # fp32 with TF32 matmuls: at this size bf16's cast kernels cost more than they save
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(seed)
     model = build_model(kind, config)
     train_loader = make_tensor_loader(data.tensors["train"], BATCH_SIZE[recipe], seed=seed)
     val_loader = make_tensor_loader(data.tensors["val"], EVAL_BATCH[recipe], shuffle=False)
-    history = train(model, train_loader, train_config, answer_loss,
-                    eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"), device=device,
-                    progress=progress, resume=checkpoint_dir is not None)
+    history = train(
+        model,
+        train_loader,
+        train_config,
+        answer_loss,
+        eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"),
+        device=device,
+        progress=progress,
+        resume=checkpoint_dir is not None,
+    )
     return model.eval(), history.to_dict(), history.seconds

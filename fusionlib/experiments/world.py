@@ -44,16 +44,19 @@ class BookWorld:
 
     world: WorldConfig
     detector: DetectorConfig
-    scenes: dict[str, list]             # split -> list[Scene]
-    features: dict[str, Any]            # split -> RegionFeatures
-    tokenizer: Any                      # transformers.PreTrainedTokenizerFast
+    scenes: dict[str, list]  # split -> list[Scene]
+    features: dict[str, Any]  # split -> RegionFeatures
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
     answers: list[str]
-    seconds: float                      # wall time to build or load all of it
+    seconds: float  # wall time to build or load all of it
 
     def data_spec(self) -> dict[str, str]:
         """What a trained model's weights depend on in the data: the world, the detector, the vocabulary."""
-        return {"world": self.world.key(), "detector": self.detector.key(),
-                "tokenizer": tokenizer_digest(self.tokenizer)}
+        return {
+            "world": self.world.key(),
+            "detector": self.detector.key(),
+            "tokenizer": tokenizer_digest(self.tokenizer),
+        }
 
     @property
     def region_dim(self) -> int:
@@ -61,8 +64,10 @@ class BookWorld:
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s} {len(v):,}" for s, v in self.scenes.items())
-        return (f"BookWorld(images: {sizes} | {self.features['train'].num_regions} regions x {self.region_dim} "
-                f"features | vocabulary {len(self.tokenizer)} | {len(self.answers)} answers)")
+        return (
+            f"BookWorld(images: {sizes} | {self.features['train'].num_regions} regions x {self.region_dim} "
+            f"features | vocabulary {len(self.tokenizer)} | {len(self.answers)} answers)"
+        )
 
 
 def load_book_world(profile_name: str | None = None, progress: bool = False) -> BookWorld:
@@ -70,7 +75,13 @@ def load_book_world(profile_name: str | None = None, progress: bool = False) -> 
     world, detector = book_world_configs(profile_name)
     with runtime.Timer("book world", verbose=False) as timer:
         scenes = {split: generate_split(world, split) for split in SPLITS}
-        features = {split: load_or_build_features(world, detector, split, scenes=scenes[split], progress=progress)
-                    for split in SPLITS}
+        features = {
+            split: load_or_build_features(
+                world, detector, split, scenes=scenes[split], progress=progress
+            )
+            for split in SPLITS
+        }
         tokenizer = world_tokenizer(world)
-    return BookWorld(world, detector, scenes, features, tokenizer, answer_vocab(world), timer.seconds)
+    return BookWorld(
+        world, detector, scenes, features, tokenizer, answer_vocab(world), timer.seconds
+    )

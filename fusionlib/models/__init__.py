@@ -25,11 +25,29 @@ from fusionlib.models.baselines import (  # noqa: E402  (registers the chapter-3
 )
 
 __all__ = [
-    "ModelConfig", "PretrainedModel", "available_models", "build_model", "load_pretrained", "register_model",
-    "VQAConfig", "QuestionOnly", "ImageOnly", "LateFusion", "RelationNetwork", "CrossAttentionFusion",
+    "ModelConfig",
+    "PretrainedModel",
+    "available_models",
+    "build_model",
+    "load_pretrained",
+    "register_model",
+    "VQAConfig",
+    "QuestionOnly",
+    "ImageOnly",
+    "LateFusion",
+    "RelationNetwork",
+    "CrossAttentionFusion",
 ]
 from fusionlib.models.uniter import UniterConfig, UniterForPretraining, UniterForVQA, UniterModel  # noqa: E402
 from fusionlib.models.vilbert import ViLBERT, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForVQA  # noqa: E402
 
-__all__ += ["ViLBERTConfig", "ViLBERT", "ViLBERTForPretraining", "ViLBERTForVQA",
-            "UniterConfig", "UniterModel", "UniterForPretraining", "UniterForVQA"]
+__all__ += [
+    "ViLBERTConfig",
+    "ViLBERT",
+    "ViLBERTForPretraining",
+    "ViLBERTForVQA",
+    "UniterConfig",
+    "UniterModel",
+    "UniterForPretraining",
+    "UniterForVQA",
+]

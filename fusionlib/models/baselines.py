@@ -70,36 +70,54 @@ class VQAConfig(ModelConfig):
     small enough to learn the world's questions on a laptop CPU.
     """
 
-    vocab_size: int                   # tokenizer vocabulary (input_ids < vocab_size)
-    num_answers: int                  # size of the answer vocabulary
-    region_dim: int = 64              # D of region_feats (fusionlib.vision's default)
-    location_dim: int = 5             # 5 reads region_loc5 (ViLBERT), 7 reads region_loc7 (UNITER)
+    vocab_size: int  # tokenizer vocabulary (input_ids < vocab_size)
+    num_answers: int  # size of the answer vocabulary
+    region_dim: int = 64  # D of region_feats (fusionlib.vision's default)
+    location_dim: int = 5  # 5 reads region_loc5 (ViLBERT), 7 reads region_loc7 (UNITER)
     hidden_size: int = 128
-    num_layers: int = 2               # cross-attention layers; transformer question-encoder layers
+    num_layers: int = 2  # cross-attention layers; transformer question-encoder layers
     num_heads: int = 4
-    ffn_size: int | None = None       # None: 4 * hidden_size
+    ffn_size: int | None = None  # None: 4 * hidden_size
     dropout: float = 0.1
     attention_dropout: float | None = None  # None: same as dropout
-    max_text_len: int = 32            # learned positions
+    max_text_len: int = 32  # learned positions
     pad_token_id: int = 0
-    norm_first: bool = False          # pre-LN instead of BERT's post-LN
-    location_layers: int = 1          # 1: ViLBERT's Linear(loc); 2: an MLP (see fusionlib.embeddings)
-    text_layers: int = 1              # text self-attention layers before the cross-attention layers
-    region_layers: int = 0            # region self-attention layers before fusion (any model)
-    geometry_bias: bool = False       # region self-attention gets a pairwise-geometry bias (fusionlib.geometry)
-    geometry_hidden: int = 32         # width of that bias's MLP
-    geometry_self_logit: float = 4.0  # initial extra logit of a region for itself (start near the identity)
-    geometry_init: str = "identity"   # "zero" | "identity" | "prior" (fusionlib.geometry.GeometryBias)
-    question_encoder: str = "gru"     # QuestionOnly / LateFusion / RelationNetwork: "gru" | "transformer"
-    text_pooling: str = "cls"         # transformer text encoders: "cls" ([CLS] output) | "mean"
-    image_pooling: str = "mean_max"   # ImageOnly / LateFusion: "mean" | "max" | "mean_max"
-    classifier_hidden: int = 256      # width of the answer MLP
-    rn_hidden: int = 256              # RelationNetwork: width of g_theta and f_phi (paper: 256)
-    rn_g_layers: int = 4              # RelationNetwork: layers of g_theta (paper: 4)
+    norm_first: bool = False  # pre-LN instead of BERT's post-LN
+    location_layers: int = 1  # 1: ViLBERT's Linear(loc); 2: an MLP (see fusionlib.embeddings)
+    text_layers: int = 1  # text self-attention layers before the cross-attention layers
+    region_layers: int = 0  # region self-attention layers before fusion (any model)
+    geometry_bias: bool = (
+        False  # region self-attention gets a pairwise-geometry bias (fusionlib.geometry)
+    )
+    geometry_hidden: int = 32  # width of that bias's MLP
+    geometry_self_logit: float = (
+        4.0  # initial extra logit of a region for itself (start near the identity)
+    )
+    geometry_init: str = (
+        "identity"  # "zero" | "identity" | "prior" (fusionlib.geometry.GeometryBias)
+    )
+    question_encoder: str = (
+        "gru"  # QuestionOnly / LateFusion / RelationNetwork: "gru" | "transformer"
+    )
+    text_pooling: str = "cls"  # transformer text encoders: "cls" ([CLS] output) | "mean"
+    image_pooling: str = "mean_max"  # ImageOnly / LateFusion: "mean" | "max" | "mean_max"
+    classifier_hidden: int = 256  # width of the answer MLP
+    rn_hidden: int = 256  # RelationNetwork: width of g_theta and f_phi (paper: 256)
+    rn_g_layers: int = 4  # RelationNetwork: layers of g_theta (paper: 4)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_answers", "region_dim", "hidden_size", "num_layers", "num_heads",
-                     "max_text_len", "classifier_hidden", "rn_hidden", "rn_g_layers"):
+        for name in (
+            "vocab_size",
+            "num_answers",
+            "region_dim",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_text_len",
+            "classifier_hidden",
+            "rn_hidden",
+            "rn_g_layers",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -110,22 +128,36 @@ class VQAConfig(ModelConfig):
         if not isinstance(self.geometry_bias, bool):
             raise ValueError(f"geometry_bias must be a bool, got {self.geometry_bias!r}")
         if self.geometry_bias and self.region_layers == 0:
-            raise ValueError("geometry_bias=True biases the region self-attention layers: set region_layers >= 1")
+            raise ValueError(
+                "geometry_bias=True biases the region self-attention layers: set region_layers >= 1"
+            )
         if not isinstance(self.geometry_hidden, int) or self.geometry_hidden <= 0:
-            raise ValueError(f"geometry_hidden must be a positive int, got {self.geometry_hidden!r}")
+            raise ValueError(
+                f"geometry_hidden must be a positive int, got {self.geometry_hidden!r}"
+            )
         if self.geometry_init not in GEOMETRY_INITS:
-            raise ValueError(f"geometry_init must be one of {GEOMETRY_INITS}, got {self.geometry_init!r}")
+            raise ValueError(
+                f"geometry_init must be one of {GEOMETRY_INITS}, got {self.geometry_init!r}"
+            )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+            )
         if self.location_dim not in LOCATION_KEYS:
-            raise ValueError(f"location_dim must be 5 (region_loc5) or 7 (region_loc7), got {self.location_dim!r}")
+            raise ValueError(
+                f"location_dim must be 5 (region_loc5) or 7 (region_loc7), got {self.location_dim!r}"
+            )
         if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}")
+            raise ValueError(
+                f"pad_token_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name, value, allowed in (("question_encoder", self.question_encoder, QUESTION_ENCODERS),
-                                     ("text_pooling", self.text_pooling, TEXT_POOLINGS),
-                                     ("image_pooling", self.image_pooling, IMAGE_POOLINGS)):
+        for name, value, allowed in (
+            ("question_encoder", self.question_encoder, QUESTION_ENCODERS),
+            ("text_pooling", self.text_pooling, TEXT_POOLINGS),
+            ("image_pooling", self.image_pooling, IMAGE_POOLINGS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -139,31 +171,45 @@ class VQAConfig(ModelConfig):
 # ---------------------------------------------------------------------------
 
 
-def _region_inputs(batch: dict[str, Any], config: VQAConfig) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def _region_inputs(
+    batch: dict[str, Any], config: VQAConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``region_feats, region_loc, region_mask`` and, with ``geometry_bias``, ``region_boxes`` (else None)."""
-    feats, loc, mask = (get_tensor(batch, k) for k in ("region_feats", config.location_key, "region_mask"))
+    feats, loc, mask = (
+        get_tensor(batch, k) for k in ("region_feats", config.location_key, "region_mask")
+    )
     if feats.dim() != 3 or feats.shape[-1] != config.region_dim:
-        raise ValueError(f"batch['region_feats'] must be (batch, regions, {config.region_dim}), "
-                         f"got {tuple(feats.shape)}")
+        raise ValueError(
+            f"batch['region_feats'] must be (batch, regions, {config.region_dim}), "
+            f"got {tuple(feats.shape)}"
+        )
     B, R, _ = feats.shape
     if tuple(loc.shape) != (B, R, config.location_dim):
-        raise ValueError(f"batch[{config.location_key!r}] must be ({B}, {R}, {config.location_dim}), "
-                         f"got {tuple(loc.shape)}")
+        raise ValueError(
+            f"batch[{config.location_key!r}] must be ({B}, {R}, {config.location_dim}), "
+            f"got {tuple(loc.shape)}"
+        )
     if mask.dtype != torch.bool or tuple(mask.shape) != (B, R):
-        raise ValueError(f"batch['region_mask'] must be bool ({B}, {R}) (True = real region), "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"batch['region_mask'] must be bool ({B}, {R}) (True = real region), "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
     boxes = None
     if config.geometry_bias:
         boxes = get_tensor(batch, "region_boxes")
         if tuple(boxes.shape) != (B, R, 4):
-            raise ValueError(f"batch['region_boxes'] must be ({B}, {R}, 4) xyxy (geometry_bias=True reads it), "
-                             f"got {tuple(boxes.shape)}")
+            raise ValueError(
+                f"batch['region_boxes'] must be ({B}, {R}, 4) xyxy (geometry_bias=True reads it), "
+                f"got {tuple(boxes.shape)}"
+            )
     return feats, loc, mask, boxes
 
 
 def _same_batch(question: Tensor, regions: Tensor) -> None:
     if question.shape[0] != regions.shape[0]:
-        raise ValueError(f"input_ids has batch size {question.shape[0]} but region_feats has {regions.shape[0]}")
+        raise ValueError(
+            f"input_ids has batch size {question.shape[0]} but region_feats has {regions.shape[0]}"
+        )
 
 
 def _mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -195,9 +241,16 @@ def _image_pool_width(config: VQAConfig) -> int:
 
 def _transformer_layers(config: VQAConfig, count: int) -> nn.ModuleList:
     return nn.ModuleList(
-        TransformerLayer(config.hidden_size, config.num_heads, config.ffn_size, config.dropout,
-                         config.attention_dropout, norm_first=config.norm_first)
-        for _ in range(count))
+        TransformerLayer(
+            config.hidden_size,
+            config.num_heads,
+            config.ffn_size,
+            config.dropout,
+            config.attention_dropout,
+            norm_first=config.norm_first,
+        )
+        for _ in range(count)
+    )
 
 
 def _final_norm(config: VQAConfig, count: int) -> nn.Module:
@@ -228,8 +281,13 @@ class QuestionEncoder(nn.Module):
             self.embeddings = nn.Embedding(config.vocab_size, H, padding_idx=config.pad_token_id)
             self.gru = nn.GRU(H, H, batch_first=True)
         else:
-            self.embeddings = TextEmbeddings(config.vocab_size, H, config.max_text_len, dropout=config.dropout,
-                                             pad_token_id=config.pad_token_id)
+            self.embeddings = TextEmbeddings(
+                config.vocab_size,
+                H,
+                config.max_text_len,
+                dropout=config.dropout,
+                pad_token_id=config.pad_token_id,
+            )
             self.layers = _transformer_layers(config, config.num_layers)
             self.final_norm = _final_norm(config, config.num_layers)
 
@@ -240,13 +298,19 @@ class QuestionEncoder(nn.Module):
                 x, _ = layer(x, attention_mask)
             x = self.final_norm(x)
             return x, _pool_text(x, attention_mask, self.pooling)
-        if not torch.compiler.is_compiling() and bool((attention_mask[:, 1:] & ~attention_mask[:, :-1]).any()):
-            raise ValueError("attention_mask must be right-padded (real tokens first) for the GRU encoder")
-        tokens, _ = self.gru(self.embeddings(input_ids))                       # (B, T, H)
-        lengths = attention_mask.sum(dim=1)                                      # (B,)
+        if not torch.compiler.is_compiling() and bool(
+            (attention_mask[:, 1:] & ~attention_mask[:, :-1]).any()
+        ):
+            raise ValueError(
+                "attention_mask must be right-padded (real tokens first) for the GRU encoder"
+            )
+        tokens, _ = self.gru(self.embeddings(input_ids))  # (B, T, H)
+        lengths = attention_mask.sum(dim=1)  # (B,)
         last = (lengths - 1).clamp(min=0)
         pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, H)
-        return tokens, pooled * (lengths > 0).unsqueeze(-1).to(pooled.dtype)   # an empty question -> zeros
+        return tokens, pooled * (lengths > 0).unsqueeze(-1).to(
+            pooled.dtype
+        )  # an empty question -> zeros
 
 
 class RegionEncoder(nn.Module):
@@ -260,21 +324,41 @@ class RegionEncoder(nn.Module):
 
     def __init__(self, config: VQAConfig):
         super().__init__()
-        self.embeddings = RegionEmbeddings(config.region_dim, config.hidden_size, config.location_dim,
-                                           dropout=config.dropout, location_layers=config.location_layers)
+        self.embeddings = RegionEmbeddings(
+            config.region_dim,
+            config.hidden_size,
+            config.location_dim,
+            dropout=config.dropout,
+            location_layers=config.location_layers,
+        )
         self.layers = _transformer_layers(config, config.region_layers)
-        self.geometry = GeometryBias(config.num_heads, config.geometry_hidden, config.geometry_self_logit,
-                                                  config.geometry_init) if config.geometry_bias else None
+        self.geometry = (
+            GeometryBias(
+                config.num_heads,
+                config.geometry_hidden,
+                config.geometry_self_logit,
+                config.geometry_init,
+            )
+            if config.geometry_bias
+            else None
+        )
         self.final_norm = _final_norm(config, config.region_layers)
 
-    def forward(self, region_feats: Tensor, region_loc: Tensor, region_mask: Tensor,
-                region_boxes: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        region_feats: Tensor,
+        region_loc: Tensor,
+        region_mask: Tensor,
+        region_boxes: Tensor | None = None,
+    ) -> Tensor:
         x = self.embeddings(region_feats, region_loc)
         bias = None
         if self.geometry is not None:
             if region_boxes is None:
-                raise ValueError("geometry_bias=True needs region_boxes (B, R, 4), the raw xyxy boxes")
-            bias = self.geometry(region_boxes.to(x.dtype))                 # (B, heads, R, R)
+                raise ValueError(
+                    "geometry_bias=True needs region_boxes (B, R, 4), the raw xyxy boxes"
+                )
+            bias = self.geometry(region_boxes.to(x.dtype))  # (B, heads, R, R)
         for layer in self.layers:
             x, _ = layer(x, region_mask, attn_mask=bias)
         return self.final_norm(x)
@@ -299,7 +383,9 @@ class QuestionOnly(PretrainedModel):
     def __init__(self, config: VQAConfig):
         super().__init__(config)
         self.question = QuestionEncoder(config)
-        self.classifier = _mlp([config.hidden_size, config.classifier_hidden, config.num_answers], config.dropout)
+        self.classifier = _mlp(
+            [config.hidden_size, config.classifier_hidden, config.num_answers], config.dropout
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         _, q = self.question(*text_inputs(batch))
@@ -315,12 +401,16 @@ class ImageOnly(PretrainedModel):
     def __init__(self, config: VQAConfig):
         super().__init__(config)
         self.regions = RegionEncoder(config)
-        self.classifier = _mlp([_image_pool_width(config), config.classifier_hidden, config.num_answers],
-                               config.dropout)
+        self.classifier = _mlp(
+            [_image_pool_width(config), config.classifier_hidden, config.num_answers],
+            config.dropout,
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         feats, loc, mask, boxes = _region_inputs(batch, self.config)
-        return self.classifier(_pool_regions(self.regions(feats, loc, mask, boxes), mask, self.config.image_pooling))
+        return self.classifier(
+            _pool_regions(self.regions(feats, loc, mask, boxes), mask, self.config.image_pooling)
+        )
 
 
 @register_model("late_fusion")
@@ -340,15 +430,19 @@ class LateFusion(PretrainedModel):
         self.question = QuestionEncoder(config)
         self.regions = RegionEncoder(config)
         width = _image_pool_width(config) + config.hidden_size
-        self.classifier = _mlp([width, config.classifier_hidden, config.classifier_hidden, config.num_answers],
-                               config.dropout)
+        self.classifier = _mlp(
+            [width, config.classifier_hidden, config.classifier_hidden, config.num_answers],
+            config.dropout,
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids, text_mask = text_inputs(batch)
         feats, loc, region_mask, boxes = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
         _, q = self.question(ids, text_mask)
-        image = _pool_regions(self.regions(feats, loc, region_mask, boxes), region_mask, self.config.image_pooling)
+        image = _pool_regions(
+            self.regions(feats, loc, region_mask, boxes), region_mask, self.config.image_pooling
+        )
         return self.classifier(torch.cat([image, q], dim=-1))
 
 
@@ -377,20 +471,29 @@ class RelationNetwork(PretrainedModel):
         for i in range(config.rn_g_layers):
             g += [nn.Linear(3 * H if i == 0 else G, G), nn.ReLU()]
         self.g = nn.Sequential(*g)
-        self.f = nn.Sequential(nn.Linear(G, G), nn.ReLU(), _mlp([G, G, config.num_answers], config.dropout))
+        self.f = nn.Sequential(
+            nn.Linear(G, G), nn.ReLU(), _mlp([G, G, config.num_answers], config.dropout)
+        )
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         ids, text_mask = text_inputs(batch)
         feats, loc, region_mask, boxes = _region_inputs(batch, self.config)
         _same_batch(ids, feats)
-        _, q = self.question(ids, text_mask)                           # (B, H)
-        o = self.regions(feats, loc, region_mask, boxes)                      # (B, R, H)
+        _, q = self.question(ids, text_mask)  # (B, H)
+        o = self.regions(feats, loc, region_mask, boxes)  # (B, R, H)
         B, R, H = o.shape
-        pairs = torch.cat([o.unsqueeze(2).expand(B, R, R, H),          # o_i
-                           o.unsqueeze(1).expand(B, R, R, H),          # o_j
-                           q[:, None, None, :].expand(B, R, R, H)], dim=-1)  # (B, R, R, 3H)
-        relations = self.g(pairs)                                      # (B, R, R, G)
-        real_pair = (region_mask.unsqueeze(2) & region_mask.unsqueeze(1)).unsqueeze(-1)  # (B, R, R, 1)
+        pairs = torch.cat(
+            [
+                o.unsqueeze(2).expand(B, R, R, H),  # o_i
+                o.unsqueeze(1).expand(B, R, R, H),  # o_j
+                q[:, None, None, :].expand(B, R, R, H),
+            ],
+            dim=-1,
+        )  # (B, R, R, 3H)
+        relations = self.g(pairs)  # (B, R, R, G)
+        real_pair = (region_mask.unsqueeze(2) & region_mask.unsqueeze(1)).unsqueeze(
+            -1
+        )  # (B, R, R, 1)
         summed = relations.masked_fill(~real_pair, 0.0).sum(dim=(1, 2))  # (B, G)
         return self.f(summed)
 
@@ -416,18 +519,33 @@ class CrossAttentionFusion(PretrainedModel):
     def __init__(self, config: VQAConfig):
         super().__init__(config)
         H = config.hidden_size
-        self.text_embeddings = TextEmbeddings(config.vocab_size, H, config.max_text_len, dropout=config.dropout,
-                                              pad_token_id=config.pad_token_id)
+        self.text_embeddings = TextEmbeddings(
+            config.vocab_size,
+            H,
+            config.max_text_len,
+            dropout=config.dropout,
+            pad_token_id=config.pad_token_id,
+        )
         self.text_layers = _transformer_layers(config, config.text_layers)
         self.regions = RegionEncoder(config)
         self.cross_layers = nn.ModuleList(
-            CrossAttentionLayer(H, config.num_heads, config.ffn_size, config.dropout, config.attention_dropout,
-                                self_attention=True, norm_first=config.norm_first)
-            for _ in range(config.num_layers))
+            CrossAttentionLayer(
+                H,
+                config.num_heads,
+                config.ffn_size,
+                config.dropout,
+                config.attention_dropout,
+                self_attention=True,
+                norm_first=config.norm_first,
+            )
+            for _ in range(config.num_layers)
+        )
         self.final_norm = _final_norm(config, config.num_layers)
         self.classifier = _mlp([H, config.classifier_hidden, config.num_answers], config.dropout)
 
-    def forward(self, batch: dict[str, Tensor], need_weights: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, batch: dict[str, Tensor], need_weights: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         ids, text_mask = text_inputs(batch)
         feats, loc, region_mask, boxes = _region_inputs(batch, self.config)
         _same_batch(ids, feats)

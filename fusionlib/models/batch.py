@@ -41,13 +41,16 @@ def text_inputs(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
     if ids.dim() != 2 or ids.dtype != torch.long:
         raise ValueError(f"batch['input_ids'] must be long (batch, seq), got {_described(ids)}")
     if mask.dtype != torch.bool or mask.shape != ids.shape:
-        raise ValueError(f"batch['attention_mask'] must be bool {tuple(ids.shape)} like input_ids (True = real "
-                         f"token), got {_described(mask)}")
+        raise ValueError(
+            f"batch['attention_mask'] must be bool {tuple(ids.shape)} like input_ids (True = real "
+            f"token), got {_described(mask)}"
+        )
     return ids, mask
 
 
-def region_inputs(batch: Mapping[str, Any], batch_size: int, region_dim: int,
-                  location_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+def region_inputs(
+    batch: Mapping[str, Any], batch_size: int, region_dim: int, location_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """``region_feats (B, R, region_dim)`` float, the locations ``(B, R, location_dim)`` float (the key of
     :data:`LOCATION_KEYS`) and ``region_mask (B, R)`` bool (True = real region), checked.
 
@@ -55,28 +58,44 @@ def region_inputs(batch: Mapping[str, Any], batch_size: int, region_dim: int,
     captions disagree fails here rather than inside attention.
     """
     if location_dim not in LOCATION_KEYS:
-        raise ValueError(f"location_dim must be one of {sorted(LOCATION_KEYS)}, got {location_dim!r}")
+        raise ValueError(
+            f"location_dim must be one of {sorted(LOCATION_KEYS)}, got {location_dim!r}"
+        )
     loc_key = LOCATION_KEYS[location_dim]
     feats, loc, mask = (get_tensor(batch, k) for k in ("region_feats", loc_key, "region_mask"))
-    if (feats.dim() != 3 or feats.shape[0] != batch_size or feats.shape[2] != region_dim
-            or not feats.is_floating_point()):
-        raise ValueError(f"batch['region_feats'] must be float ({batch_size}, regions, {region_dim}) = (batch of "
-                         f"input_ids, regions, region_dim of the config), got {_described(feats)}")
+    if (
+        feats.dim() != 3
+        or feats.shape[0] != batch_size
+        or feats.shape[2] != region_dim
+        or not feats.is_floating_point()
+    ):
+        raise ValueError(
+            f"batch['region_feats'] must be float ({batch_size}, regions, {region_dim}) = (batch of "
+            f"input_ids, regions, region_dim of the config), got {_described(feats)}"
+        )
     R = feats.shape[1]
     if tuple(loc.shape) != (batch_size, R, location_dim) or not loc.is_floating_point():
-        raise ValueError(f"batch[{loc_key!r}] must be float ({batch_size}, {R}, {location_dim}) like region_feats, "
-                         f"got {_described(loc)}")
+        raise ValueError(
+            f"batch[{loc_key!r}] must be float ({batch_size}, {R}, {location_dim}) like region_feats, "
+            f"got {_described(loc)}"
+        )
     if mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, R):
-        raise ValueError(f"batch['region_mask'] must be bool ({batch_size}, {R}) (True = real region), "
-                         f"got {_described(mask)}")
+        raise ValueError(
+            f"batch['region_mask'] must be bool ({batch_size}, {R}) (True = real region), "
+            f"got {_described(mask)}"
+        )
     return feats, loc, mask
 
 
-def optional_bool(batch: Mapping[str, Any], key: str, shape: tuple[int, ...], why: str = "") -> Tensor | None:
+def optional_bool(
+    batch: Mapping[str, Any], key: str, shape: tuple[int, ...], why: str = ""
+) -> Tensor | None:
     """``batch[key]``, a bool tensor of ``shape``, or None when the batch has no such key (or holds None)."""
     if batch.get(key) is None:
         return None
     value = get_tensor(batch, key, why)
     if value.dtype != torch.bool or tuple(value.shape) != tuple(shape):
-        raise ValueError(f"batch[{key!r}] must be bool {tuple(shape)}{why}, got {_described(value)}")
+        raise ValueError(
+            f"batch[{key!r}] must be bool {tuple(shape)}{why}, got {_described(value)}"
+        )
     return value

@@ -55,7 +55,9 @@ class ModelConfig:
     """Base of every model config: a frozen dataclass that round-trips through JSON."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls: type[C], d: dict[str, Any]) -> C:
@@ -78,12 +80,14 @@ class PretrainedModel(nn.Module):
     """
 
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
-    registry_name: ClassVar[str | None] = None      # set by register_model
+    registry_name: ClassVar[str | None] = None  # set by register_model
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
 
     def num_parameters(self, trainable_only: bool = True) -> int:
@@ -101,29 +105,40 @@ class PretrainedModel(nn.Module):
             "config": self.config.to_dict(),
         }
         # Each file is swapped in whole: a run killed mid-save leaves the previous weights, never half of them.
-        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda path: save_model(self, path, force_contiguous=True))
+        atomic_write(
+            os.path.join(directory, WEIGHTS_NAME),
+            lambda path: save_model(self, path, force_contiguous=True),
+        )
         atomic_write_json(os.path.join(directory, CONFIG_NAME), meta)
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ):
         """Load what :meth:`save_pretrained` wrote; raises if it holds another model class."""
         model = load_pretrained(directory, map_location)
         if not isinstance(model, cls):
-            raise TypeError(f"{os.fspath(directory)} holds a {type(model).__name__}, not a {cls.__name__}")
+            raise TypeError(
+                f"{os.fspath(directory)} holds a {type(model).__name__}, not a {cls.__name__}"
+            )
         return model
 
 
 def register_model(name: str) -> Callable[[M], M]:
     """Class decorator: make a :class:`PretrainedModel` buildable as ``build_model(name, config)``."""
+
     def decorator(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, PretrainedModel)):
             raise TypeError(f"register_model expects a PretrainedModel subclass, got {cls!r}")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a model is already registered as {name!r}: {_REGISTRY[name].__name__}")
+            raise ValueError(
+                f"a model is already registered as {name!r}: {_REGISTRY[name].__name__}"
+            )
         _REGISTRY[name] = cls
         cls.registry_name = name
         return cls
+
     return decorator
 
 
@@ -139,7 +154,9 @@ def build_model(name: str, config: ModelConfig) -> PretrainedModel:
     return _REGISTRY[name](config)
 
 
-def load_pretrained(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> PretrainedModel:
+def load_pretrained(
+    directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> PretrainedModel:
     """Rebuild the model saved in ``directory`` from its ``config.json`` and load its weights.
 
     The model comes back in eval mode on ``map_location`` (CPU by default, so a
@@ -151,20 +168,30 @@ def load_pretrained(directory: str | os.PathLike, map_location: str | torch.devi
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise FileNotFoundError(
+                f"{path} not found; save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
     with open(config_path, encoding="utf-8") as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path} has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{config_path} has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     module_name, class_name = meta["model_module"], meta["model_class"]
     if not module_name.startswith("fusionlib."):
-        raise ValueError(f"{config_path} names module {module_name!r}; only fusionlib models are loaded")
+        raise ValueError(
+            f"{config_path} names module {module_name!r}; only fusionlib models are loaded"
+        )
     cls = getattr(importlib.import_module(module_name), class_name, None)
     if cls is None or cls not in _REGISTRY.values():
-        raise ValueError(f"{module_name}.{class_name} (from {config_path}) is not a registered fusionlib model")
+        raise ValueError(
+            f"{module_name}.{class_name} (from {config_path}) is not a registered fusionlib model"
+        )
     if cls.config_class.__name__ != meta["config_class"]:
-        raise ValueError(f"{class_name} takes a {cls.config_class.__name__}, but {config_path} "
-                         f"holds a {meta['config_class']}")
+        raise ValueError(
+            f"{class_name} takes a {cls.config_class.__name__}, but {config_path} "
+            f"holds a {meta['config_class']}"
+        )
     model = cls(cls.config_class.from_dict(meta["config"]))
     model.to(map_location)
     load_model(model, weights_path, strict=True, device=str(map_location))

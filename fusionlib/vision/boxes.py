@@ -29,7 +29,9 @@ def as_image_size(image_size: Any, name: str = "image_size") -> tuple[int, int]:
         size = tuple(image_size)
     else:
         raise ValueError(f"{name} must be an int or a pair (H, W), got {image_size!r}")
-    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size):
+    if not all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in size
+    ):
         raise ValueError(f"{name} must hold positive ints (H, W), got {image_size!r}")
     return int(size[0]), int(size[1])
 
@@ -44,7 +46,9 @@ def check_boxes(boxes: Any, image_size: Any, name: str = "boxes") -> Tensor:
     H, W = as_image_size(image_size)
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
     if boxes.dim() == 0 or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape (..., 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+        raise ValueError(
+            f"{name} must have shape (..., 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}"
+        )
     if not torch.isfinite(boxes).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     x1, y1, x2, y2 = boxes.unbind(-1)

@@ -30,17 +30,38 @@ from .extraction import extract_region_features
 from .regions import FEATURES_FORMAT_VERSION, RegionFeatures
 from .training import train_detector
 
-__all__ = ["SPLITS", "cache_key", "features_dir", "detector_cache_path", "features_cache_path",
-           "load_or_train_detector", "load_or_build_features"]
+__all__ = [
+    "SPLITS",
+    "cache_key",
+    "features_dir",
+    "detector_cache_path",
+    "features_cache_path",
+    "load_or_train_detector",
+    "load_or_build_features",
+]
 
 # What a damaged cache file can raise while being read back.
-_CACHE_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, json.JSONDecodeError)
+_CACHE_ERRORS = (
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    SafetensorError,
+    json.JSONDecodeError,
+)
 
 
 def cache_key(world_config: Any, detector_config: DetectorConfig) -> str:
     """Hash of the world config, the detector config and the file format version."""
-    blob = json.dumps({"world": world_config.key(), "detector": detector_config.key(),
-                       "format_version": FEATURES_FORMAT_VERSION}, sort_keys=True).encode()
+    blob = json.dumps(
+        {
+            "world": world_config.key(),
+            "detector": detector_config.key(),
+            "format_version": FEATURES_FORMAT_VERSION,
+        },
+        sort_keys=True,
+    ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -58,7 +79,9 @@ def features_cache_path(world_config: Any, detector_config: DetectorConfig, spli
     """The safetensors file the region features of ``split`` are cached in."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return os.path.join(features_dir(), f"regions-{split}-{cache_key(world_config, detector_config)}.safetensors")
+    return os.path.join(
+        features_dir(), f"regions-{split}-{cache_key(world_config, detector_config)}.safetensors"
+    )
 
 
 def load_or_train_detector(
@@ -83,9 +106,13 @@ def load_or_train_detector(
                 raise ValueError(f"cached detector config {detector.config} differs from {cfg}")
             return detector, history
         except _CACHE_ERRORS as err:
-            warnings.warn(f"cached detector in {directory} is unreadable ({type(err).__name__}: {err}); retraining it",
-                          stacklevel=2)
-    detector, history = train_detector(world_config, cfg, train_scenes, progress=progress, device=device)
+            warnings.warn(
+                f"cached detector in {directory} is unreadable ({type(err).__name__}: {err}); retraining it",
+                stacklevel=2,
+            )
+    detector, history = train_detector(
+        world_config, cfg, train_scenes, progress=progress, device=device
+    )
     detector.save(directory, history)
     return detector, history
 
@@ -113,14 +140,18 @@ def load_or_build_features(
     if scenes is not None:
         # The cache holds whole splits; features of a subset come from extract_region_features.
         if len(scenes) != expected_n or any(s.split != split for s in scenes):
-            raise ValueError(f"scenes must be the whole {split!r} split ({expected_n} scenes of that split), "
-                             f"got {len(scenes)}; use extract_region_features for a subset")
+            raise ValueError(
+                f"scenes must be the whole {split!r} split ({expected_n} scenes of that split), "
+                f"got {len(scenes)}; use extract_region_features for a subset"
+            )
     detector = None
     if os.path.exists(path):
         try:
             # Features are only valid with the detector that made them: two runs that
             # started on an empty cache at once may each have trained (and cached) one.
-            detector, _ = load_or_train_detector(world_config, cfg, train_scenes, progress=progress, device=device)
+            detector, _ = load_or_train_detector(
+                world_config, cfg, train_scenes, progress=progress, device=device
+            )
             made_by = _file_metadata(path).get("detector_fingerprint")
             if made_by != detector_fingerprint(detector):
                 raise ValueError("they were extracted by another detector than the cached one")
@@ -131,21 +162,36 @@ def load_or_build_features(
                 raise ValueError("its scene indices differ from the scenes given")
             return features
         except _CACHE_ERRORS as err:
-            warnings.warn(f"cached region features {path} are unreadable ({type(err).__name__}: {err}); "
-                          "rebuilding them", stacklevel=2)
+            warnings.warn(
+                f"cached region features {path} are unreadable ({type(err).__name__}: {err}); "
+                "rebuilding them",
+                stacklevel=2,
+            )
     if split == "train" and train_scenes is None and scenes is not None:
         train_scenes = scenes
     if detector is None:
-        detector, _ = load_or_train_detector(world_config, cfg, train_scenes, progress=progress, device=device)
+        detector, _ = load_or_train_detector(
+            world_config, cfg, train_scenes, progress=progress, device=device
+        )
     if scenes is None:
         scenes = generate_split(world_config, split)
     if device is not None:
         detector.to(runtime.device(device))
-    jitter = cfg.num_jitter if world_config.num_objects > 0 else 0         # nothing to jitter in an empty world
+    jitter = (
+        cfg.num_jitter if world_config.num_objects > 0 else 0
+    )  # nothing to jitter in an empty world
     max_regions = world_config.num_objects + jitter + cfg.num_background
-    features = extract_region_features(detector, scenes, cfg, max_regions=max_regions, progress=progress)
-    features.save(path, {"cache_key": cache_key(world_config, cfg), "split": split,
-                         "detector_fingerprint": detector_fingerprint(detector)})
+    features = extract_region_features(
+        detector, scenes, cfg, max_regions=max_regions, progress=progress
+    )
+    features.save(
+        path,
+        {
+            "cache_key": cache_key(world_config, cfg),
+            "split": split,
+            "detector_fingerprint": detector_fingerprint(detector),
+        },
+    )
     return features
 
 

@@ -33,8 +33,15 @@ from fusionlib.fileio import atomic_write, atomic_write_json
 from .boxes import as_image_size
 from .regions import FEATURES_FORMAT_VERSION
 
-__all__ = ["BACKGROUND", "DetectorConfig", "RegionDetector", "save_detector", "load_detector",
-           "detector_class_names", "detector_fingerprint"]
+__all__ = [
+    "BACKGROUND",
+    "DetectorConfig",
+    "RegionDetector",
+    "save_detector",
+    "load_detector",
+    "detector_class_names",
+    "detector_fingerprint",
+]
 
 BACKGROUND = "background"
 
@@ -48,19 +55,19 @@ class DetectorConfig:
     ``python -m fusionlib.bench features`` measures it on your machine).
     """
 
-    channels: tuple[int, ...] = (32, 64, 64)   # conv widths of the backbone
-    strides: tuple[int, ...] = (2, 2, 1)       # 75 px -> 38 -> 19 -> 19 feature map
-    feature_dim: int = 64                      # region feature size D
-    roi_size: int = 4                          # roi_align output is roi_size x roi_size
-    sampling_ratio: int = 2                    # bilinear samples per RoI bin side
-    steps: int = 150                           # training steps (100% by ~60 on the default world)
-    batch_size: int = 32                       # images per step (x ~10 regions each)
+    channels: tuple[int, ...] = (32, 64, 64)  # conv widths of the backbone
+    strides: tuple[int, ...] = (2, 2, 1)  # 75 px -> 38 -> 19 -> 19 feature map
+    feature_dim: int = 64  # region feature size D
+    roi_size: int = 4  # roi_align output is roi_size x roi_size
+    sampling_ratio: int = 2  # bilinear samples per RoI bin side
+    steps: int = 150  # training steps (100% by ~60 on the default world)
+    batch_size: int = 32  # images per step (x ~10 regions each)
     lr: float = 3e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
-    seed: int = 0                              # initialisation, training order and proposals
-    num_jitter: int = 2                        # jittered object proposals per image
-    num_background: int = 2                    # background proposals per image
+    seed: int = 0  # initialisation, training order and proposals
+    num_jitter: int = 2  # jittered object proposals per image
+    num_background: int = 2  # background proposals per image
     min_jitter_iou: float = 0.5
     max_background_iou: float = 0.3
 
@@ -70,7 +77,9 @@ class DetectorConfig:
         if not self.channels or any(not isinstance(c, int) or c <= 0 for c in self.channels):
             raise ValueError(f"channels must be positive ints, got {self.channels}")
         if len(self.strides) != len(self.channels) or any(s not in (1, 2) for s in self.strides):
-            raise ValueError(f"strides must be 1 or 2, one per conv layer ({len(self.channels)}), got {self.strides}")
+            raise ValueError(
+                f"strides must be 1 or 2, one per conv layer ({len(self.channels)}), got {self.strides}"
+            )
         for name in ("feature_dim", "roi_size", "sampling_ratio", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -85,7 +94,9 @@ class DetectorConfig:
             raise ValueError(f"max_background_iou must be in (0, 1], got {self.max_background_iou}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
@@ -109,8 +120,14 @@ class RegionDetector(nn.Module):
     def __init__(self, config: DetectorConfig, class_names: Sequence[str], image_size: Any):
         super().__init__()
         class_names = tuple(class_names)
-        if len(class_names) < 2 or class_names[-1] != BACKGROUND or len(set(class_names)) != len(class_names):
-            raise ValueError(f"class_names must be distinct and end with {BACKGROUND!r}, got {class_names}")
+        if (
+            len(class_names) < 2
+            or class_names[-1] != BACKGROUND
+            or len(set(class_names)) != len(class_names)
+        ):
+            raise ValueError(
+                f"class_names must be distinct and end with {BACKGROUND!r}, got {class_names}"
+            )
         self.config = config
         self.class_names = class_names
         self.image_size = as_image_size(image_size)
@@ -118,16 +135,21 @@ class RegionDetector(nn.Module):
         in_ch = 3
         for out_ch, stride in zip(config.channels, config.strides):
             # BatchNorm folds into a per-channel affine at eval time: free at extraction.
-            layers += [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(inplace=True),
+            ]
             in_ch = out_ch
         self.backbone = nn.Sequential(*layers)
         # Like Faster R-CNN's TwoMLPHead: the output of the second layer (after ReLU)
         # is the region feature that bottom-up attention saves.
         self.box_head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(in_ch * config.roi_size**2, config.feature_dim), nn.ReLU(inplace=True),
-            nn.Linear(config.feature_dim, config.feature_dim), nn.ReLU(inplace=True),
+            nn.Linear(in_ch * config.roi_size**2, config.feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(config.feature_dim, config.feature_dim),
+            nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(config.feature_dim, len(class_names))
 
@@ -160,22 +182,30 @@ class RegionDetector(nn.Module):
         if x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
             raise ValueError(f"images must be (B, H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")
         if tuple(x.shape[1:3]) != self.image_size:
-            raise ValueError(f"images must be {self.image_size} pixels (H, W), got {tuple(x.shape[1:3])}")
+            raise ValueError(
+                f"images must be {self.image_size} pixels (H, W), got {tuple(x.shape[1:3])}"
+            )
         device = next(self.parameters()).device
         return x.to(device).permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5)
 
     def pool(self, feature_map: Tensor, boxes: list[Tensor]) -> Tensor:
         """``roi_align`` of ``boxes`` (image pixels) over ``feature_map (B, C, h, w)`` -> ``(sum n_b, C, r, r)``."""
         return roi_align(
-            feature_map, boxes, output_size=self.config.roi_size, spatial_scale=self.spatial_scale,
-            sampling_ratio=self.config.sampling_ratio, aligned=True,
+            feature_map,
+            boxes,
+            output_size=self.config.roi_size,
+            spatial_scale=self.spatial_scale,
+            sampling_ratio=self.config.sampling_ratio,
+            aligned=True,
         )
 
     def forward(self, images: Tensor, boxes: list[Tensor]) -> tuple[Tensor, Tensor]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) float, got {tuple(images.shape)}")
         if len(boxes) != images.shape[0]:
-            raise ValueError(f"boxes must be a list of {images.shape[0]} tensors (one per image), got {len(boxes)}")
+            raise ValueError(
+                f"boxes must be a list of {images.shape[0]} tensors (one per image), got {len(boxes)}"
+            )
         feats = self.box_head(self.pool(self.backbone(images), boxes))
         return feats, self.classifier(feats)
 
@@ -183,8 +213,12 @@ class RegionDetector(nn.Module):
         """Write ``model.safetensors`` and ``config.json`` (and ``history.json``) atomically into ``directory``."""
         directory = os.fspath(directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"detector_config": self.config.to_dict(), "class_names": list(self.class_names),
-                "image_size": list(self.image_size), "format_version": FEATURES_FORMAT_VERSION}
+        meta = {
+            "detector_config": self.config.to_dict(),
+            "class_names": list(self.class_names),
+            "image_size": list(self.image_size),
+            "format_version": FEATURES_FORMAT_VERSION,
+        }
         atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(state, p))
         atomic_write_json(os.path.join(directory, "config.json"), meta)
         if history is not None:
@@ -192,24 +226,33 @@ class RegionDetector(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "RegionDetector":
+    def load(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+    ) -> "RegionDetector":
         """What :meth:`save` wrote, in eval mode on ``map_location``."""
         directory = os.fspath(directory)
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
             meta = json.load(f)
-        model = cls(DetectorConfig.from_dict(meta["detector_config"]), meta["class_names"], tuple(meta["image_size"]))
+        model = cls(
+            DetectorConfig.from_dict(meta["detector_config"]),
+            meta["class_names"],
+            tuple(meta["image_size"]),
+        )
         state = load_file(os.path.join(directory, "model.safetensors"), device=str(map_location))
         model.load_state_dict(state)
         return model.eval()
 
 
-def save_detector(detector: RegionDetector, directory: str | os.PathLike,
-                  history: dict[str, Any] | None = None) -> str:
+def save_detector(
+    detector: RegionDetector, directory: str | os.PathLike, history: dict[str, Any] | None = None
+) -> str:
     """Save ``detector`` (safetensors + config JSON) to ``directory``."""
     return detector.save(directory, history)
 
 
-def load_detector(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> RegionDetector:
+def load_detector(
+    directory: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> RegionDetector:
     """Load what :func:`save_detector` wrote, in eval mode."""
     return RegionDetector.load(directory, map_location)
 

@@ -61,18 +61,30 @@ def extract_region_features(
     per_image = []
     for s in scenes:
         gen = torch.Generator().manual_seed(_proposal_seed(cfg.seed, s.index))
-        per_image.append(propose_regions(object_boxes(s), (H, W), cfg.num_jitter, cfg.num_background, gen,
-                                         min_jitter_iou=cfg.min_jitter_iou,
-                                         max_background_iou=cfg.max_background_iou))
+        per_image.append(
+            propose_regions(
+                object_boxes(s),
+                (H, W),
+                cfg.num_jitter,
+                cfg.num_background,
+                gen,
+                min_jitter_iou=cfg.min_jitter_iou,
+                max_background_iou=cfg.max_background_iou,
+            )
+        )
     feats, probs = [], []
-    for start in runtime.progress(range(0, len(scenes), batch_size), desc="region features", disable=not progress):
-        chunk = scenes[start:start + batch_size]
+    for start in runtime.progress(
+        range(0, len(scenes), batch_size), desc="region features", disable=not progress
+    ):
+        chunk = scenes[start : start + batch_size]
         x = detector.images_to_tensor(stack_images(chunk))
-        f, logits = detector(x, [b.to(device) for b, _ in per_image[start:start + batch_size]])
+        f, logits = detector(x, [b.to(device) for b, _ in per_image[start : start + batch_size]])
         feats.append(f.cpu())
         probs.append(logits.softmax(-1).cpu())
     D = detector.config.feature_dim
-    feats_t = torch.cat(feats) if feats else torch.zeros(0, D)                       # (sum n_i, D)
-    probs_t = torch.cat(probs) if probs else torch.zeros(0, detector.num_classes)    # (sum n_i, C)
+    feats_t = torch.cat(feats) if feats else torch.zeros(0, D)  # (sum n_i, D)
+    probs_t = torch.cat(probs) if probs else torch.zeros(0, detector.num_classes)  # (sum n_i, C)
     indices = torch.tensor([s.index for s in scenes], dtype=torch.long)
-    return pad_regions(per_image, feats_t, probs_t, indices, (H, W), max_regions, detector.class_names)
+    return pad_regions(
+        per_image, feats_t, probs_t, indices, (H, W), max_regions, detector.class_names
+    )

@@ -26,9 +26,19 @@ from fusionlib import runtime
 from .boxes import as_image_size
 from .regions import RegionFeatures, pad_regions
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RESNET18_FILE", "RESNET18_URL", "FASTER_RCNN_FILE",
-           "FASTER_RCNN_URL", "grid_boxes", "resnet18_backbone", "extract_grid_features",
-           "faster_rcnn_weights_path", "FasterRCNNRegions"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RESNET18_FILE",
+    "RESNET18_URL",
+    "FASTER_RCNN_FILE",
+    "FASTER_RCNN_URL",
+    "grid_boxes",
+    "resnet18_backbone",
+    "extract_grid_features",
+    "faster_rcnn_weights_path",
+    "FasterRCNNRegions",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +55,11 @@ def grid_boxes(image_size: Any, grid: tuple[int, int] = (4, 4)) -> Tensor:
     patches in the limit) use instead of a detector's boxes.
     """
     H, W = as_image_size(image_size)
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and g > 0 for g in grid)):
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and g > 0 for g in grid)
+    ):
         raise ValueError(f"grid must be a pair of positive ints (rows, cols), got {grid!r}")
     rows, cols = grid
     ys = torch.linspace(0, H, rows + 1)
@@ -78,7 +91,9 @@ def resnet18_backbone(weights_path: str | os.PathLike | None = None, seed: int =
     if weights_path is not None:
         path = os.fspath(weights_path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"weights_path {path!r} does not exist; download {RESNET18_URL} and pass its path")
+            raise FileNotFoundError(
+                f"weights_path {path!r} does not exist; download {RESNET18_URL} and pass its path"
+            )
         model.load_state_dict(_load_state_dict(path))
     return model.eval()
 
@@ -91,11 +106,15 @@ def _pil_batch(images: Sequence[Any], size: tuple[int, int]) -> Tensor:
     for i, img in enumerate(images):
         if isinstance(img, np.ndarray):
             if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-                raise ValueError(f"images[{i}] must be a PIL image or (H, W, 3) uint8 array, "
-                                 f"got {img.shape} {img.dtype}")
+                raise ValueError(
+                    f"images[{i}] must be a PIL image or (H, W, 3) uint8 array, "
+                    f"got {img.shape} {img.dtype}"
+                )
             img = Image.fromarray(img)
         if not isinstance(img, Image.Image):
-            raise TypeError(f"images[{i}] must be a PIL image or a numpy array, got {type(img).__name__}")
+            raise TypeError(
+                f"images[{i}] must be a PIL image or a numpy array, got {type(img).__name__}"
+            )
         img = img.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()))
     x = torch.stack(out).permute(0, 3, 1, 2).float() / 255.0
@@ -135,26 +154,49 @@ def extract_grid_features(
         raise ValueError("images must hold at least one image, got none")
     for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "fc"):
         if not hasattr(backbone, name):
-            raise TypeError(f"backbone must be a torchvision ResNet (missing .{name}), got {type(backbone).__name__}")
+            raise TypeError(
+                f"backbone must be a torchvision ResNet (missing .{name}), got {type(backbone).__name__}"
+            )
     backbone.eval()
-    trunk = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
-                          backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
+    trunk = nn.Sequential(
+        backbone.conv1,
+        backbone.bn1,
+        backbone.relu,
+        backbone.maxpool,
+        backbone.layer1,
+        backbone.layer2,
+        backbone.layer3,
+        backbone.layer4,
+    )
     device = next(backbone.parameters()).device
     size = as_image_size(image_size)
     cells = grid_boxes(size, grid)
     feats, probs = [], []
     for start in range(0, len(images), batch_size):
-        x = _pil_batch(images[start:start + batch_size], size).to(device)
+        x = _pil_batch(images[start : start + batch_size], size).to(device)
         fmap = trunk(x)
-        pooled = roi_align(fmap, [cells.to(device)] * x.shape[0], output_size=2,
-                           spatial_scale=fmap.shape[-1] / size[1], sampling_ratio=2, aligned=True)
+        pooled = roi_align(
+            fmap,
+            [cells.to(device)] * x.shape[0],
+            output_size=2,
+            spatial_scale=fmap.shape[-1] / size[1],
+            sampling_ratio=2,
+            aligned=True,
+        )
         f = pooled.mean(dim=(2, 3))
         feats.append(f.cpu())
         probs.append(backbone.fc(f).softmax(-1).cpu())
     feats_t, probs_t = torch.cat(feats), torch.cat(probs)
     per_image = [(cells, torch.full((len(cells),), -1, dtype=torch.long)) for _ in images]
-    return pad_regions(per_image, feats_t, probs_t, torch.arange(len(images)), size, None,
-                       _imagenet_names(probs_t.shape[1]))
+    return pad_regions(
+        per_image,
+        feats_t,
+        probs_t,
+        torch.arange(len(images)),
+        size,
+        None,
+        _imagenet_names(probs_t.shape[1]),
+    )
 
 
 def faster_rcnn_weights_path(weights_path: str | os.PathLike | None = None) -> str:
@@ -166,7 +208,8 @@ def faster_rcnn_weights_path(weights_path: str | os.PathLike | None = None) -> s
         path = os.fspath(weights_path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"weights_path {path!r} does not exist. Download {FASTER_RCNN_URL} and pass its path.")
+                f"weights_path {path!r} does not exist. Download {FASTER_RCNN_URL} and pass its path."
+            )
         return path
     path = os.path.join(torch.hub.get_dir(), "checkpoints", FASTER_RCNN_FILE)
     if not os.path.isfile(path):
@@ -192,15 +235,28 @@ class FasterRCNNRegions:
     of different sizes (normalised locations are unchanged by this).
     """
 
-    def __init__(self, weights_path: str | os.PathLike | None = None, *, min_regions: int = 10,
-                 max_regions: int = 36, score_threshold: float = 0.2, nms_iou: float = 0.3,
-                 frame: int = 224, device: str | torch.device | None = None, **model_kwargs: Any):
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None = None,
+        *,
+        min_regions: int = 10,
+        max_regions: int = 36,
+        score_threshold: float = 0.2,
+        nms_iou: float = 0.3,
+        frame: int = 224,
+        device: str | torch.device | None = None,
+        **model_kwargs: Any,
+    ):
         from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
         if not 0 < min_regions <= max_regions:
-            raise ValueError(f"need 0 < min_regions <= max_regions, got {min_regions}, {max_regions}")
+            raise ValueError(
+                f"need 0 < min_regions <= max_regions, got {min_regions}, {max_regions}"
+            )
         path = faster_rcnn_weights_path(weights_path)
-        self.model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91, **model_kwargs)
+        self.model = fasterrcnn_resnet50_fpn(
+            weights=None, weights_backbone=None, num_classes=91, **model_kwargs
+        )
         self.model.load_state_dict(_load_state_dict(path))
         self.device = runtime.device(device) if device is not None else torch.device("cpu")
         self.model.to(self.device).eval()
@@ -222,7 +278,9 @@ class FasterRCNNRegions:
             if isinstance(img, np.ndarray):
                 img = Image.fromarray(img)
             if not isinstance(img, Image.Image):
-                raise TypeError(f"images[{i}] must be a PIL image or a numpy array, got {type(img).__name__}")
+                raise TypeError(
+                    f"images[{i}] must be a PIL image or a numpy array, got {type(img).__name__}"
+                )
             arr = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
             tensors.append(arr.permute(2, 0, 1).float().div(255.0).to(self.device))
             sizes.append(tuple(arr.shape[:2]))
@@ -237,19 +295,28 @@ class FasterRCNNRegions:
         offset = 0
         for props, resized, original in zip(proposals, image_list.image_sizes, sizes):
             n = len(props)
-            p, f = probs[offset:offset + n], box_feats[offset:offset + n]
+            p, f = probs[offset : offset + n], box_feats[offset : offset + n]
             offset += n
             score = p[:, 1:].max(dim=1).values
-            keep = nms(props, score, self.nms_iou)               # sorted by score, descending
+            keep = nms(props, score, self.nms_iou)  # sorted by score, descending
             chosen = keep[score[keep] >= self.score_threshold][: self.max_regions]
             if len(chosen) < self.min_regions:
                 chosen = keep[: self.min_regions]
             boxes = resize_boxes(props[chosen], resized, original)
-            scale = torch.tensor([self.frame[1] / original[1], self.frame[0] / original[0]] * 2, device=boxes.device)
+            scale = torch.tensor(
+                [self.frame[1] / original[1], self.frame[0] / original[0]] * 2, device=boxes.device
+            )
             boxes = clip_boxes_to_image(boxes * scale, self.frame)
             per_image.append((boxes.cpu(), torch.full((len(chosen),), -1, dtype=torch.long)))
             feats.append(f[chosen].cpu())
             soft.append(p[chosen].cpu())
         names = detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
-        return pad_regions(per_image, torch.cat(feats), torch.cat(soft), torch.arange(len(images)),
-                           self.frame, self.max_regions, tuple(names))
+        return pad_regions(
+            per_image,
+            torch.cat(feats),
+            torch.cat(soft),
+            torch.arange(len(images)),
+            self.frame,
+            self.max_regions,
+            tuple(names),
+        )

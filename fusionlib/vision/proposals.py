@@ -69,24 +69,43 @@ def propose_regions(
             raise ValueError(f"min_jitter_iou must be in (0, 1], got {min_jitter_iou}")
         if not 0.0 < max_background_iou <= 1.0:
             raise ValueError(f"max_background_iou must be in (0, 1], got {max_background_iou}")
-        return _propose(boxes, (H, W), num_jitter, num_background, generator, min_jitter_iou,
-                        max_background_iou, max_tries)
+        return _propose(
+            boxes,
+            (H, W),
+            num_jitter,
+            num_background,
+            generator,
+            min_jitter_iou,
+            max_background_iou,
+            max_tries,
+        )
 
 
-def _propose(boxes: Tensor, size: tuple[int, int], num_jitter: int, num_background: int,
-             generator: torch.Generator, min_jitter_iou: float, max_background_iou: float,
-             max_tries: int) -> tuple[Tensor, Tensor]:
+def _propose(
+    boxes: Tensor,
+    size: tuple[int, int],
+    num_jitter: int,
+    num_background: int,
+    generator: torch.Generator,
+    min_jitter_iou: float,
+    max_background_iou: float,
+    max_tries: int,
+) -> tuple[Tensor, Tensor]:
     num_objects = boxes.shape[0]
     parts = [boxes]
     owners = [torch.arange(num_objects)]
     if num_jitter > 0 and num_objects > 0:
         # Every object is jittered once before any is jittered twice.
         repeats = math.ceil(num_jitter / num_objects)
-        source = torch.cat([torch.randperm(num_objects, generator=generator) for _ in range(repeats)])[:num_jitter]
+        source = torch.cat(
+            [torch.randperm(num_objects, generator=generator) for _ in range(repeats)]
+        )[:num_jitter]
         parts.append(_jitter_boxes(boxes, source, size, generator, min_jitter_iou, max_tries))
         owners.append(source)
     if num_background > 0:
-        parts.append(_background_boxes(boxes, num_background, size, generator, max_background_iou, max_tries))
+        parts.append(
+            _background_boxes(boxes, num_background, size, generator, max_background_iou, max_tries)
+        )
         owners.append(torch.full((num_background,), -1, dtype=torch.long))
     all_boxes = torch.cat(parts)
     all_owners = torch.cat(owners)
@@ -94,8 +113,15 @@ def _propose(boxes: Tensor, size: tuple[int, int], num_jitter: int, num_backgrou
     return all_boxes[order], all_owners[order]
 
 
-def _jitter_boxes(boxes: Tensor, source: Tensor, size: tuple[int, int], generator: torch.Generator,
-                  min_iou: float, max_tries: int, candidates: int = 8) -> Tensor:
+def _jitter_boxes(
+    boxes: Tensor,
+    source: Tensor,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    min_iou: float,
+    max_tries: int,
+    candidates: int = 8,
+) -> Tensor:
     """One jittered copy of ``boxes[source[j]]`` for each j: ``(J, 4)``, by vectorised rejection sampling.
 
     Each try draws ``candidates`` boxes per copy still missing (centre moved by
@@ -106,31 +132,41 @@ def _jitter_boxes(boxes: Tensor, source: Tensor, size: tuple[int, int], generato
     out = torch.empty(len(source), 4)
     todo = torch.arange(len(source))
     for _ in range(max_tries):
-        src = boxes[source[todo]]                                   # (J, 4)
+        src = boxes[source[todo]]  # (J, 4)
         w = (src[:, 2] - src[:, 0]).clamp(min=1.0)[:, None]
         h = (src[:, 3] - src[:, 1]).clamp(min=1.0)[:, None]
         cx = (src[:, 0] + src[:, 2])[:, None] / 2
         cy = (src[:, 1] + src[:, 3])[:, None] / 2
-        noise = torch.rand(len(todo), candidates, 4, generator=generator) * 2 - 1   # U(-1, 1)
+        noise = torch.rand(len(todo), candidates, 4, generator=generator) * 2 - 1  # U(-1, 1)
         cx = cx + 0.25 * w * noise[..., 0]
         cy = cy + 0.25 * h * noise[..., 1]
         nw = w * torch.exp(0.35 * noise[..., 2])
         nh = h * torch.exp(0.35 * noise[..., 3])
-        cand = clip_boxes_to_image(torch.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], dim=-1), size)
-        iou = box_iou(cand.reshape(-1, 4), boxes).reshape(len(todo), candidates, -1)   # (J, M, K)
+        cand = clip_boxes_to_image(
+            torch.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], dim=-1), size
+        )
+        iou = box_iou(cand.reshape(-1, 4), boxes).reshape(len(todo), candidates, -1)  # (J, M, K)
         own = iou.gather(2, source[todo][:, None, None].expand(-1, candidates, 1)).squeeze(2)
         ok = (own >= min_iou) & (own >= iou.max(dim=2).values)
         found = ok.any(dim=1)
-        first = ok.float().argmax(dim=1)                             # first valid candidate
+        first = ok.float().argmax(dim=1)  # first valid candidate
         out[todo[found]] = cand[found, first[found]]
         todo = todo[~found]
         if len(todo) == 0:
             return out
-    raise RuntimeError(f"could not jitter {len(todo)} boxes to IoU >= {min_iou} in {max_tries} tries")
+    raise RuntimeError(
+        f"could not jitter {len(todo)} boxes to IoU >= {min_iou} in {max_tries} tries"
+    )
 
 
-def _background_boxes(boxes: Tensor, count: int, size: tuple[int, int], generator: torch.Generator,
-                      max_iou: float, max_tries: int) -> Tensor:
+def _background_boxes(
+    boxes: Tensor,
+    count: int,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    max_iou: float,
+    max_tries: int,
+) -> Tensor:
     """``count`` boxes ``(count, 4)`` with IoU < ``max_iou`` against every object (rejection sampling)."""
     H, W = size
     if len(boxes):
@@ -155,4 +191,6 @@ def _background_boxes(boxes: Tensor, count: int, size: tuple[int, int], generato
         need -= len(found[-1])
         if need == 0:
             return torch.cat(found)
-    raise RuntimeError(f"could not place {count} background boxes with IoU < {max_iou} in {max_tries} tries")
+    raise RuntimeError(
+        f"could not place {count} background boxes with IoU < {max_iou} in {max_tries} tries"
+    )

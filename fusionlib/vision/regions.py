@@ -76,8 +76,10 @@ class RegionFeatures:
             raise ValueError(f"feats must be (N, R, D), got {tuple(self.feats.shape)}")
         N, R, D = self.feats.shape
         expected = {
-            "boxes": ((N, R, 4), torch.float32), "mask": ((N, R), torch.bool),
-            "region_object": ((N, R), torch.long), "image_feats": ((N, D), torch.float32),
+            "boxes": ((N, R, 4), torch.float32),
+            "mask": ((N, R), torch.bool),
+            "region_object": ((N, R), torch.long),
+            "image_feats": ((N, D), torch.float32),
             "indices": ((N,), torch.long),
         }
         for name, (shape, dtype) in expected.items():
@@ -85,9 +87,13 @@ class RegionFeatures:
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"{name} must be {shape} {dtype}, got {tuple(t.shape)} {t.dtype}")
         if self.soft_labels.dim() != 3 or tuple(self.soft_labels.shape[:2]) != (N, R):
-            raise ValueError(f"soft_labels must be ({N}, {R}, C), got {tuple(self.soft_labels.shape)}")
+            raise ValueError(
+                f"soft_labels must be ({N}, {R}, C), got {tuple(self.soft_labels.shape)}"
+            )
         if self.class_names and len(self.class_names) != self.soft_labels.shape[2]:
-            raise ValueError(f"class_names has {len(self.class_names)} names for {self.soft_labels.shape[2]} classes")
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names for {self.soft_labels.shape[2]} classes"
+            )
         check_boxes(self.boxes, self.image_size, "boxes")
 
     def __len__(self) -> int:
@@ -125,14 +131,26 @@ class RegionFeatures:
         """A new :class:`RegionFeatures` with only ``rows`` (an index tensor, list or slice)."""
         rows = torch.as_tensor(rows, dtype=torch.long) if not isinstance(rows, slice) else rows
         return RegionFeatures(
-            self.feats[rows], self.boxes[rows], self.mask[rows], self.soft_labels[rows],
-            self.region_object[rows], self.image_feats[rows], self.indices[rows], self.image_size, self.class_names)
+            self.feats[rows],
+            self.boxes[rows],
+            self.mask[rows],
+            self.soft_labels[rows],
+            self.region_object[rows],
+            self.image_feats[rows],
+            self.indices[rows],
+            self.image_size,
+            self.class_names,
+        )
 
     def save(self, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> str:
         """Write one safetensors file (atomically); sizes and class names go in its metadata."""
         tensors = {name: getattr(self, name).contiguous() for name in self._TENSORS}
-        metadata = {"image_size": json.dumps(list(self.image_size)), "class_names": json.dumps(list(self.class_names)),
-                    "format_version": str(FEATURES_FORMAT_VERSION), **(extra_metadata or {})}
+        metadata = {
+            "image_size": json.dumps(list(self.image_size)),
+            "class_names": json.dumps(list(self.class_names)),
+            "format_version": str(FEATURES_FORMAT_VERSION),
+            **(extra_metadata or {}),
+        }
 
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -142,20 +160,29 @@ class RegionFeatures:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         if metadata.get("format_version") != str(FEATURES_FORMAT_VERSION):
-            raise ValueError(f"{path} has format_version {metadata.get('format_version')!r}, "
-                             f"expected {FEATURES_FORMAT_VERSION}")
+            raise ValueError(
+                f"{path} has format_version {metadata.get('format_version')!r}, "
+                f"expected {FEATURES_FORMAT_VERSION}"
+            )
         tensors = load_file(path)
         missing = [n for n in cls._TENSORS if n not in tensors]
         if missing:
             raise ValueError(f"{path} lacks tensors {missing}")
-        return cls(**{n: tensors[n] for n in cls._TENSORS},
-                   image_size=tuple(json.loads(metadata["image_size"])),
-                   class_names=tuple(json.loads(metadata["class_names"])))
+        return cls(
+            **{n: tensors[n] for n in cls._TENSORS},
+            image_size=tuple(json.loads(metadata["image_size"])),
+            class_names=tuple(json.loads(metadata["class_names"])),
+        )
 
 
 def pad_regions(
-    per_image: Sequence[tuple[Tensor, Tensor]], feats: Tensor, probs: Tensor, indices: Tensor,
-    image_size: tuple[int, int], max_regions: int | None, class_names: Sequence[str],
+    per_image: Sequence[tuple[Tensor, Tensor]],
+    feats: Tensor,
+    probs: Tensor,
+    indices: Tensor,
+    image_size: tuple[int, int],
+    max_regions: int | None,
+    class_names: Sequence[str],
 ) -> RegionFeatures:
     """Scatter flat per-region outputs into a padded :class:`RegionFeatures`.
 
@@ -173,7 +200,9 @@ def pad_regions(
         R = max_regions
     D, C = feats.shape[1], probs.shape[1]
     row = torch.repeat_interleave(torch.arange(N), counts)
-    slot = torch.arange(len(row)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    slot = torch.arange(len(row)) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
     out_feats = torch.zeros(N, R, D)
     out_boxes = torch.zeros(N, R, 4)
     out_probs = torch.zeros(N, R, C)
@@ -186,5 +215,14 @@ def pad_regions(
         out_owner[row, slot] = torch.cat([o for _, o in per_image])
     mask[row, slot] = True
     image_feats = out_feats.sum(1) / counts.clamp(min=1)[:, None].float()
-    return RegionFeatures(out_feats, out_boxes, mask, out_probs, out_owner, image_feats, indices,
-                          image_size, tuple(class_names))
+    return RegionFeatures(
+        out_feats,
+        out_boxes,
+        mask,
+        out_probs,
+        out_owner,
+        image_feats,
+        indices,
+        image_size,
+        tuple(class_names),
+    )

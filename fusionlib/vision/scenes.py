@@ -30,7 +30,10 @@ def object_boxes(scene: Any) -> Tensor:
 def object_labels(scene: Any, class_index: Mapping[str, int]) -> Tensor:
     """The scene's object classes ``(K,)`` long, looked up as ``class_index["<color> <shape>"]``."""
     try:
-        return torch.tensor([class_index[f"{o.color} {o.shape}"] for o in scene.objects], dtype=torch.long)
+        return torch.tensor(
+            [class_index[f"{o.color} {o.shape}"] for o in scene.objects], dtype=torch.long
+        )
     except KeyError as err:
-        raise ValueError(f"scene {scene.index} has an object of class {err.args[0]!r} "
-                         "the detector does not know") from None
+        raise ValueError(
+            f"scene {scene.index} has an object of class {err.args[0]!r} the detector does not know"
+        ) from None

@@ -67,7 +67,7 @@ def train_detector(
         torch.manual_seed(cfg.seed)
         detector = RegionDetector(cfg, names, image_size)
     detector.to(dev).train()
-    images = stack_images(scenes)                                        # (N, H, W, 3) uint8
+    images = stack_images(scenes)  # (N, H, W, 3) uint8
     targets = [(object_boxes(s), object_labels(s, lookup)) for s in scenes]
     generator = torch.Generator().manual_seed(cfg.seed)
     # Not fusionlib.train.train: its optimizer leaves biases and BatchNorm undecayed, which trains a different
@@ -75,7 +75,8 @@ def train_detector(
     # also reseed the global random state, which this loop leaves alone.
     optimizer = torch.optim.AdamW(detector.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps))
+        optimizer, lambda s: _warmup_cosine(s, cfg.warmup_steps, cfg.steps)
+    )
     history: dict[str, Any] = {"loss": [], "accuracy": []}
     start = time.perf_counter()
     bar = runtime.progress(range(cfg.steps), desc="train detector", disable=not progress)
@@ -84,14 +85,20 @@ def train_detector(
         boxes, labels = [], []
         for i in idx.tolist():
             obj_boxes, obj_labels = targets[i]
-            b, owner = propose_regions(obj_boxes, image_size, cfg.num_jitter, cfg.num_background, generator,
-                                       min_jitter_iou=cfg.min_jitter_iou,
-                                       max_background_iou=cfg.max_background_iou)
+            b, owner = propose_regions(
+                obj_boxes,
+                image_size,
+                cfg.num_jitter,
+                cfg.num_background,
+                generator,
+                min_jitter_iou=cfg.min_jitter_iou,
+                max_background_iou=cfg.max_background_iou,
+            )
             lab = torch.full_like(owner, detector.background_index)
             lab[owner >= 0] = obj_labels[owner[owner >= 0]]
             boxes.append(b.to(dev))
             labels.append(lab)
-        target = torch.cat(labels).to(dev)                               # (sum n_b,)
+        target = torch.cat(labels).to(dev)  # (sum n_b,)
         _, logits = detector(detector.images_to_tensor(images[idx]), boxes)
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -111,8 +118,9 @@ def train_detector(
 
 
 @torch.no_grad()
-def classify_boxes(detector: RegionDetector, scenes: Sequence[Any], boxes: Sequence[Tensor],
-                   batch_size: int = 256) -> tuple[Tensor, Tensor]:
+def classify_boxes(
+    detector: RegionDetector, scenes: Sequence[Any], boxes: Sequence[Tensor], batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
     """Region features and class probabilities for given boxes, one ``(n_i, 4)`` tensor per scene.
 
     Returns ``feats (sum n_i, D)`` and ``probs (sum n_i, C)`` in the order of the boxes.
@@ -123,17 +131,24 @@ def classify_boxes(detector: RegionDetector, scenes: Sequence[Any], boxes: Seque
     device = next(detector.parameters()).device
     feats, probs = [], []
     for start in range(0, len(scenes), batch_size):
-        chunk = scenes[start:start + batch_size]
+        chunk = scenes[start : start + batch_size]
         x = detector.images_to_tensor(stack_images(chunk))
-        f, logits = detector(x, [check_boxes(b, detector.image_size, "boxes").to(device)
-                                 for b in boxes[start:start + batch_size]])
+        f, logits = detector(
+            x,
+            [
+                check_boxes(b, detector.image_size, "boxes").to(device)
+                for b in boxes[start : start + batch_size]
+            ],
+        )
         feats.append(f.cpu())
         probs.append(logits.softmax(-1).cpu())
     return torch.cat(feats), torch.cat(probs)
 
 
 @torch.no_grad()
-def evaluate_detector(detector: RegionDetector, scenes: Sequence[Any], batch_size: int = 256) -> float:
+def evaluate_detector(
+    detector: RegionDetector, scenes: Sequence[Any], batch_size: int = 256
+) -> float:
     """Accuracy of the detector's argmax class (background included) on ground-truth object boxes."""
     lookup = {n: i for i, n in enumerate(detector.class_names[:-1])}
     labels = torch.cat([object_labels(s, lookup) for s in scenes])
