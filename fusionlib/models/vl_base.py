@@ -59,7 +59,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,24 +75,25 @@ from fusionlib.models.io import PretrainedModel, load_pretrained
 
 __all__ = [
     "TASKS",
-    "init_bert_weights",
+    "ITMHead",
+    "PredictionTransform",
+    "PretrainingOutput",
+    "RegionClassificationHead",
+    "RegionFeatureRegressionHead",
+    "TiedMLMHead",
     "VisionLanguageModel",
     "VisionLanguagePretraining",
     "encoder_of",
+    "init_bert_weights",
     "load_encoder",
-    "PredictionTransform",
-    "TiedMLMHead",
-    "RegionClassificationHead",
-    "RegionFeatureRegressionHead",
-    "ITMHead",
-    "PretrainingOutput",
+    "masked_word_accuracy",
+    "pair_scores",
     "pretraining_losses",
     "vqa_step",
-    "pair_scores",
-    "masked_word_accuracy",
 ]
 
-TASKS = ("mlm", "mrfr", "mrc", "mrc_kl", "itm", "wra")   # every task :func:`pretraining_losses` scores
+# Every task :func:`pretraining_losses` scores.
+TASKS = ("mlm", "mrfr", "mrc", "mrc_kl", "itm", "wra")
 
 
 # ---------------------------------------------------------------------------
@@ -116,7 +118,11 @@ def init_bert_weights(module: nn.Module, std: float) -> None:
         module.bias.zero_()
     elif isinstance(module, MultiHeadAttention):
         # BERT's query/key/value are three nn.Linear; ours are raw Parameters (out_proj, a Linear, is done above).
-        names = ("in_proj_weight",) if module.packed else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        names = (
+            ("in_proj_weight",)
+            if module.packed
+            else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        )
         for name in names:
             getattr(module, name).normal_(0.0, std)
         if module.in_proj_bias is not None:
@@ -137,12 +143,15 @@ class VisionLanguageModel(PretrainedModel):
     """
 
     encoder_attr: ClassVar[str] = ""
-    encoder_class: ClassVar[type["VisionLanguageModel"] | None] = None   # None: this model is an encoder
+    # None: this model is an encoder.
+    encoder_class: ClassVar[type[VisionLanguageModel] | None] = None
 
     @property
-    def encoder(self) -> "VisionLanguageModel":
+    def encoder(self) -> VisionLanguageModel:
         """The encoder: the model itself, or the one its task model holds."""
-        return self if self.encoder_class is None else getattr(self, self.encoder_class.encoder_attr)
+        return (
+            self if self.encoder_class is None else getattr(self, self.encoder_class.encoder_attr)
+        )
 
     @torch.no_grad()
     def init_weights(self, *modules: nn.Module) -> None:
@@ -164,7 +173,9 @@ class VisionLanguageModel(PretrainedModel):
         self.encoder.text_embeddings.word_embeddings.weight[self.config.pad_token_id].zero_()
 
     @classmethod
-    def from_encoder(cls, source: nn.Module | str | os.PathLike, **config_changes: Any) -> "VisionLanguageModel":
+    def from_encoder(
+        cls, source: nn.Module | str | os.PathLike, **config_changes: Any
+    ) -> VisionLanguageModel:
         """A ``cls`` whose encoder is a copy of ``source``'s and whose heads start fresh (chapters 5, 6).
 
         ``source``: a pretrained model, its encoder, or a folder either was
@@ -180,23 +191,28 @@ class VisionLanguageModel(PretrainedModel):
         return model.to(next(encoder.parameters()).device)
 
 
-def encoder_of(source: nn.Module | str | os.PathLike, encoder_class: type[VisionLanguageModel]
-               ) -> VisionLanguageModel:
+def encoder_of(
+    source: nn.Module | str | os.PathLike, encoder_class: type[VisionLanguageModel]
+) -> VisionLanguageModel:
     """The ``encoder_class`` inside ``source``: the encoder itself, a model holding it (also
     ``torch.compile``'d), or a folder written by ``save_pretrained``. Raises ``TypeError`` otherwise."""
     if isinstance(source, (str, os.PathLike)):
         source = load_pretrained(source)
-    source = getattr(source, "_orig_mod", source)           # a torch.compile'd module
+    source = getattr(source, "_orig_mod", source)  # a torch.compile'd module
     if isinstance(source, encoder_class):
         return source
     encoder = getattr(source, encoder_class.encoder_attr, None)
     if not isinstance(encoder, encoder_class):
-        raise TypeError(f"expected a {encoder_class.__name__}, a model with a .{encoder_class.encoder_attr} "
-                        f"encoder, or a folder holding one; got {type(source).__name__}")
+        raise TypeError(
+            f"expected a {encoder_class.__name__}, a model with a .{encoder_class.encoder_attr} "
+            f"encoder, or a folder holding one; got {type(source).__name__}"
+        )
     return encoder
 
 
-def load_encoder(model: VisionLanguageModel, source: nn.Module | str | os.PathLike) -> VisionLanguageModel:
+def load_encoder(
+    model: VisionLanguageModel, source: nn.Module | str | os.PathLike
+) -> VisionLanguageModel:
     """Copy the encoder of ``source`` (a model, its encoder, or a saved folder) into ``model``'s encoder;
     heads are left alone. Returns ``model``.
 
@@ -206,12 +222,16 @@ def load_encoder(model: VisionLanguageModel, source: nn.Module | str | os.PathLi
     target = getattr(model, "_orig_mod", model).encoder
     src = encoder_of(source, type(target))
     free = set(type(target.config).task_fields)
-    differ = {f.name: (getattr(src.config, f.name), getattr(target.config, f.name))
-              for f in dataclasses.fields(target.config)
-              if f.name not in free and getattr(src.config, f.name) != getattr(target.config, f.name)}
+    differ = {
+        f.name: (getattr(src.config, f.name), getattr(target.config, f.name))
+        for f in dataclasses.fields(target.config)
+        if f.name not in free and getattr(src.config, f.name) != getattr(target.config, f.name)
+    }
     if differ:
-        raise ValueError(f"the source encoder's config differs from the model's in {sorted(differ)}: "
-                         + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items())))
+        raise ValueError(
+            f"the source encoder's config differs from the model's in {sorted(differ)}: "
+            + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(differ.items()))
+        )
     target.load_state_dict(src.state_dict(), strict=True)
     return model
 
@@ -226,7 +246,9 @@ class PredictionTransform(nn.Sequential):
     the hidden part of every pretraining head (chapter 4)."""
 
     def __init__(self, hidden_size: int, eps: float = LAYER_NORM_EPS):
-        super().__init__(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=eps))
+        super().__init__(
+            nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size, eps=eps)
+        )
 
 
 class TiedMLMHead(nn.Module):
@@ -245,7 +267,9 @@ class TiedMLMHead(nn.Module):
     seeded run's trajectory).
     """
 
-    def __init__(self, word_embeddings: nn.Embedding, eps: float = LAYER_NORM_EPS, *, own_bias: bool = False):
+    def __init__(
+        self, word_embeddings: nn.Embedding, eps: float = LAYER_NORM_EPS, *, own_bias: bool = False
+    ):
         super().__init__()
         vocab_size, hidden_size = word_embeddings.weight.shape
         if own_bias:
@@ -294,7 +318,7 @@ class RegionFeatureRegressionHead(nn.Module):
     def __init__(self, hidden_size: int, img_linear: nn.Linear, eps: float = LAYER_NORM_EPS):
         super().__init__()
         self.transform = PredictionTransform(hidden_size, eps)
-        self.weight = img_linear.weight                   # tied: (hidden, region_dim)
+        self.weight = img_linear.weight  # tied: (hidden, region_dim)
         self.bias = nn.Parameter(torch.zeros(img_linear.in_features))
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -359,24 +383,37 @@ class VisionLanguagePretraining(VisionLanguageModel):
         raise NotImplementedError
 
 
-def _targets(targets: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype: torch.dtype, task: str) -> Tensor:
-    value = get_tensor(targets, key, f" (task {task!r}: prepare the batch with the model's pretraining step)")
+def _targets(
+    targets: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype: torch.dtype, task: str
+) -> Tensor:
+    value = get_tensor(
+        targets, key, f" (task {task!r}: prepare the batch with the model's pretraining step)"
+    )
     if value.dtype != dtype or tuple(value.shape) != tuple(shape):
-        raise ValueError(f"batch[{key!r}] must be {dtype} of shape {tuple(shape)} for task {task!r}, "
-                         f"got {value.dtype} {tuple(value.shape)}")
+        raise ValueError(
+            f"batch[{key!r}] must be {dtype} of shape {tuple(shape)} for task {task!r}, "
+            f"got {value.dtype} {tuple(value.shape)}"
+        )
     return value
 
 
 def _head(output: PretrainingOutput, name: str, task: str) -> Tensor:
     value = getattr(output, name)
     if value is None:
-        raise ValueError(f"output.{name} is None: run the model with task={task!r} (or None) to score {task!r}")
+        raise ValueError(
+            f"output.{name} is None: run the model with task={task!r} (or None) to score {task!r}"
+        )
     return value
 
 
-def pretraining_losses(output: PretrainingOutput, targets: Mapping[str, Any], tasks: Sequence[str], *,
-                       weights: Mapping[str, float] | None = None,
-                       mrc_background_class: int | None = None) -> dict[str, Tensor]:
+def pretraining_losses(
+    output: PretrainingOutput,
+    targets: Mapping[str, Any],
+    tasks: Sequence[str],
+    *,
+    weights: Mapping[str, float] | None = None,
+    mrc_background_class: int | None = None,
+) -> dict[str, Tensor]:
     """Every loss and metric of a pretraining step, from the model's output and the prepared batch (chapter 4).
 
     ``tasks`` (from :data:`TASKS`) and the ``targets`` keys they read:
@@ -411,13 +448,20 @@ def pretraining_losses(output: PretrainingOutput, targets: Mapping[str, Any], ta
             if task == "mrfr":
                 loss = losses.mrfr_loss(pred, get_tensor(targets, "region_feats"), masked)
             else:
-                soft = get_tensor(targets, "region_soft_labels", f" (task {task!r} needs the detector's classes)")
+                soft = get_tensor(
+                    targets, "region_soft_labels", f" (task {task!r} needs the detector's classes)"
+                )
                 if tuple(soft.shape) != tuple(pred.shape):
-                    raise ValueError(f"batch['region_soft_labels'] must have shape {tuple(pred.shape)} = (batch, "
-                                     f"regions, num_region_classes of the config), got {tuple(soft.shape)}")
-                loss = (losses.mrc_loss(pred, soft, masked, mrc_background_class) if task == "mrc"
-                        else losses.mrc_kl_loss(pred, soft, masked))
-        else:                                                   # itm, wra: one label per pair
+                    raise ValueError(
+                        f"batch['region_soft_labels'] must have shape {tuple(pred.shape)} = (batch, "
+                        f"regions, num_region_classes of the config), got {tuple(soft.shape)}"
+                    )
+                loss = (
+                    losses.mrc_loss(pred, soft, masked, mrc_background_class)
+                    if task == "mrc"
+                    else losses.mrc_kl_loss(pred, soft, masked)
+                )
+        else:  # itm, wra: one label per pair
             scores = _head(output, "itm_logits" if task == "itm" else "wra_distance", task)
             labels = _targets(targets, "itm_labels", scores.shape[:1], torch.long, task)
             if task == "itm":
@@ -427,9 +471,10 @@ def pretraining_losses(output: PretrainingOutput, targets: Mapping[str, Any], ta
                 loss = losses.wra_loss(scores, labels)
         result[f"{task}_loss"] = loss.detach()
         weight = weights.get(task, 1.0)
-        # WRA runs in float32 (UNITER's "fp32 for stability"): the weighted sum takes the ITM loss's dtype.
-        term = loss if weight == 1.0 else weight * loss.to(total.dtype if total is not None else loss.dtype)
-        total = term if total is None else total + term
+        if weight != 1.0:
+            # WRA runs in float32 (UNITER's "fp32 for stability"); its term takes the sum's dtype.
+            loss = weight * loss.to(loss.dtype if total is None else total.dtype)
+        total = loss if total is None else total + loss
     return {"loss": total, **result}
 
 
@@ -438,7 +483,9 @@ def pretraining_losses(output: PretrainingOutput, targets: Mapping[str, Any], ta
 # ---------------------------------------------------------------------------
 
 
-def vqa_step(model: nn.Module, batch: Mapping[str, Any], task: str | None = None) -> dict[str, Tensor]:
+def vqa_step(
+    model: nn.Module, batch: Mapping[str, Any], task: str | None = None
+) -> dict[str, Tensor]:
     """A ``step_fn`` for :func:`fusionlib.train.train` (chapters 5, 6): cross-entropy of ``model(batch)``
     ``(B, num_answers)`` against ``batch["answer"] (B,)``; returns ``{"loss", "accuracy"}``.
 
@@ -448,8 +495,10 @@ def vqa_step(model: nn.Module, batch: Mapping[str, Any], task: str | None = None
     logits = model(batch)
     answer = get_tensor(batch, "answer")
     if answer.dtype != torch.long or tuple(answer.shape) != (logits.shape[0],):
-        raise ValueError(f"batch['answer'] must be long of shape ({logits.shape[0]},), "
-                         f"got {answer.dtype} {tuple(answer.shape)}")
+        raise ValueError(
+            f"batch['answer'] must be long of shape ({logits.shape[0]},), "
+            f"got {answer.dtype} {tuple(answer.shape)}"
+        )
     loss = F.cross_entropy(logits.float(), answer)
     return {"loss": loss, "accuracy": (logits.detach().argmax(dim=-1) == answer).float().mean()}
 
@@ -457,14 +506,20 @@ def vqa_step(model: nn.Module, batch: Mapping[str, Any], task: str | None = None
 def _pretraining_model(model: nn.Module, what: str) -> VisionLanguagePretraining:
     scorer = getattr(model, "_orig_mod", model)
     if not isinstance(scorer, VisionLanguagePretraining):
-        raise TypeError(f"model must be a pretraining model ({what}: ViLBERTForPretraining, UniterForPretraining), "
-                        f"got {type(scorer).__name__}")
+        raise TypeError(
+            f"model must be a pretraining model ({what}: ViLBERTForPretraining, UniterForPretraining), "
+            f"got {type(scorer).__name__}"
+        )
     return scorer
 
 
 @torch.no_grad()
-def pair_scores(model: VisionLanguagePretraining, images: Mapping[str, Tensor], texts: Mapping[str, Tensor],
-                batch_size: int = 256) -> Tensor:
+def pair_scores(
+    model: VisionLanguagePretraining,
+    images: Mapping[str, Tensor],
+    texts: Mapping[str, Tensor],
+    batch_size: int = 256,
+) -> Tensor:
     """Retrieval scores of every (image, caption) pair: ``(N_images, N_texts)`` on the CPU (chapters 5, 6).
 
     ``images``: the model's ``image_keys`` (``region_feats (Ni, R, D)``, the
@@ -495,15 +550,16 @@ def pair_scores(model: VisionLanguagePretraining, images: Mapping[str, Tensor], 
             i, j = pairs // nt, pairs % nt
             batch = {k: images[k][i].to(device) for k in image_keys}
             batch.update({k: texts[k][j].to(device) for k in text_keys})
-            scores[start:start + len(pairs)] = scorer.retrieval_score(batch).float().cpu()
+            scores[start : start + len(pairs)] = scorer.retrieval_score(batch).float().cpu()
     finally:
         scorer.train(was_training)
     return scores.view(ni, nt)
 
 
 @torch.no_grad()
-def masked_word_accuracy(model: VisionLanguagePretraining, batch: Mapping[str, Any],
-                         word_ids: Sequence[int] | Tensor) -> float:
+def masked_word_accuracy(
+    model: VisionLanguagePretraining, batch: Mapping[str, Any], word_ids: Sequence[int] | Tensor
+) -> float:
     """MLM accuracy with *every* occurrence of ``word_ids`` masked at once: chapter 6's grounding probe.
 
     Masking all the shape words of a caption ("the red [MASK] is left of the
@@ -524,15 +580,25 @@ def masked_word_accuracy(model: VisionLanguagePretraining, batch: Mapping[str, A
     config = model.config
     words = torch.as_tensor(word_ids).flatten()
     if words.numel() == 0 or words.is_floating_point() or words.dtype == torch.bool:
-        raise ValueError(f"word_ids must be a non-empty sequence of int token ids, got {word_ids!r}")
-    bad = [int(w) for w in words if not 0 <= int(w) < config.vocab_size or int(w) in config.special_token_ids]
+        raise ValueError(
+            f"word_ids must be a non-empty sequence of int token ids, got {word_ids!r}"
+        )
+    bad = [
+        int(w)
+        for w in words
+        if not 0 <= int(w) < config.vocab_size or int(w) in config.special_token_ids
+    ]
     if bad:
-        raise ValueError(f"word_ids must be ids in [0, vocab_size={config.vocab_size}) that are not special tokens "
-                         f"{tuple(config.special_token_ids)}, got {bad}")
+        raise ValueError(
+            f"word_ids must be ids in [0, vocab_size={config.vocab_size}) that are not special tokens "
+            f"{tuple(config.special_token_ids)}, got {bad}"
+        )
     ids, text_mask = text_inputs(batch)
-    where = torch.isin(ids, words.to(ids.device)) & text_mask                # (B, T)
+    where = torch.isin(ids, words.to(ids.device)) & text_mask  # (B, T)
     if not where.any():
-        raise ValueError(f"no word of word_ids={words.tolist()} occurs at a real position of batch['input_ids']")
+        raise ValueError(
+            f"no word of word_ids={words.tolist()} occurs at a real position of batch['input_ids']"
+        )
     device = next(model.parameters()).device
     masked = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
     masked["input_ids"] = ids.masked_fill(where, config.mask_token_id).to(device)
