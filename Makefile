@@ -17,7 +17,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 RECIPE ?= full
 ARGS ?=
 
-.PHONY: train-book assignments book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
+.PHONY: train-book format format-check assignments book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ book: $(STAMP) $(MATHJAX)
 check-notebooks: $(STAMP)
 	$(PY) scripts/check_notebooks.py
 
+# One formatter for the library, tests, scripts and notebooks (ruff format, 100 columns: wider code
+# cells scroll sideways on the book's pages). `make format` applies it.
+FORMATTED := fusionlib tests scripts notebooks book/_ext
+format-check: $(STAMP)
+	$(VENV)/bin/ruff format --check $(FORMATTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format $(FORMATTED)
+
 pytest: $(STAMP)
 	FUSIONLIB_PROFILE=smoke $(PY) -m pytest tests -q
 
@@ -58,7 +67,7 @@ chromium:
 browser-check: book chromium
 	$(PY) scripts/check_book_browser.py
 
-test: check-notebooks pytest nbval browser-check
+test: check-notebooks format-check pytest nbval browser-check
 
 assignments: $(STAMP)
 	$(PY) scripts/make_assignments.py --out assignments

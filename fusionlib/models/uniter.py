@@ -71,12 +71,27 @@ from torch import Tensor, nn
 from fusionlib import itm, losses, masking, runtime
 from fusionlib.embeddings import TextEmbeddings, UniterImageEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, TransformerLayer, masked_mean
-from fusionlib.models.batch import LOCATION_KEYS, get_tensor, optional_bool, region_inputs, text_inputs
+from fusionlib.models.batch import (
+    LOCATION_KEYS,
+    get_tensor,
+    optional_bool,
+    region_inputs,
+    text_inputs,
+)
 from fusionlib.models.io import ModelConfig, register_model
-from fusionlib.models.vl_base import (ITMHead, PretrainingOutput, RegionClassificationHead,
-                                      RegionFeatureRegressionHead, TiedMLMHead, VisionLanguageModel,
-                                      VisionLanguagePretraining, masked_word_accuracy, pair_scores,
-                                      pretraining_losses, vqa_step)
+from fusionlib.models.vl_base import (
+    ITMHead,
+    PretrainingOutput,
+    RegionClassificationHead,
+    RegionFeatureRegressionHead,
+    TiedMLMHead,
+    VisionLanguageModel,
+    VisionLanguagePretraining,
+    masked_word_accuracy,
+    pair_scores,
+    pretraining_losses,
+    vqa_step,
+)
 
 __all__ = [
     "UniterConfig",
@@ -97,7 +112,9 @@ __all__ = [
 ]
 
 # UNITER's default mix (config/pretrain-*.json: mix_ratio of itm, mlm, mrfr, mrckl); read-only, dict() it to edit.
-UNITER_TASK_MIX: Mapping[str, float] = types.MappingProxyType({"itm": 2, "mlm": 2, "mrfr": 1, "mrc_kl": 1})
+UNITER_TASK_MIX: Mapping[str, float] = types.MappingProxyType(
+    {"itm": 2, "mlm": 2, "mrfr": 1, "mrc_kl": 1}
+)
 PRETRAINING_TASKS = ("mlm", "mrfr", "mrc", "mrc_kl", "itm")
 MASKINGS = ("conditional", "joint")
 VQA_POOLINGS = ("cls", "mean")
@@ -120,77 +137,128 @@ class UniterConfig(ModelConfig):
     [CLS]=2 [SEP]=3 [MASK]=4``).
     """
 
-    vocab_size: int                        # input_ids < vocab_size
-    num_region_classes: int                # detector classes: the last dim of region_soft_labels
-    region_dim: int = 64                   # D of region_feats (fusionlib.vision's default; UNITER: 2048)
-    location_dim: int = 7                  # 7 reads region_loc7 (UNITER); 5 reads region_loc5
+    vocab_size: int  # input_ids < vocab_size
+    num_region_classes: int  # detector classes: the last dim of region_soft_labels
+    region_dim: int = 64  # D of region_feats (fusionlib.vision's default; UNITER: 2048)
+    location_dim: int = 7  # 7 reads region_loc7 (UNITER); 5 reads region_loc5
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    ffn_size: int | None = None            # None: 4 * hidden_size
+    ffn_size: int | None = None  # None: 4 * hidden_size
     dropout: float = 0.1
     attention_dropout: float | None = None  # None: same as dropout
-    max_text_len: int = 40                 # learned text positions
-    initializer_range: float | None = 0.02  # BERT/UNITER init: N(0, 0.02) matrices; None: PyTorch's defaults
+    max_text_len: int = 40  # learned text positions
+    initializer_range: float | None = (
+        0.02  # BERT/UNITER init: N(0, 0.02) matrices; None: PyTorch's defaults
+    )
     pad_token_id: int = 0
     mask_token_id: int = 4
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never masked, never a random replacement
-    region_mask_embedding: bool = True     # add UNITER's learned [MASK] feature to masked regions
+    region_mask_embedding: bool = True  # add UNITER's learned [MASK] feature to masked regions
     # Pretraining (pretraining_step):
-    masking: str = "conditional"           # "conditional" (UNITER: one modality per task) | "joint"
-    mask_probability: float = 0.15         # of tokens (MLM) / regions (MRM), at least one always
-    region_zero_fraction: float = 1.0      # of masked regions, the share zeroed (UNITER 1.0, ViLBERT 0.9)
+    masking: str = "conditional"  # "conditional" (UNITER: one modality per task) | "joint"
+    mask_probability: float = 0.15  # of tokens (MLM) / regions (MRM), at least one always
+    region_zero_fraction: float = (
+        1.0  # of masked regions, the share zeroed (UNITER 1.0, ViLBERT 0.9)
+    )
     itm_negative_probability: float = 0.5  # chance an ITM pair becomes a negative
-    itm_negatives: str = "false"           # "false": another image the caption is false of (fusionlib.itm, the
-                                           # synthetic world) | "random": any other image (UNITER)
-    hard_negative_share: float = 0.0       # of the negatives, the share that keep the image and get a minimal
-                                           # edit of the caption (needs CaptionDataset(edits=E))
-    hard_negative_kinds: tuple[str, ...] = itm.EDIT_KINDS  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
-    use_wra: bool = True                   # add word-region alignment to ITM steps
+    itm_negatives: str = (
+        "false"  # "false": another image the caption is false of (fusionlib.itm, the
+    )
+    # synthetic world) | "random": any other image (UNITER)
+    hard_negative_share: float = (
+        0.0  # of the negatives, the share that keep the image and get a minimal
+    )
+    # edit of the caption (needs CaptionDataset(edits=E))
+    hard_negative_kinds: tuple[str, ...] = (
+        itm.EDIT_KINDS
+    )  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
+    use_wra: bool = True  # add word-region alignment to ITM steps
     wra_weight: float = losses.WRA_WEIGHT  # 0.1, UNITER's --itm_ot_lambda
-    ot_beta: float = 0.5                   # IPOT step size
-    ot_iterations: int = 50                # IPOT steps
-    mrc_background_class: int | None = None  # MRC never targets this class (fusionlib's detector: the last)
+    ot_beta: float = 0.5  # IPOT step size
+    ot_iterations: int = 50  # IPOT steps
+    mrc_background_class: int | None = (
+        None  # MRC never targets this class (fusionlib's detector: the last)
+    )
     # Downstream:
-    num_answers: int | None = None         # UniterForVQA: size of the answer vocabulary
-    vqa_pooling: str = "cls"               # UniterForVQA reads "cls" (the pooled [CLS], UNITER) | "mean" (of the words)
+    num_answers: int | None = None  # UniterForVQA: size of the answer vocabulary
+    vqa_pooling: str = (
+        "cls"  # UniterForVQA reads "cls" (the pooled [CLS], UNITER) | "mean" (of the words)
+    )
 
     # What a task model may set differently from the encoder it starts from (vl_base.load_encoder): the heads,
     # the pretraining tasks and the dropouts, nothing that shapes or moves the encoder's weights.
     task_fields: ClassVar[tuple[str, ...]] = (
-        "dropout", "attention_dropout", "initializer_range", "pad_token_id", "mask_token_id", "special_token_ids",
-        "masking", "mask_probability", "region_zero_fraction", "itm_negative_probability", "itm_negatives",
-        "hard_negative_share", "hard_negative_kinds", "use_wra", "wra_weight", "ot_beta", "ot_iterations",
-        "mrc_background_class", "num_answers", "vqa_pooling")
+        "dropout",
+        "attention_dropout",
+        "initializer_range",
+        "pad_token_id",
+        "mask_token_id",
+        "special_token_ids",
+        "masking",
+        "mask_probability",
+        "region_zero_fraction",
+        "itm_negative_probability",
+        "itm_negatives",
+        "hard_negative_share",
+        "hard_negative_kinds",
+        "use_wra",
+        "wra_weight",
+        "ot_beta",
+        "ot_iterations",
+        "mrc_background_class",
+        "num_answers",
+        "vqa_pooling",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_region_classes", "region_dim", "hidden_size", "num_layers", "num_heads",
-                     "max_text_len", "ot_iterations"):
+        for name in (
+            "vocab_size",
+            "num_region_classes",
+            "region_dim",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_text_len",
+            "ot_iterations",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+            )
         if self.ffn_size is not None and (not isinstance(self.ffn_size, int) or self.ffn_size <= 0):
-            raise ValueError(f"ffn_size must be a positive int or None (4 * hidden_size), got {self.ffn_size!r}")
+            raise ValueError(
+                f"ffn_size must be a positive int or None (4 * hidden_size), got {self.ffn_size!r}"
+            )
         if self.location_dim not in LOCATION_KEYS:
-            raise ValueError(f"location_dim must be 7 (region_loc7, UNITER) or 5 (region_loc5), "
-                             f"got {self.location_dim!r}")
+            raise ValueError(
+                f"location_dim must be 7 (region_loc7, UNITER) or 5 (region_loc5), "
+                f"got {self.location_dim!r}"
+            )
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.initializer_range is not None and not self.initializer_range > 0:
-            raise ValueError(f"initializer_range must be positive or None, got {self.initializer_range!r}")
+            raise ValueError(
+                f"initializer_range must be positive or None, got {self.initializer_range!r}"
+            )
         # JSON gives lists back; keep the tuple (frozen dataclass, hence object.__setattr__).
         object.__setattr__(self, "special_token_ids", tuple(self.special_token_ids))
         for name in ("pad_token_id", "mask_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}")
+                raise ValueError(
+                    f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in self.special_token_ids):
-            raise ValueError(f"special_token_ids must be ints in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.special_token_ids!r}")
+            raise ValueError(
+                f"special_token_ids must be ints in [0, vocab_size={self.vocab_size}), "
+                f"got {self.special_token_ids!r}"
+            )
         if self.masking not in MASKINGS:
             raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
         if not 0.0 < self.mask_probability <= 1.0:
@@ -204,17 +272,32 @@ class UniterConfig(ModelConfig):
         if not self.ot_beta > 0:
             raise ValueError(f"ot_beta must be positive, got {self.ot_beta!r}")
         if self.mrc_background_class is not None and (
-                not isinstance(self.mrc_background_class, int)
-                or not 0 <= self.mrc_background_class < self.num_region_classes):
-            raise ValueError(f"mrc_background_class must be None or an int in [0, num_region_classes="
-                             f"{self.num_region_classes}), got {self.mrc_background_class!r}")
-        if self.num_answers is not None and (not isinstance(self.num_answers, int) or self.num_answers <= 0):
-            raise ValueError(f"num_answers must be None or a positive int, got {self.num_answers!r}")
+            not isinstance(self.mrc_background_class, int)
+            or not 0 <= self.mrc_background_class < self.num_region_classes
+        ):
+            raise ValueError(
+                f"mrc_background_class must be None or an int in [0, num_region_classes="
+                f"{self.num_region_classes}), got {self.mrc_background_class!r}"
+            )
+        if self.num_answers is not None and (
+            not isinstance(self.num_answers, int) or self.num_answers <= 0
+        ):
+            raise ValueError(
+                f"num_answers must be None or a positive int, got {self.num_answers!r}"
+            )
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
         # JSON gives a list back; keep the tuple (frozen dataclass, hence object.__setattr__).
-        object.__setattr__(self, "hard_negative_kinds", itm.check_settings(
-            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds, names=itm.CONFIG_NAMES))
+        object.__setattr__(
+            self,
+            "hard_negative_kinds",
+            itm.check_settings(
+                self.itm_negatives,
+                self.hard_negative_share,
+                self.hard_negative_kinds,
+                names=itm.CONFIG_NAMES,
+            ),
+        )
 
     @property
     def location_key(self) -> str:
@@ -233,21 +316,38 @@ class UniterConfig(ModelConfig):
         default initialisation) leaves it at once. UNITER never met this: it
         starts from BERT's pretrained weights.
         """
-        return cls(vocab_size=vocab_size, num_region_classes=num_region_classes, **{
-            "hidden_size": 128, "num_layers": 4, "num_heads": 4, "ffn_size": 512, **changes})
+        return cls(
+            vocab_size=vocab_size,
+            num_region_classes=num_region_classes,
+            **{"hidden_size": 128, "num_layers": 4, "num_heads": 4, "ffn_size": 512, **changes},
+        )
 
     @classmethod
     def paper_base(cls, **changes: Any) -> "UniterConfig":
         """UNITER-base as published: 768 hidden, 12 layers, 12 heads, FFN 3072, 512 text positions,
         bert-base-cased's 28,996-word vocabulary (``[PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103``),
         2048-d region features, 1601 detector classes."""
-        return cls(**{
-            "vocab_size": 28996, "num_region_classes": 1601, "region_dim": 2048, "hidden_size": 768,
-            "num_layers": 12, "num_heads": 12, "ffn_size": 3072, "max_text_len": 512, "pad_token_id": 0,
-            "mask_token_id": 103, "special_token_ids": (0, 100, 101, 102, 103), **changes})
+        return cls(
+            **{
+                "vocab_size": 28996,
+                "num_region_classes": 1601,
+                "region_dim": 2048,
+                "hidden_size": 768,
+                "num_layers": 12,
+                "num_heads": 12,
+                "ffn_size": 3072,
+                "max_text_len": 512,
+                "pad_token_id": 0,
+                "mask_token_id": 103,
+                "special_token_ids": (0, 100, 101, 102, 103),
+                **changes,
+            }
+        )
 
 
-def _region_inputs(batch: Mapping[str, Any], config: UniterConfig, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _region_inputs(
+    batch: Mapping[str, Any], config: UniterConfig, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     return region_inputs(batch, batch_size, config.region_dim, config.location_dim)
 
 
@@ -280,7 +380,7 @@ class UniterOutput(NamedTuple):
     @property
     def regions(self) -> Tensor:
         """``(batch, R, hidden)``: the regions' outputs."""
-        return self.sequence[:, self.num_text:]
+        return self.sequence[:, self.num_text :]
 
     def text_to_region(self, layer: int = -1) -> Tensor:
         """``(batch, heads, T, R)``: how much each word attends to each region in ``layer``.
@@ -291,13 +391,13 @@ class UniterOutput(NamedTuple):
         """
         if self.attentions is None:
             raise ValueError("no attention maps: call the model with need_weights=True")
-        return self.attentions[layer][:, :, : self.num_text, self.num_text:]
+        return self.attentions[layer][:, :, : self.num_text, self.num_text :]
 
     def region_to_text(self, layer: int = -1) -> Tensor:
         """``(batch, heads, R, T)``: how much each region attends to each word in ``layer``."""
         if self.attentions is None:
             raise ValueError("no attention maps: call the model with need_weights=True")
-        return self.attentions[layer][:, :, self.num_text:, : self.num_text]
+        return self.attentions[layer][:, :, self.num_text :, : self.num_text]
 
 
 @register_model("uniter")
@@ -316,44 +416,70 @@ class UniterModel(VisionLanguageModel):
     def __init__(self, config: UniterConfig):
         super().__init__(config)
         H = config.hidden_size
-        self.text_embeddings = TextEmbeddings(config.vocab_size, H, config.max_text_len, type_vocab_size=2,
-                                              dropout=config.dropout, pad_token_id=config.pad_token_id)
-        self.image_embeddings = UniterImageEmbeddings(config.region_dim, H, config.location_dim,
-                                                      dropout=config.dropout,
-                                                      mask_embedding=config.region_mask_embedding)
+        self.text_embeddings = TextEmbeddings(
+            config.vocab_size,
+            H,
+            config.max_text_len,
+            type_vocab_size=2,
+            dropout=config.dropout,
+            pad_token_id=config.pad_token_id,
+        )
+        self.image_embeddings = UniterImageEmbeddings(
+            config.region_dim,
+            H,
+            config.location_dim,
+            dropout=config.dropout,
+            mask_embedding=config.region_mask_embedding,
+        )
         self.layers = nn.ModuleList(
-            TransformerLayer(H, config.num_heads, config.ffn_size, config.dropout, config.attention_dropout)
-            for _ in range(config.num_layers))
+            TransformerLayer(
+                H, config.num_heads, config.ffn_size, config.dropout, config.attention_dropout
+            )
+            for _ in range(config.num_layers)
+        )
         self.pooler = nn.Linear(H, H)
         self.init_weights()
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor, region_feats: Tensor, region_loc: Tensor,
-               region_mask: Tensor, region_zeroed: Tensor | None = None,
-               need_weights: bool = False) -> UniterOutput:
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        region_feats: Tensor,
+        region_loc: Tensor,
+        region_mask: Tensor,
+        region_zeroed: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> UniterOutput:
         """``input_ids (B, T)``, ``attention_mask (B, T)`` bool, ``region_feats (B, R, D)``,
         ``region_loc (B, R, location_dim)``, ``region_mask (B, R)`` bool,
         ``region_zeroed (B, R)`` bool or None -> :class:`UniterOutput`."""
-        text = self.text_embeddings(input_ids)                                   # type 0: (B, T, H)
+        text = self.text_embeddings(input_ids)  # type 0: (B, T, H)
         B, R = region_feats.shape[:2]
         # Regions are token type 1 of the *text* table, as in UNITER (one table for both modalities).
         image_type = torch.ones(B, R, dtype=torch.long, device=region_feats.device)
-        regions = self.image_embeddings(region_feats, region_loc,
-                                        self.text_embeddings.token_type_embeddings(image_type), region_zeroed)
-        x = torch.cat([text, regions], dim=1)                                    # (B, T + R, H)
-        mask = torch.cat([attention_mask, region_mask], dim=1)                   # (B, T + R)
+        regions = self.image_embeddings(
+            region_feats,
+            region_loc,
+            self.text_embeddings.token_type_embeddings(image_type),
+            region_zeroed,
+        )
+        x = torch.cat([text, regions], dim=1)  # (B, T + R, H)
+        mask = torch.cat([attention_mask, region_mask], dim=1)  # (B, T + R)
         maps: list[Tensor] = []
         for layer in self.layers:
             x, weights = layer(x, mask, need_weights=need_weights)
             if weights is not None:
                 maps.append(weights)
-        pooled = torch.tanh(self.pooler(x[:, 0]))                                # [CLS] is text position 0
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # [CLS] is text position 0
         return UniterOutput(x, pooled, mask, input_ids.shape[1], maps if need_weights else None)
 
     def forward(self, batch: Mapping[str, Any], need_weights: bool = False) -> UniterOutput:
         ids, text_mask = text_inputs(batch)
         feats, loc, region_mask = _region_inputs(batch, self.config, ids.shape[0])
         zeroed = optional_bool(batch, "region_zeroed", tuple(region_mask.shape))
-        return self.encode(ids, text_mask, feats, loc, region_mask, zeroed, need_weights=need_weights)
+        return self.encode(
+            ids, text_mask, feats, loc, region_mask, zeroed, need_weights=need_weights
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -361,8 +487,13 @@ class UniterModel(VisionLanguageModel):
 # ---------------------------------------------------------------------------
 
 
-def word_region_alignment(output: UniterOutput, attention_mask: Tensor, region_mask: Tensor,
-                          beta: float = 0.5, iterations: int = 50) -> tuple[Tensor, Tensor]:
+def word_region_alignment(
+    output: UniterOutput,
+    attention_mask: Tensor,
+    region_mask: Tensor,
+    beta: float = 0.5,
+    iterations: int = 50,
+) -> tuple[Tensor, Tensor]:
     """WRA's optimal transport between a pair's words and regions (chapter 6).
 
     Returns ``(distance (batch,), plan (batch, T, R))``: the transport plan from
@@ -379,7 +510,8 @@ def word_region_alignment(output: UniterOutput, attention_mask: Tensor, region_m
         plan = text.new_zeros(text.shape[0], text.shape[1], regions.shape[1])
         return (text.sum(dim=(1, 2)) + regions.sum(dim=(1, 2))) * 0.0, plan
     cost = losses.cosine_cost(text, regions).masked_fill(
-        ~(attention_mask[:, :, None] & region_mask[:, None, :]), 0.0)
+        ~(attention_mask[:, :, None] & region_mask[:, None, :]), 0.0
+    )
     plan = losses.ipot(cost, attention_mask, region_mask, beta=beta, iterations=iterations)
     distance = losses.ot_distance(text, regions, attention_mask, region_mask, plan=plan)
     return distance, plan
@@ -419,7 +551,7 @@ class UniterForPretraining(VisionLanguagePretraining):
         self.mrfr_head = RegionFeatureRegressionHead(H, self.uniter.image_embeddings.img_linear)
         self.mrc_head = RegionClassificationHead(H, config.num_region_classes)
         self.itm_head = ITMHead(H)
-        self.init_weights()         # the whole model again, encoder included, as UNITER's UniterForPretraining
+        self.init_weights()  # the whole model again, encoder included, as UNITER's UniterForPretraining
 
     @property
     def image_keys(self) -> tuple[str, ...]:
@@ -434,10 +566,13 @@ class UniterForPretraining(VisionLanguagePretraining):
         (``model/itm.py: init_output``)."""
         return self.itm_logits(batch)[:, 1]
 
-    def forward(self, batch: Mapping[str, Any], task: str | None = None, *,
-                need_weights: bool = False) -> PretrainingOutput:
+    def forward(
+        self, batch: Mapping[str, Any], task: str | None = None, *, need_weights: bool = False
+    ) -> PretrainingOutput:
         if task is not None and task not in PRETRAINING_TASKS:
-            raise ValueError(f"task must be one of {PRETRAINING_TASKS} or None (every head), got {task!r}")
+            raise ValueError(
+                f"task must be one of {PRETRAINING_TASKS} or None (every head), got {task!r}"
+            )
         out = self.uniter(batch, need_weights=need_weights)
         heads: dict[str, Tensor] = {}
         if task in ("mlm", None):
@@ -452,8 +587,12 @@ class UniterForPretraining(VisionLanguagePretraining):
             heads["itm_logits"] = self.itm_head(out.pooled)
             if self.config.use_wra:
                 heads["wra_distance"], _ = word_region_alignment(
-                    out, get_tensor(batch, "attention_mask"), get_tensor(batch, "region_mask"),
-                    self.config.ot_beta, self.config.ot_iterations)
+                    out,
+                    get_tensor(batch, "attention_mask"),
+                    get_tensor(batch, "region_mask"),
+                    self.config.ot_beta,
+                    self.config.ot_iterations,
+                )
         return PretrainingOutput(**heads, encoder=out)
 
 
@@ -478,19 +617,27 @@ class UniterForVQA(VisionLanguageModel):
     def __init__(self, config: UniterConfig):
         super().__init__(config)
         if config.num_answers is None:
-            raise ValueError("UniterForVQA needs config.num_answers (the answer vocabulary size), got None")
+            raise ValueError(
+                "UniterForVQA needs config.num_answers (the answer vocabulary size), got None"
+            )
         self.uniter = UniterModel(config)
         H = config.hidden_size
-        self.vqa_head = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.LayerNorm(2 * H, eps=LAYER_NORM_EPS),
-                                      nn.Linear(2 * H, config.num_answers))
+        self.vqa_head = nn.Sequential(
+            nn.Linear(H, 2 * H),
+            nn.GELU(),
+            nn.LayerNorm(2 * H, eps=LAYER_NORM_EPS),
+            nn.Linear(2 * H, config.num_answers),
+        )
         self.init_weights()
 
-    def forward(self, batch: Mapping[str, Any], need_weights: bool = False) -> Tensor | tuple[Tensor, UniterOutput]:
+    def forward(
+        self, batch: Mapping[str, Any], need_weights: bool = False
+    ) -> Tensor | tuple[Tensor, UniterOutput]:
         out = self.uniter(batch, need_weights=need_weights)
         if self.config.vqa_pooling == "mean":
-            pooled = masked_mean(out.text, out.mask[:, : out.num_text])              # (batch, H)
+            pooled = masked_mean(out.text, out.mask[:, : out.num_text])  # (batch, H)
         else:
-            pooled = out.pooled                                                      # (batch, H)
+            pooled = out.pooled  # (batch, H)
         logits = self.vqa_head(pooled)
         return (logits, out) if need_weights else logits
 
@@ -500,8 +647,12 @@ class UniterForVQA(VisionLanguageModel):
 # ---------------------------------------------------------------------------
 
 
-def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: UniterConfig,
-                              generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def prepare_pretraining_batch(
+    batch: Mapping[str, Any],
+    task: str,
+    config: UniterConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
     """The inputs and targets of one pretraining task for one batch (chapter 6).
 
     Returns a new dict (``batch`` is not modified) with the batch's keys plus:
@@ -537,47 +688,104 @@ def prepare_pretraining_batch(batch: Mapping[str, Any], task: str, config: Unite
 
     if task == "itm":
         get_tensor(batch, "image_index", " (ITM negatives must never be the same image)")
-        pairs = itm.draw_pairs(batch, generator, config.itm_negative_probability, config.itm_negatives,
-                               config.hard_negative_share, swap="image", hard_kinds=config.hard_negative_kinds)
+        pairs = itm.draw_pairs(
+            batch,
+            generator,
+            config.itm_negative_probability,
+            config.itm_negatives,
+            config.hard_negative_share,
+            swap="image",
+            hard_kinds=config.hard_negative_kinds,
+        )
         partner = pairs.partner.to(feats.device)
-        for key in ("region_feats", "region_boxes", "region_loc5", "region_loc7", "region_mask",
-                    "region_soft_labels", "image_feats", "image_index", "image_objects"):
+        for key in (
+            "region_feats",
+            "region_boxes",
+            "region_loc5",
+            "region_loc7",
+            "region_mask",
+            "region_soft_labels",
+            "image_feats",
+            "image_index",
+            "image_objects",
+        ):
             if key in batch and isinstance(batch[key], Tensor):
                 out[key] = batch[key].index_select(0, partner.to(batch[key].device))
-        if bool((pairs.edit >= 0).any()):          # hard negatives: same image, one thing of the caption changed
-            out["input_ids"], out["attention_mask"] = itm.edit_texts(ids, text_mask, batch, pairs.edit,
-                                                                     config.pad_token_id)
+        if bool(
+            (pairs.edit >= 0).any()
+        ):  # hard negatives: same image, one thing of the caption changed
+            out["input_ids"], out["attention_mask"] = itm.edit_texts(
+                ids, text_mask, batch, pairs.edit, config.pad_token_id
+            )
             no_text = torch.full_like(out["input_ids"], masking.IGNORE_INDEX)
-        out.update(itm_labels=pairs.labels.to(ids.device), mlm_labels=no_text, region_masked=no_regions,
-                   region_zeroed=no_regions, text_masked=nobody, image_masked=nobody)
+        out.update(
+            itm_labels=pairs.labels.to(ids.device),
+            mlm_labels=no_text,
+            region_masked=no_regions,
+            region_zeroed=no_regions,
+            text_masked=nobody,
+            image_masked=nobody,
+        )
         return out
 
     maskable = masking.maskable_tokens(ids, text_mask, config.special_token_ids)
-    settings = dict(mask_token_id=config.mask_token_id, vocab_size=config.vocab_size, generator=generator,
-                    special_ids=config.special_token_ids, probability=config.mask_probability)
+    settings = dict(
+        mask_token_id=config.mask_token_id,
+        vocab_size=config.vocab_size,
+        generator=generator,
+        special_ids=config.special_token_ids,
+        probability=config.mask_probability,
+    )
     if config.masking == "joint" and R > 0:
-        m = masking.joint_masking(ids, maskable, region_mask, zero_fraction=config.region_zero_fraction,
-                                  **settings)
-        out.update(input_ids=m.input_ids, mlm_labels=m.labels, region_masked=m.region_masked,
-                   region_zeroed=m.region_zeroed, text_masked=m.text_masked, image_masked=m.image_masked)
-    elif task == "mlm" or config.masking == "joint":      # words only, the image intact (or has no slots)
+        m = masking.joint_masking(
+            ids, maskable, region_mask, zero_fraction=config.region_zero_fraction, **settings
+        )
+        out.update(
+            input_ids=m.input_ids,
+            mlm_labels=m.labels,
+            region_masked=m.region_masked,
+            region_zeroed=m.region_zeroed,
+            text_masked=m.text_masked,
+            image_masked=m.image_masked,
+        )
+    elif (
+        task == "mlm" or config.masking == "joint"
+    ):  # words only, the image intact (or has no slots)
         tokens = masking.mask_tokens(ids, maskable, **settings)
-        out.update(input_ids=tokens.inputs, mlm_labels=tokens.labels, region_masked=no_regions,
-                   region_zeroed=no_regions, text_masked=maskable.any(dim=1), image_masked=nobody)
-    else:                                                 # conditional: regions only, the sentence intact
-        if R == 0:                                        # no region slots at all: nothing to mask
+        out.update(
+            input_ids=tokens.inputs,
+            mlm_labels=tokens.labels,
+            region_masked=no_regions,
+            region_zeroed=no_regions,
+            text_masked=maskable.any(dim=1),
+            image_masked=nobody,
+        )
+    else:  # conditional: regions only, the sentence intact
+        if R == 0:  # no region slots at all: nothing to mask
             regions = masking.RegionMasking(masked=no_regions, zeroed=no_regions)
         else:
-            regions = masking.mask_regions(region_mask, generator, probability=config.mask_probability,
-                                           zero_fraction=config.region_zero_fraction)
-        out.update(mlm_labels=no_text, region_masked=regions.masked, region_zeroed=regions.zeroed,
-                   text_masked=nobody, image_masked=region_mask.any(dim=1))
-    out["itm_labels"] = torch.ones(B, dtype=torch.long, device=ids.device)   # MLM / MRM: matched pairs only
+            regions = masking.mask_regions(
+                region_mask,
+                generator,
+                probability=config.mask_probability,
+                zero_fraction=config.region_zero_fraction,
+            )
+        out.update(
+            mlm_labels=no_text,
+            region_masked=regions.masked,
+            region_zeroed=regions.zeroed,
+            text_masked=nobody,
+            image_masked=region_mask.any(dim=1),
+        )
+    out["itm_labels"] = torch.ones(
+        B, dtype=torch.long, device=ids.device
+    )  # MLM / MRM: matched pairs only
     return out
 
 
-def pretraining_step(model: nn.Module, batch: Mapping[str, Any], task: str,
-                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
+def pretraining_step(
+    model: nn.Module, batch: Mapping[str, Any], task: str, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
     """One UNITER pretraining step: mask / pair the batch for ``task``, return the task's loss.
 
     The ``step_fn`` of :func:`fusionlib.train.train`, which samples the task::
@@ -600,12 +808,22 @@ def pretraining_step(model: nn.Module, batch: Mapping[str, Any], task: str,
         raise TypeError(f"model must be a UniterForPretraining, got {type(model).__name__}")
     prepared = prepare_pretraining_batch(batch, task, config, generator)
     tasks = (task, "wra") if task == "itm" and config.use_wra else (task,)
-    return pretraining_losses(model(prepared, task), prepared, tasks, weights={"wra": config.wra_weight},
-                              mrc_background_class=config.mrc_background_class)
+    return pretraining_losses(
+        model(prepared, task),
+        prepared,
+        tasks,
+        weights={"wra": config.wra_weight},
+        mrc_background_class=config.mrc_background_class,
+    )
 
 
-def pretraining_loaders(dataset: Any, batch_size: int, tasks: Mapping[str, float] | tuple[str, ...] = UNITER_TASK_MIX,
-                        seed: int = 0, **loader_kwargs: Any) -> dict[str, Any]:
+def pretraining_loaders(
+    dataset: Any,
+    batch_size: int,
+    tasks: Mapping[str, float] | tuple[str, ...] = UNITER_TASK_MIX,
+    seed: int = 0,
+    **loader_kwargs: Any,
+) -> dict[str, Any]:
     """One ``DataLoader`` per task over the same dataset (``{task: loader}`` for :func:`fusionlib.train.train`).
 
     Each task needs a loader *object* of its own: :func:`~fusionlib.train.train`
@@ -620,4 +838,7 @@ def pretraining_loaders(dataset: Any, batch_size: int, tasks: Mapping[str, float
     unknown = [t for t in names if t not in PRETRAINING_TASKS]
     if unknown or not names:
         raise ValueError(f"tasks must be a non-empty subset of {PRETRAINING_TASKS}, got {names}")
-    return {t: make_loader(dataset, batch_size, seed=seed + i, **loader_kwargs) for i, t in enumerate(names)}
+    return {
+        t: make_loader(dataset, batch_size, seed=seed + i, **loader_kwargs)
+        for i, t in enumerate(names)
+    }

@@ -79,9 +79,19 @@ from fusionlib.losses import IGNORE_INDEX
 from fusionlib.masking import apply_region_mask, mask_regions, mask_tokens, maskable_tokens
 from fusionlib.models.batch import LOCATION_KEYS, get_tensor, region_inputs, text_inputs
 from fusionlib.models.io import ModelConfig, register_model
-from fusionlib.models.vl_base import (ITMHead, PretrainingOutput, RegionClassificationHead, TiedMLMHead,
-                                      VisionLanguageModel, VisionLanguagePretraining, encoder_of, load_encoder,
-                                      pair_scores, pretraining_losses, vqa_step)
+from fusionlib.models.vl_base import (
+    ITMHead,
+    PretrainingOutput,
+    RegionClassificationHead,
+    TiedMLMHead,
+    VisionLanguageModel,
+    VisionLanguagePretraining,
+    encoder_of,
+    load_encoder,
+    pair_scores,
+    pretraining_losses,
+    vqa_step,
+)
 
 __all__ = [
     "ViLBERTConfig",
@@ -104,14 +114,18 @@ __all__ = [
     "STANDARDISED_IMG_LOCATION",
 ]
 
-IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)   # the [IMG] token's box: the whole image, area 1
+IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)  # the [IMG] token's box: the whole image, area 1
 # With z-scored region_loc5 (chapter 5) [IMG] sits at the origin, the mean region's box. The whole image's box
 # cannot simply be z-scored with the regions' statistics: objects all have about the same size, so its area
 # lands hundreds of standard deviations out (479 in chapter 5) and swamps the embedding. Left
 # raw among z-scored boxes it is one more box near the middle, and a ViLBERT trained from scratch then never
 # learned "is it on the left?" (left/top 0.49-0.52); at the origin it did (0.82 / 0.67 after 1,200 steps of 128).
 STANDARDISED_IMG_LOCATION = (0.0, 0.0, 0.0, 0.0, 0.0)
-PRETRAINING_TASKS = ("mlm", "mrc_kl", "itm")      # the paper's MLM, MRM (KL to the detector) and alignment
+PRETRAINING_TASKS = (
+    "mlm",
+    "mrc_kl",
+    "itm",
+)  # the paper's MLM, MRM (KL to the detector) and alignment
 _ALL_TASKS = (None, "train", "all", "pretrain")  # task names meaning "all three losses, summed"
 VQA_POOLINGS = ("product", "mean")
 
@@ -145,105 +159,184 @@ class ViLBERTConfig(ModelConfig):
     ``t_biattention_id`` / ``v_biattention_id`` (see :func:`layer_schedule`).
     """
 
-    vocab_size: int                          # tokenizer vocabulary (input_ids < vocab_size)
-    num_region_classes: int                  # detector classes C: the MRM target region_soft_labels (B, R, C)
-    region_dim: int = 64                     # D of region_feats (paper: 2048 Faster R-CNN features)
-    location_dim: int = 5                    # ViLBERT's [x1/W, y1/H, x2/W, y2/H, area] (batch key region_loc5)
-    text_hidden_size: int = 128              # paper: 768 (BERT-base)
-    text_num_layers: int = 4                 # paper: 12
-    text_num_heads: int = 4                  # paper: 12
-    text_ffn_size: int = 512                 # paper: 3072
-    visual_hidden_size: int = 128            # paper: 1024
-    visual_num_layers: int = 2               # paper: 6
-    visual_num_heads: int = 4                # paper: 8
-    visual_ffn_size: int = 256               # paper: 1024
-    bi_hidden_size: int = 128                # shared co-attention width; paper: 1024
-    bi_num_heads: int = 4                    # paper: 8
-    text_layer_ids: tuple[int, ...] = (2, 3)     # t_biattention_id; paper: (6, 7, 8, 9, 10, 11)
-    visual_layer_ids: tuple[int, ...] = (0, 1)   # v_biattention_id; paper: (0, 1, 2, 3, 4, 5)
+    vocab_size: int  # tokenizer vocabulary (input_ids < vocab_size)
+    num_region_classes: int  # detector classes C: the MRM target region_soft_labels (B, R, C)
+    region_dim: int = 64  # D of region_feats (paper: 2048 Faster R-CNN features)
+    location_dim: int = 5  # ViLBERT's [x1/W, y1/H, x2/W, y2/H, area] (batch key region_loc5)
+    text_hidden_size: int = 128  # paper: 768 (BERT-base)
+    text_num_layers: int = 4  # paper: 12
+    text_num_heads: int = 4  # paper: 12
+    text_ffn_size: int = 512  # paper: 3072
+    visual_hidden_size: int = 128  # paper: 1024
+    visual_num_layers: int = 2  # paper: 6
+    visual_num_heads: int = 4  # paper: 8
+    visual_ffn_size: int = 256  # paper: 1024
+    bi_hidden_size: int = 128  # shared co-attention width; paper: 1024
+    bi_num_heads: int = 4  # paper: 8
+    text_layer_ids: tuple[int, ...] = (2, 3)  # t_biattention_id; paper: (6, 7, 8, 9, 10, 11)
+    visual_layer_ids: tuple[int, ...] = (0, 1)  # v_biattention_id; paper: (0, 1, 2, 3, 4, 5)
     dropout: float = 0.1
-    attention_dropout: float | None = None   # None: same as dropout
-    max_text_len: int = 40                   # learned positions; paper: 512 (BERT's table)
+    attention_dropout: float | None = None  # None: same as dropout
+    max_text_len: int = 40  # learned positions; paper: 512 (BERT's table)
     type_vocab_size: int = 2
-    pad_token_id: int = 0                    # fusionlib's tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
+    pad_token_id: int = 0  # fusionlib's tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
     mask_token_id: int = 4
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never masked, never a random replacement
-    location_layers: int = 1                 # 1: ViLBERT's Linear(loc5); 2: an MLP (fusionlib.embeddings)
-    img_location: tuple[float, ...] = IMG_LOCATION  # the [IMG] token's loc5, in the units of region_loc5
-                                             # (standardised inputs: STANDARDISED_IMG_LOCATION)
-    layer_norm_eps: float = LAYER_NORM_EPS   # BERT's 1e-12
-    initializer_range: float = 0.02          # BERT's N(0, 0.02) initialisation
-    num_answers: int = 0                     # ViLBERTForVQA's answer vocabulary (0: no VQA head)
-    classifier_dropout: float = 0.5          # inside the VQA classifier, as ViLBERT's SimpleClassifier
-    vqa_pooling: str = "product"             # ViLBERTForVQA reads "product" (pooled [CLS] * pooled [IMG], the
-                                             # paper) | "mean" (of the words' outputs, chapter 3's pooling)
-    itm_negatives: str = "false"             # ITM negatives (fusionlib.itm): "false" (judged false, the
-                                             # synthetic world) | "random" (any other caption, the paper)
-    hard_negative_share: float = 0.0         # of the negatives, the share that are minimal edits of the caption
-    hard_negative_kinds: tuple[str, ...] = itm.EDIT_KINDS  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
+    location_layers: int = 1  # 1: ViLBERT's Linear(loc5); 2: an MLP (fusionlib.embeddings)
+    img_location: tuple[float, ...] = (
+        IMG_LOCATION  # the [IMG] token's loc5, in the units of region_loc5
+    )
+    # (standardised inputs: STANDARDISED_IMG_LOCATION)
+    layer_norm_eps: float = LAYER_NORM_EPS  # BERT's 1e-12
+    initializer_range: float = 0.02  # BERT's N(0, 0.02) initialisation
+    num_answers: int = 0  # ViLBERTForVQA's answer vocabulary (0: no VQA head)
+    classifier_dropout: float = 0.5  # inside the VQA classifier, as ViLBERT's SimpleClassifier
+    vqa_pooling: str = "product"  # ViLBERTForVQA reads "product" (pooled [CLS] * pooled [IMG], the
+    # paper) | "mean" (of the words' outputs, chapter 3's pooling)
+    itm_negatives: str = "false"  # ITM negatives (fusionlib.itm): "false" (judged false, the
+    # synthetic world) | "random" (any other caption, the paper)
+    hard_negative_share: float = (
+        0.0  # of the negatives, the share that are minimal edits of the caption
+    )
+    hard_negative_kinds: tuple[str, ...] = (
+        itm.EDIT_KINDS
+    )  # which kinds of edit (fusionlib.data.truth.EDIT_KINDS)
 
     # What a task model may set differently from the encoder it starts from (vl_base.load_encoder).
     task_fields: ClassVar[tuple[str, ...]] = (
-        "dropout", "attention_dropout", "classifier_dropout", "num_answers", "vqa_pooling", "initializer_range",
-        "pad_token_id", "mask_token_id", "special_token_ids")
+        "dropout",
+        "attention_dropout",
+        "classifier_dropout",
+        "num_answers",
+        "vqa_pooling",
+        "initializer_range",
+        "pad_token_id",
+        "mask_token_id",
+        "special_token_ids",
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "num_region_classes", "region_dim", "text_hidden_size", "text_num_layers",
-                     "text_num_heads", "text_ffn_size", "visual_hidden_size", "visual_num_layers",
-                     "visual_num_heads", "visual_ffn_size", "bi_hidden_size", "bi_num_heads", "max_text_len",
-                     "type_vocab_size"):
+        for name in (
+            "vocab_size",
+            "num_region_classes",
+            "region_dim",
+            "text_hidden_size",
+            "text_num_layers",
+            "text_num_heads",
+            "text_ffn_size",
+            "visual_hidden_size",
+            "visual_num_layers",
+            "visual_num_heads",
+            "visual_ffn_size",
+            "bi_hidden_size",
+            "bi_num_heads",
+            "max_text_len",
+            "type_vocab_size",
+        ):
             _positive_int(name, getattr(self, name))
         if self.location_dim != 5:
-            raise ValueError(f"location_dim must be 5 (ViLBERT's [x1/W, y1/H, x2/W, y2/H, area], with [IMG] at "
-                             f"{list(IMG_LOCATION)}), got {self.location_dim!r}")
-        for width, heads in (("text_hidden_size", "text_num_heads"), ("visual_hidden_size", "visual_num_heads"),
-                             ("bi_hidden_size", "bi_num_heads")):
+            raise ValueError(
+                f"location_dim must be 5 (ViLBERT's [x1/W, y1/H, x2/W, y2/H, area], with [IMG] at "
+                f"{list(IMG_LOCATION)}), got {self.location_dim!r}"
+            )
+        for width, heads in (
+            ("text_hidden_size", "text_num_heads"),
+            ("visual_hidden_size", "visual_num_heads"),
+            ("bi_hidden_size", "bi_num_heads"),
+        ):
             if getattr(self, width) % getattr(self, heads):
-                raise ValueError(f"{heads}={getattr(self, heads)} must divide {width}={getattr(self, width)}")
+                raise ValueError(
+                    f"{heads}={getattr(self, heads)} must divide {width}={getattr(self, width)}"
+                )
         # Lists from JSON become tuples: the config stays hashable and immutable.
         for name in ("text_layer_ids", "visual_layer_ids", "special_token_ids"):
             object.__setattr__(self, name, _int_tuple(name, getattr(self, name)))
         if len(self.text_layer_ids) != len(self.visual_layer_ids):
-            raise ValueError(f"text_layer_ids and visual_layer_ids must have one entry per co-attention layer, "
-                             f"got {len(self.text_layer_ids)} and {len(self.visual_layer_ids)}: "
-                             f"{list(self.text_layer_ids)}, {list(self.visual_layer_ids)}")
+            raise ValueError(
+                f"text_layer_ids and visual_layer_ids must have one entry per co-attention layer, "
+                f"got {len(self.text_layer_ids)} and {len(self.visual_layer_ids)}: "
+                f"{list(self.text_layer_ids)}, {list(self.visual_layer_ids)}"
+            )
         for name, ids, count, count_name in (
-                ("text_layer_ids", self.text_layer_ids, self.text_num_layers, "text_num_layers"),
-                ("visual_layer_ids", self.visual_layer_ids, self.visual_num_layers, "visual_num_layers")):
+            ("text_layer_ids", self.text_layer_ids, self.text_num_layers, "text_num_layers"),
+            (
+                "visual_layer_ids",
+                self.visual_layer_ids,
+                self.visual_num_layers,
+                "visual_num_layers",
+            ),
+        ):
             if any(not 0 <= i <= count for i in ids):
-                raise ValueError(f"{name} must hold layer counts in [0, {count_name}={count}], got {list(ids)}")
+                raise ValueError(
+                    f"{name} must hold layer counts in [0, {count_name}={count}], got {list(ids)}"
+                )
             if any(b < a for a, b in zip(ids, ids[1:])):
-                raise ValueError(f"{name} must be non-decreasing (co-TRM k runs after the first ids[k] layers), "
-                                 f"got {list(ids)}")
-        for name in ("dropout", "classifier_dropout") + (("attention_dropout",) if self.attention_dropout is not None
-                                                        else ()):
+                raise ValueError(
+                    f"{name} must be non-decreasing (co-TRM k runs after the first ids[k] layers), "
+                    f"got {list(ids)}"
+                )
+        for name in ("dropout", "classifier_dropout") + (
+            ("attention_dropout",) if self.attention_dropout is not None else ()
+        ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0.0 <= value < 1.0
+            ):
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         for name in ("pad_token_id", "mask_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}")
+                raise ValueError(
+                    f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}"
+                )
         if any(not 0 <= i < self.vocab_size for i in self.special_token_ids):
-            raise ValueError(f"special_token_ids must lie in [0, vocab_size={self.vocab_size}), "
-                             f"got {list(self.special_token_ids)}")
+            raise ValueError(
+                f"special_token_ids must lie in [0, vocab_size={self.vocab_size}), "
+                f"got {list(self.special_token_ids)}"
+            )
         box = self.img_location
-        if (not isinstance(box, (tuple, list)) or len(box) != 5 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        if (
+            not isinstance(box, (tuple, list))
+            or len(box) != 5
+            or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in box
+            )
+        ):
             raise ValueError(f"img_location must be 5 finite floats (a loc5 box), got {box!r}")
-        object.__setattr__(self, "img_location", tuple(float(v) for v in box))   # a JSON list comes back a tuple
+        object.__setattr__(
+            self, "img_location", tuple(float(v) for v in box)
+        )  # a JSON list comes back a tuple
         if self.location_layers not in (1, 2):
-            raise ValueError(f"location_layers must be 1 (ViLBERT's Linear) or 2 (an MLP), "
-                             f"got {self.location_layers!r}")
+            raise ValueError(
+                f"location_layers must be 1 (ViLBERT's Linear) or 2 (an MLP), "
+                f"got {self.location_layers!r}"
+            )
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if not self.initializer_range > 0:
             raise ValueError(f"initializer_range must be positive, got {self.initializer_range!r}")
-        if not isinstance(self.num_answers, int) or isinstance(self.num_answers, bool) or self.num_answers < 0:
-            raise ValueError(f"num_answers must be an int >= 0 (0: no VQA head), got {self.num_answers!r}")
+        if (
+            not isinstance(self.num_answers, int)
+            or isinstance(self.num_answers, bool)
+            or self.num_answers < 0
+        ):
+            raise ValueError(
+                f"num_answers must be an int >= 0 (0: no VQA head), got {self.num_answers!r}"
+            )
         # JSON gives a list back; keep the tuple (frozen dataclass, hence object.__setattr__).
-        object.__setattr__(self, "hard_negative_kinds", itm.check_settings(
-            self.itm_negatives, self.hard_negative_share, self.hard_negative_kinds, names=itm.CONFIG_NAMES))
+        object.__setattr__(
+            self,
+            "hard_negative_kinds",
+            itm.check_settings(
+                self.itm_negatives,
+                self.hard_negative_share,
+                self.hard_negative_kinds,
+                names=itm.CONFIG_NAMES,
+            ),
+        )
         if self.vqa_pooling not in VQA_POOLINGS:
             raise ValueError(f"vqa_pooling must be one of {VQA_POOLINGS}, got {self.vqa_pooling!r}")
 
@@ -264,11 +357,27 @@ class ViLBERTConfig(ModelConfig):
         Faster R-CNN features, 1601 Visual Genome classes, BERT's uncased
         vocabulary (30522) and its 512 positions.
         """
-        base = dict(vocab_size=30522, num_region_classes=1601, region_dim=2048, text_hidden_size=768,
-                    text_num_layers=12, text_num_heads=12, text_ffn_size=3072, visual_hidden_size=1024,
-                    visual_num_layers=6, visual_num_heads=8, visual_ffn_size=1024, bi_hidden_size=1024,
-                    bi_num_heads=8, text_layer_ids=(6, 7, 8, 9, 10, 11), visual_layer_ids=(0, 1, 2, 3, 4, 5),
-                    max_text_len=512, pad_token_id=0, mask_token_id=103, special_token_ids=(0, 100, 101, 102, 103))
+        base = dict(
+            vocab_size=30522,
+            num_region_classes=1601,
+            region_dim=2048,
+            text_hidden_size=768,
+            text_num_layers=12,
+            text_num_heads=12,
+            text_ffn_size=3072,
+            visual_hidden_size=1024,
+            visual_num_layers=6,
+            visual_num_heads=8,
+            visual_ffn_size=1024,
+            bi_hidden_size=1024,
+            bi_num_heads=8,
+            text_layer_ids=(6, 7, 8, 9, 10, 11),
+            visual_layer_ids=(0, 1, 2, 3, 4, 5),
+            max_text_len=512,
+            pad_token_id=0,
+            mask_token_id=103,
+            special_token_ids=(0, 100, 101, 102, 103),
+        )
         return cls(**{**base, **changes})
 
     @classmethod
@@ -281,7 +390,9 @@ class ViLBERTConfig(ModelConfig):
         return cls(vocab_size=vocab_size, num_region_classes=num_region_classes, **changes)
 
     @classmethod
-    def co_attention_first(cls, vocab_size: int, num_region_classes: int, **changes: Any) -> "ViLBERTConfig":
+    def co_attention_first(
+        cls, vocab_size: int, num_region_classes: int, **changes: Any
+    ) -> "ViLBERTConfig":
         """The book's model (chapters 5 and 6): :meth:`small`'s widths with the streams meeting first,
         2 text layers, 1 visual layer and 2 co-TRMs::
 
@@ -289,7 +400,9 @@ class ViLBERTConfig(ModelConfig):
 
         Trained from scratch, the paper's pattern at this size learned far more slowly (chapter 5, section 5.2).
         """
-        schedule = dict(text_num_layers=2, text_layer_ids=(0, 1), visual_num_layers=1, visual_layer_ids=(0, 1))
+        schedule = dict(
+            text_num_layers=2, text_layer_ids=(0, 1), visual_num_layers=1, visual_layer_ids=(0, 1)
+        )
         return cls.small(vocab_size, num_region_classes, **{**schedule, **changes})
 
 
@@ -343,8 +456,11 @@ def _read_batch(batch: dict[str, Tensor], config: ViLBERTConfig) -> _Inputs:
     feats, loc, rmask = region_inputs(batch, B, config.region_dim, config.location_dim)
     image = get_tensor(batch, "image_feats")
     if tuple(image.shape) != (B, config.region_dim) or not image.is_floating_point():
-        raise _shape_error("image_feats", f"float of shape ({B}, {config.region_dim}) = (batch, region_dim), the "
-                           "[IMG] feature", image)
+        raise _shape_error(
+            "image_feats",
+            f"float of shape ({B}, {config.region_dim}) = (batch, region_dim), the [IMG] feature",
+            image,
+        )
     return _Inputs(ids, mask, types, feats, loc, rmask, image)
 
 
@@ -401,47 +517,106 @@ class ViLBERT(VisionLanguageModel):
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
         c = config
-        self.text_embeddings = TextEmbeddings(c.vocab_size, c.text_hidden_size, c.max_text_len, c.type_vocab_size,
-                                              dropout=c.dropout, pad_token_id=c.pad_token_id,
-                                              layer_norm_eps=c.layer_norm_eps)
-        self.region_embeddings = RegionEmbeddings(c.region_dim, c.visual_hidden_size, c.location_dim,
-                                                  dropout=c.dropout, location_layers=c.location_layers,
-                                                  layer_norm_eps=c.layer_norm_eps)
+        self.text_embeddings = TextEmbeddings(
+            c.vocab_size,
+            c.text_hidden_size,
+            c.max_text_len,
+            c.type_vocab_size,
+            dropout=c.dropout,
+            pad_token_id=c.pad_token_id,
+            layer_norm_eps=c.layer_norm_eps,
+        )
+        self.region_embeddings = RegionEmbeddings(
+            c.region_dim,
+            c.visual_hidden_size,
+            c.location_dim,
+            dropout=c.dropout,
+            location_layers=c.location_layers,
+            layer_norm_eps=c.layer_norm_eps,
+        )
         self.text_layers = nn.ModuleList(
-            TransformerLayer(c.text_hidden_size, c.text_num_heads, c.text_ffn_size, c.dropout, c.attention_dropout,
-                             layer_norm_eps=c.layer_norm_eps) for _ in range(c.text_num_layers))
+            TransformerLayer(
+                c.text_hidden_size,
+                c.text_num_heads,
+                c.text_ffn_size,
+                c.dropout,
+                c.attention_dropout,
+                layer_norm_eps=c.layer_norm_eps,
+            )
+            for _ in range(c.text_num_layers)
+        )
         self.visual_layers = nn.ModuleList(
-            TransformerLayer(c.visual_hidden_size, c.visual_num_heads, c.visual_ffn_size, c.dropout,
-                             c.attention_dropout, layer_norm_eps=c.layer_norm_eps) for _ in range(c.visual_num_layers))
+            TransformerLayer(
+                c.visual_hidden_size,
+                c.visual_num_heads,
+                c.visual_ffn_size,
+                c.dropout,
+                c.attention_dropout,
+                layer_norm_eps=c.layer_norm_eps,
+            )
+            for _ in range(c.visual_num_layers)
+        )
         self.co_layers = nn.ModuleList(
-            CoAttentionLayer(c.text_hidden_size, c.visual_hidden_size, c.bi_hidden_size, c.bi_num_heads,
-                             c.text_ffn_size, c.visual_ffn_size, c.dropout, c.attention_dropout,
-                             layer_norm_eps=c.layer_norm_eps) for _ in range(c.num_co_layers))
+            CoAttentionLayer(
+                c.text_hidden_size,
+                c.visual_hidden_size,
+                c.bi_hidden_size,
+                c.bi_num_heads,
+                c.text_ffn_size,
+                c.visual_ffn_size,
+                c.dropout,
+                c.attention_dropout,
+                layer_norm_eps=c.layer_norm_eps,
+            )
+            for _ in range(c.num_co_layers)
+        )
         self.text_pooler = nn.Sequential(nn.Linear(c.text_hidden_size, c.bi_hidden_size), nn.ReLU())
-        self.visual_pooler = nn.Sequential(nn.Linear(c.visual_hidden_size, c.bi_hidden_size), nn.ReLU())
+        self.visual_pooler = nn.Sequential(
+            nn.Linear(c.visual_hidden_size, c.bi_hidden_size), nn.ReLU()
+        )
         self.schedule = layer_schedule(c)
-        self.register_buffer("img_location", torch.tensor(c.img_location, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "img_location", torch.tensor(c.img_location, dtype=torch.float32), persistent=False
+        )
         self.init_weights()
 
     def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False) -> ViLBERTOutput:
         x = _read_batch(batch, self.config)
-        return self.encode(x.input_ids, x.attention_mask, x.region_feats, x.region_loc, x.region_mask,
-                           x.image_feats, token_type_ids=x.token_type_ids, need_weights=need_weights)
+        return self.encode(
+            x.input_ids,
+            x.attention_mask,
+            x.region_feats,
+            x.region_loc,
+            x.region_mask,
+            x.image_feats,
+            token_type_ids=x.token_type_ids,
+            need_weights=need_weights,
+        )
 
-    def embed_visual(self, region_feats: Tensor, region_loc: Tensor, region_mask: Tensor, image_feats: Tensor
-                     ) -> tuple[Tensor, Tensor]:
+    def embed_visual(
+        self, region_feats: Tensor, region_loc: Tensor, region_mask: Tensor, image_feats: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """``[IMG]`` + regions -> ``(embeddings (B, 1+R, visual_hidden), visual_mask (B, 1+R))``."""
         B = region_feats.shape[0]
-        feats = torch.cat([image_feats[:, None, :], region_feats], dim=1)                    # (B, 1+R, D)
+        feats = torch.cat([image_feats[:, None, :], region_feats], dim=1)  # (B, 1+R, D)
         img_loc = self.img_location.to(region_loc.dtype).expand(B, 1, 5)
-        loc = torch.cat([img_loc, region_loc], dim=1)                                        # (B, 1+R, 5)
+        loc = torch.cat([img_loc, region_loc], dim=1)  # (B, 1+R, 5)
         # [IMG] is always real: even an image with no region has a token to attend to.
-        mask = torch.cat([region_mask.new_ones(B, 1), region_mask], dim=1)                  # (B, 1+R)
+        mask = torch.cat([region_mask.new_ones(B, 1), region_mask], dim=1)  # (B, 1+R)
         return self.region_embeddings(feats, loc), mask
 
-    def encode(self, input_ids: Tensor, attention_mask: Tensor, region_feats: Tensor, region_loc: Tensor,
-               region_mask: Tensor, image_feats: Tensor, *, token_type_ids: Tensor | None = None,
-               need_weights: bool = False) -> ViLBERTOutput:
+    def encode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        region_feats: Tensor,
+        region_loc: Tensor,
+        region_mask: Tensor,
+        image_feats: Tensor,
+        *,
+        token_type_ids: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> ViLBERTOutput:
         """The encoder on explicit tensors (shapes as the batch keys, :func:`_read_batch` checks them)."""
         text = self.text_embeddings(input_ids, token_type_ids)
         visual, visual_mask = self.embed_visual(region_feats, region_loc, region_mask, image_feats)
@@ -456,17 +631,22 @@ class ViLBERT(VisionLanguageModel):
                 if maps is not None:
                     maps.visual.append(w)
             else:
-                text, visual, w = self.co_layers[i](text, visual, attention_mask, visual_mask,
-                                                    need_weights=need_weights)
+                text, visual, w = self.co_layers[i](
+                    text, visual, attention_mask, visual_mask, need_weights=need_weights
+                )
                 if maps is not None:
                     maps.text_to_visual.append(w.text_to_visual)
                     maps.visual_to_text.append(w.visual_to_text)
-        pooled_text = self.text_pooler(text[:, 0])            # [CLS]
-        pooled_visual = self.visual_pooler(visual[:, 0])      # [IMG]
+        pooled_text = self.text_pooler(text[:, 0])  # [CLS]
+        pooled_visual = self.visual_pooler(visual[:, 0])  # [IMG]
         return ViLBERTOutput(text, visual, pooled_text, pooled_visual, maps, visual_mask)
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                    token_type_ids: Tensor | None = None) -> Tensor:
+    def encode_text(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
         """The text stream alone: embeddings and every text layer in order, no co-attention.
 
         ``(batch, seq) -> (batch, seq, text_hidden)``. After
@@ -504,10 +684,12 @@ class ViLBERTForPretraining(VisionLanguagePretraining):
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
         self.vilbert = ViLBERT(config)
-        self.mlm_head = TiedMLMHead(self.vilbert.text_embeddings.word_embeddings, config.layer_norm_eps,
-                                    own_bias=True)
-        self.mrc_head = RegionClassificationHead(config.visual_hidden_size, config.num_region_classes,
-                                                 config.layer_norm_eps)
+        self.mlm_head = TiedMLMHead(
+            self.vilbert.text_embeddings.word_embeddings, config.layer_norm_eps, own_bias=True
+        )
+        self.mrc_head = RegionClassificationHead(
+            config.visual_hidden_size, config.num_region_classes, config.layer_norm_eps
+        )
         self.itm_head = ITMHead(config.bi_hidden_size, dropout=config.dropout)
         # Only the new heads: the encoder initialised itself, and the MLM decoder's matrix is its word table.
         self.init_weights(self.mlm_head.transform, self.mrc_head, self.itm_head)
@@ -516,16 +698,20 @@ class ViLBERTForPretraining(VisionLanguagePretraining):
     def image_keys(self) -> tuple[str, ...]:
         return ("region_feats", self.config.location_key, "region_mask", "image_feats")
 
-    def forward(self, batch: dict[str, Tensor], task: str | None = None, *,
-                need_weights: bool = False) -> PretrainingOutput:
+    def forward(
+        self, batch: dict[str, Tensor], task: str | None = None, *, need_weights: bool = False
+    ) -> PretrainingOutput:
         out = self.vilbert(batch, need_weights=need_weights)
-        return PretrainingOutput(mlm_logits=self.mlm_head(out.text_hidden),
-                                 mrc_logits=self.mrc_head(out.visual_hidden[:, 1:]),     # regions only, not [IMG]
-                                 itm_logits=self.itm_head(out.pooled_text * out.pooled_visual), encoder=out)
+        return PretrainingOutput(
+            mlm_logits=self.mlm_head(out.text_hidden),
+            mrc_logits=self.mrc_head(out.visual_hidden[:, 1:]),  # regions only, not [IMG]
+            itm_logits=self.itm_head(out.pooled_text * out.pooled_visual),
+            encoder=out,
+        )
 
     def itm_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """``(B, 2)``: ``Linear(dropout(pooled_text * pooled_visual))``, class 1 = the pair matches."""
-        out = self.vilbert(batch)                         # no MLM/MRC logits needed
+        out = self.vilbert(batch)  # no MLM/MRC logits needed
         return self.itm_head(out.pooled_text * out.pooled_visual)
 
     def retrieval_score(self, batch: dict[str, Tensor]) -> Tensor:
@@ -573,9 +759,16 @@ class PretrainingInputs(NamedTuple):
     def batch(self, original: dict[str, Tensor]) -> dict[str, Tensor]:
         """``original`` with the model inputs replaced by these and the targets added: the prepared batch
         that the model and :func:`~fusionlib.models.vl_base.pretraining_losses` read."""
-        out = dict(original, input_ids=self.input_ids, attention_mask=self.attention_mask,
-                   region_feats=self.region_feats, image_feats=self.image_feats, mlm_labels=self.mlm_labels,
-                   region_masked=self.region_masked, itm_labels=self.itm_labels)
+        out = dict(
+            original,
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            region_feats=self.region_feats,
+            image_feats=self.image_feats,
+            mlm_labels=self.mlm_labels,
+            region_masked=self.region_masked,
+            itm_labels=self.itm_labels,
+        )
         if self.token_type_ids is not None:
             out["token_type_ids"] = self.token_type_ids
         return out
@@ -586,14 +779,22 @@ def _tasks(task: str | None) -> tuple[str, ...]:
         return PRETRAINING_TASKS
     if task in PRETRAINING_TASKS:
         return (task,)
-    raise ValueError(f"task must be one of {PRETRAINING_TASKS} (that loss alone) or one of {list(_ALL_TASKS)} "
-                     f"(all three, summed), got {task!r}")
+    raise ValueError(
+        f"task must be one of {PRETRAINING_TASKS} (that loss alone) or one of {list(_ALL_TASKS)} "
+        f"(all three, summed), got {task!r}"
+    )
 
 
-def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, generator: torch.Generator,
-                               tasks: Sequence[str] = PRETRAINING_TASKS, itm_probability: float = 0.5,
-                               token_probability: float = 0.15, region_probability: float = 0.15,
-                               region_zero_fraction: float = 0.9) -> PretrainingInputs:
+def prepare_pretraining_inputs(
+    batch: dict[str, Tensor],
+    config: ViLBERTConfig,
+    generator: torch.Generator,
+    tasks: Sequence[str] = PRETRAINING_TASKS,
+    itm_probability: float = 0.5,
+    token_probability: float = 0.15,
+    region_probability: float = 0.15,
+    region_zero_fraction: float = 0.9,
+) -> PretrainingInputs:
     """ViLBERT's pretraining inputs (chapters 4, 5), every draw from ``generator``.
 
     1. **Negatives** (``"itm"`` in ``tasks``): each caption is replaced with
@@ -629,60 +830,100 @@ def prepare_pretraining_inputs(batch: dict[str, Tensor], config: ViLBERTConfig, 
         soft = get_tensor(batch, "region_soft_labels")
         expected = (B, x.region_feats.shape[1], config.num_region_classes)
         if tuple(soft.shape) != expected:
-            raise _shape_error("region_soft_labels", f"of shape {expected} = (batch, regions, num_region_classes)",
-                               soft)
+            raise _shape_error(
+                "region_soft_labels",
+                f"of shape {expected} = (batch, regions, num_region_classes)",
+                soft,
+            )
 
     # 1. ITM negatives: swap in the caption of a sample showing another image.
     if "itm" in tasks:
         image_index = get_tensor(batch, "image_index")
         if tuple(image_index.shape) != (B,) or image_index.is_floating_point():
             raise _shape_error("image_index", f"integer of shape ({B},)", image_index)
-        pairs = itm.draw_pairs(batch, generator, itm_probability, config.itm_negatives, config.hard_negative_share,
-                               swap="text", hard_kinds=config.hard_negative_kinds)
+        pairs = itm.draw_pairs(
+            batch,
+            generator,
+            itm_probability,
+            config.itm_negatives,
+            config.hard_negative_share,
+            swap="text",
+            hard_kinds=config.hard_negative_kinds,
+        )
         caption_index = pairs.partner.to(device)
         itm_labels = pairs.labels.to(device)
     else:
         pairs = None
         caption_index = torch.arange(B, device=device)
         itm_labels = torch.full((B,), IGNORE_INDEX, dtype=torch.long, device=device)
-    matched = itm_labels != 0                      # a hard negative keeps its own row but is no match
+    matched = itm_labels != 0  # a hard negative keeps its own row but is no match
     input_ids, attention_mask = x.input_ids[caption_index], x.attention_mask[caption_index]
     token_type_ids = None if x.token_type_ids is None else x.token_type_ids[caption_index]
     if pairs is not None and bool((pairs.edit >= 0).any()):
-        input_ids, attention_mask = itm.edit_texts(input_ids, attention_mask, batch, pairs.edit, config.pad_token_id)
-        if token_type_ids is not None:             # one segment: an edited caption is all type 0
+        input_ids, attention_mask = itm.edit_texts(
+            input_ids, attention_mask, batch, pairs.edit, config.pad_token_id
+        )
+        if token_type_ids is not None:  # one segment: an edited caption is all type 0
             width = input_ids.shape[1]
-            token_type_ids = torch.nn.functional.pad(token_type_ids, (0, max(0, width - T)))[:, :width]
+            token_type_ids = torch.nn.functional.pad(token_type_ids, (0, max(0, width - T)))[
+                :, :width
+            ]
             token_type_ids = token_type_ids.masked_fill((pairs.edit >= 0).to(device)[:, None], 0)
 
     # 2. Tokens.
     if "mlm" in tasks:
         maskable = maskable_tokens(input_ids, attention_mask, config.special_token_ids)
-        input_ids, mlm_labels = mask_tokens(input_ids, maskable, mask_token_id=config.mask_token_id,
-                                            vocab_size=config.vocab_size, generator=generator,
-                                            special_ids=config.special_token_ids, probability=token_probability)
+        input_ids, mlm_labels = mask_tokens(
+            input_ids,
+            maskable,
+            mask_token_id=config.mask_token_id,
+            vocab_size=config.vocab_size,
+            generator=generator,
+            special_ids=config.special_token_ids,
+            probability=token_probability,
+        )
         mlm_labels = mlm_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
     else:
         mlm_labels = torch.full_like(input_ids, IGNORE_INDEX)
 
     # 3. Regions.
     if "mrc_kl" in tasks:
-        regions = mask_regions(x.region_mask, generator, probability=region_probability,
-                               zero_fraction=region_zero_fraction)
+        regions = mask_regions(
+            x.region_mask,
+            generator,
+            probability=region_probability,
+            zero_fraction=region_zero_fraction,
+        )
         region_feats = apply_region_mask(x.region_feats, regions.zeroed)
         image_feats = masked_mean(region_feats, x.region_mask)
         region_masked = regions.masked & matched[:, None]
     else:
         region_feats, image_feats = x.region_feats, x.image_feats
         region_masked = torch.zeros_like(x.region_mask)
-    return PretrainingInputs(input_ids, attention_mask, token_type_ids, mlm_labels, region_feats, image_feats,
-                             region_masked, itm_labels, caption_index)
+    return PretrainingInputs(
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        mlm_labels,
+        region_feats,
+        image_feats,
+        region_masked,
+        itm_labels,
+        caption_index,
+    )
 
 
-def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | None = None, *,
-                     generator: torch.Generator | None = None, itm_probability: float = 0.5,
-                     token_probability: float = 0.15, region_probability: float = 0.15,
-                     region_zero_fraction: float = 0.9) -> dict[str, Tensor]:
+def pretraining_step(
+    model: nn.Module,
+    batch: dict[str, Tensor],
+    task: str | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    itm_probability: float = 0.5,
+    token_probability: float = 0.15,
+    region_probability: float = 0.15,
+    region_zero_fraction: float = 0.9,
+) -> dict[str, Tensor]:
     """One ViLBERT pretraining step, a ``step_fn`` for :func:`fusionlib.train.train` (chapter 5).
 
     ``task``: ``None`` / ``"train"`` (train's default task name) / ``"all"``
@@ -699,8 +940,16 @@ def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str | Non
     """
     tasks = _tasks(task)
     config = encoder_of(model, ViLBERT).config
-    inputs = prepare_pretraining_inputs(batch, config, runtime.step_generator(generator), tasks, itm_probability,
-                                        token_probability, region_probability, region_zero_fraction)
+    inputs = prepare_pretraining_inputs(
+        batch,
+        config,
+        runtime.step_generator(generator),
+        tasks,
+        itm_probability,
+        token_probability,
+        region_probability,
+        region_zero_fraction,
+    )
     prepared = inputs.batch(batch)
     return pretraining_losses(model(prepared), prepared, tasks)
 
@@ -732,23 +981,30 @@ class ViLBERTForVQA(VisionLanguageModel):
     def __init__(self, config: ViLBERTConfig):
         super().__init__(config)
         if config.num_answers < 1:
-            raise ValueError("ViLBERTForVQA needs config.num_answers >= 1 (the answer vocabulary size), got "
-                             f"{config.num_answers}")
+            raise ValueError(
+                "ViLBERTForVQA needs config.num_answers >= 1 (the answer vocabulary size), got "
+                f"{config.num_answers}"
+            )
         self.vilbert = ViLBERT(config)
         self.dropout = nn.Dropout(config.dropout)
         B = config.bi_hidden_size
         width = config.text_hidden_size if config.vqa_pooling == "mean" else B
-        self.classifier = nn.Sequential(nn.Linear(width, 2 * B), nn.ReLU(), nn.Dropout(config.classifier_dropout),
-                                        nn.Linear(2 * B, config.num_answers))
+        self.classifier = nn.Sequential(
+            nn.Linear(width, 2 * B),
+            nn.ReLU(),
+            nn.Dropout(config.classifier_dropout),
+            nn.Linear(2 * B, config.num_answers),
+        )
         self.init_weights(self.classifier)
 
-    def forward(self, batch: dict[str, Tensor], *, need_weights: bool = False
-                ) -> Tensor | tuple[Tensor, ViLBERTAttentions]:
+    def forward(
+        self, batch: dict[str, Tensor], *, need_weights: bool = False
+    ) -> Tensor | tuple[Tensor, ViLBERTAttentions]:
         out = self.vilbert(batch, need_weights=need_weights)
         if self.config.vqa_pooling == "mean":
-            pooled = masked_mean(out.text_hidden, batch["attention_mask"])         # (B, text_hidden)
+            pooled = masked_mean(out.text_hidden, batch["attention_mask"])  # (B, text_hidden)
         else:
-            pooled = out.pooled_text * out.pooled_visual                           # (B, bi_hidden)
+            pooled = out.pooled_text * out.pooled_visual  # (B, bi_hidden)
         logits = self.classifier(self.dropout(pooled))
         return (logits, out.attentions) if need_weights else logits
 
@@ -770,10 +1026,14 @@ def _bert_name_map(num_layers: int) -> dict[str, str | tuple[str, str, str]]:
     for i in range(num_layers):
         ours, theirs = f"text_layers.{i}.", f"encoder.layer.{i}."
         for kind in ("weight", "bias"):
-            names[ours + ("attention.in_proj_weight" if kind == "weight" else "attention.in_proj_bias")] = tuple(
-                f"{theirs}attention.self.{p}.{kind}" for p in ("query", "key", "value"))
+            names[
+                ours
+                + ("attention.in_proj_weight" if kind == "weight" else "attention.in_proj_bias")
+            ] = tuple(f"{theirs}attention.self.{p}.{kind}" for p in ("query", "key", "value"))
             names[f"{ours}attention.out_proj.{kind}"] = f"{theirs}attention.output.dense.{kind}"
-            names[f"{ours}attention_residual.norm.{kind}"] = f"{theirs}attention.output.LayerNorm.{kind}"
+            names[f"{ours}attention_residual.norm.{kind}"] = (
+                f"{theirs}attention.output.LayerNorm.{kind}"
+            )
             names[f"{ours}ffn.linear1.{kind}"] = f"{theirs}intermediate.dense.{kind}"
             names[f"{ours}ffn.linear2.{kind}"] = f"{theirs}output.dense.{kind}"
             names[f"{ours}ffn_residual.norm.{kind}"] = f"{theirs}output.LayerNorm.{kind}"
@@ -811,8 +1071,12 @@ def load_text_stream_from_bert(model: nn.Module, path: str | os.PathLike) -> lis
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        bert, info = BertModel.from_pretrained(os.fspath(path), local_files_only=True, add_pooling_layer=False,
-                                               output_loading_info=True)
+        bert, info = BertModel.from_pretrained(
+            os.fspath(path),
+            local_files_only=True,
+            add_pooling_layer=False,
+            output_loading_info=True,
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -822,37 +1086,53 @@ def load_text_stream_from_bert(model: nn.Module, path: str | os.PathLike) -> lis
     if missing:
         raise ValueError(f"the BERT checkpoint at {os.fspath(path)} lacks {missing}")
     bc = bert.config
-    checks = [("text_hidden_size", c.text_hidden_size, "hidden_size", bc.hidden_size),
-              ("text_num_layers", c.text_num_layers, "num_hidden_layers", bc.num_hidden_layers),
-              ("text_num_heads", c.text_num_heads, "num_attention_heads", bc.num_attention_heads),
-              ("text_ffn_size", c.text_ffn_size, "intermediate_size", bc.intermediate_size),
-              ("vocab_size", c.vocab_size, "vocab_size", bc.vocab_size),
-              ("type_vocab_size", c.type_vocab_size, "type_vocab_size", bc.type_vocab_size),
-              ("layer_norm_eps", c.layer_norm_eps, "layer_norm_eps", bc.layer_norm_eps)]
+    checks = [
+        ("text_hidden_size", c.text_hidden_size, "hidden_size", bc.hidden_size),
+        ("text_num_layers", c.text_num_layers, "num_hidden_layers", bc.num_hidden_layers),
+        ("text_num_heads", c.text_num_heads, "num_attention_heads", bc.num_attention_heads),
+        ("text_ffn_size", c.text_ffn_size, "intermediate_size", bc.intermediate_size),
+        ("vocab_size", c.vocab_size, "vocab_size", bc.vocab_size),
+        ("type_vocab_size", c.type_vocab_size, "type_vocab_size", bc.type_vocab_size),
+        ("layer_norm_eps", c.layer_norm_eps, "layer_norm_eps", bc.layer_norm_eps),
+    ]
     for ours, ours_value, theirs, their_value in checks:
         if ours_value != their_value:
-            raise ValueError(f"config.{ours}={ours_value!r} does not match the BERT checkpoint's "
-                             f"{theirs}={their_value!r} at {os.fspath(path)}")
+            raise ValueError(
+                f"config.{ours}={ours_value!r} does not match the BERT checkpoint's "
+                f"{theirs}={their_value!r} at {os.fspath(path)}"
+            )
     if bc.max_position_embeddings < c.max_text_len:
-        raise ValueError(f"config.max_text_len={c.max_text_len} exceeds the BERT checkpoint's "
-                         f"max_position_embeddings={bc.max_position_embeddings}")
+        raise ValueError(
+            f"config.max_text_len={c.max_text_len} exceeds the BERT checkpoint's "
+            f"max_position_embeddings={bc.max_position_embeddings}"
+        )
     if bc.hidden_act != "gelu":
-        raise ValueError(f"the BERT checkpoint uses hidden_act={bc.hidden_act!r}; the text stream's layers use "
-                         "exact GELU ('gelu')")
+        raise ValueError(
+            f"the BERT checkpoint uses hidden_act={bc.hidden_act!r}; the text stream's layers use "
+            "exact GELU ('gelu')"
+        )
     if getattr(bc, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"the BERT checkpoint uses position_embedding_type={bc.position_embedding_type!r}; "
-                         "the text stream has absolute learned positions")
+        raise ValueError(
+            f"the BERT checkpoint uses position_embedding_type={bc.position_embedding_type!r}; "
+            "the text stream has absolute learned positions"
+        )
     theirs = bert.state_dict()
     ours = encoder.state_dict()
     loaded = []
     with torch.no_grad():
         for name, source in _bert_name_map(c.text_num_layers).items():
-            value = torch.cat([theirs[s] for s in source]) if isinstance(source, tuple) else theirs[source]
+            value = (
+                torch.cat([theirs[s] for s in source])
+                if isinstance(source, tuple)
+                else theirs[source]
+            )
             if name == "text_embeddings.position_embeddings.weight":
                 value = value[: c.max_text_len]
             if tuple(value.shape) != tuple(ours[name].shape):
-                raise ValueError(f"{name}: the checkpoint gives shape {tuple(value.shape)}, the text stream has "
-                                 f"{tuple(ours[name].shape)}")
+                raise ValueError(
+                    f"{name}: the checkpoint gives shape {tuple(value.shape)}, the text stream has "
+                    f"{tuple(ours[name].shape)}"
+                )
             ours[name].copy_(value.to(ours[name].dtype))
             loaded.append(name)
     return loaded
