@@ -71,6 +71,7 @@ __all__ = [
     "load_checkpoint",
     "train_or_load",
     "describe",
+    "git_commit",
 ]
 
 RECIPES = runtime.RECIPES
@@ -202,18 +203,28 @@ def find_checkpoint(
     return None
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=runtime.repo_root(),
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+def git_commit() -> str:
+    """The repository's commit (12 digits), ``+changes`` when the library or scripts differ from it; else "unknown".
+
+    Call it when training starts: the code that trains a model is the code
+    loaded then, whatever lands in the repository before the weights are saved.
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=runtime.repo_root(), capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    return commit + (
+        "+changes" if git("status", "--porcelain", "--", "fusionlib", "scripts") else ""
+    )
 
 
 def _device_label(device: torch.device) -> str:
@@ -238,12 +249,14 @@ def save_checkpoint(
     evaluate: Callable[[nn.Module], Mapping[str, Any]] | None = None,
     dtype: str = "float16",
     root: str | os.PathLike | None = None,
+    commit: str | None = None,
 ) -> CheckpointRecord:
     """Store ``model`` (a :class:`fusionlib.models.PretrainedModel`) under ``<root>/<name>`` and record it.
 
     The weights are cast to ``dtype`` for storage; ``evaluate(model)`` is then
     run on the *reloaded* weights, so the recorded metrics are those of what a
-    reader loads. Refuses to replace a checkpoint of a larger recipe.
+    reader loads. ``commit`` is :func:`git_commit` taken when training began
+    (now, if not given). Refuses to replace a checkpoint of a larger recipe.
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(
@@ -284,7 +297,7 @@ def save_checkpoint(
         device=_device_label(device),
         torch=torch.__version__,
         wall_seconds=round(float(wall_seconds), 1),
-        commit=_git_commit(),
+        commit=commit or git_commit(),
         metrics={k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()},
         sha256=sha256_file(os.path.join(folder, "model.safetensors")),
         dtype=dtype,
@@ -414,6 +427,7 @@ def train_or_load(
                 f"(fingerprints {[fingerprint(s) for s in specs.values()]}); set {TRAIN_ENV}=auto to train it, "
                 "or run scripts/train_book.py"
             )
+    commit = git_commit()
     model, history, seconds = train()
     root = cache_checkpoint_root()
     record = save_checkpoint(
@@ -429,6 +443,7 @@ def train_or_load(
         history=history,
         evaluate=evaluate,
         root=root,
+        commit=commit,
     )
     if verbose:
         print(

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     runtime.seed_everything(0)
     device = runtime.device()
+    commit = checkpoints.git_commit()  # the code loaded now is the code that trains
     print(runtime.summary())
     print(f"recipe {recipe} | {len(selected)} checkpoints | out {out} | work {work}")
 
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 history=history,
                 evaluate=lambda m: exp.evaluate(m, data, recipe),
                 root=out,
+                commit=commit,
             )
             shutil.rmtree(state_dir, ignore_errors=True)
             print(f"{exp.name}: saved, {checkpoints.describe(record, exp.headline)}")

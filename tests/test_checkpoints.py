@@ -203,3 +203,22 @@ def test_train_mode_reads_the_environment(monkeypatch):
     monkeypatch.setenv(checkpoints.TRAIN_ENV, "sometimes")
     with pytest.raises(ValueError, match="FUSIONLIB_TRAIN must be one of"):
         checkpoints.train_mode()
+
+
+def test_the_commit_is_taken_when_training_starts(roots):
+    import re
+
+    assert re.fullmatch(r"[0-9a-f]{12}(\+changes)?|unknown", checkpoints.git_commit())
+    record = checkpoints.save_checkpoint(
+        tiny_model(),
+        name="ch00/tiny",
+        chapter="00_test",
+        recipe="small",
+        spec=SPEC,
+        steps=5,
+        batch_size=4,
+        device="cpu",
+        wall_seconds=1.0,
+        commit="0123456789ab",
+    )
+    assert record.commit == "0123456789ab"
