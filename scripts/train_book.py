@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--archive", default=None, metavar="PATH.tar.gz", help="also pack --out into this archive"
     )
     parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train even when a checkpoint's fingerprint matches (e.g. to replace CPU-trained ones on a GPU)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -145,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         for exp in selected:
             spec = exp.spec(book, recipe)
             record = checkpoints.read_manifest(out).get(exp.name)
-            if record is not None and record.fingerprint == checkpoints.fingerprint(spec):
+            if (
+                record is not None
+                and record.fingerprint == checkpoints.fingerprint(spec)
+                and not args.retrain
+            ):
                 print(f"{exp.name}: up to date ({checkpoints.describe(record, exp.headline)})")
                 continue
             key = id(exp.data.__code__)  # experiments that share a data builder share the data

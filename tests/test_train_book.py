@@ -55,6 +55,11 @@ def test_smoke_recipe_writes_weights_and_manifest(straight):
     assert not os.path.exists(root / "work" / NAME)  # training state is removed once saved
     again = run(root / "out", root / "work")  # a second run finds it up to date
     assert again.returncode == 0 and f"{NAME}: up to date" in again.stdout
+    retrained = run(
+        root / "out", root / "work", "--retrain"
+    )  # --retrain trains it anyway, to the same weights
+    assert retrained.returncode == 0 and f"{NAME}: training the smoke recipe" in retrained.stdout
+    assert checkpoints.read_manifest(root / "out")[NAME].sha256 == record.sha256
 
 
 def test_a_killed_run_resumes_to_the_same_weights(straight, tmp_path):
