@@ -41,6 +41,9 @@ PROFILES = ("smoke", "cpu", "gpu")
 PROFILE_ENV = "FUSIONLIB_PROFILE"
 RECIPES = ("smoke", "small", "full")
 PROFILE_RECIPE = {"smoke": "smoke", "cpu": "small", "gpu": "full"}
+RECIPE_PROFILE = {
+    recipe: name for name, recipe in PROFILE_RECIPE.items()
+}  # the profile sized for a recipe
 
 T = TypeVar("T")
 
@@ -164,6 +167,11 @@ class Timer:
         if self.verbose and exc[0] is None:
             label = f"{self.name}: " if self.name else ""
             print(f"{label}wall time {format_seconds(self.seconds)}")
+
+
+def format_percent(fraction: float, digits: int = 1) -> str:
+    """``0.9361 -> '93.6%'``: how the book's tables print accuracies and recalls."""
+    return f"{100 * fraction:.{digits}f}%"
 
 
 def format_seconds(seconds: float) -> str:

@@ -30,7 +30,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-RECIPE_PROFILE = {"smoke": "smoke", "small": "cpu", "full": "gpu"}
 BUDGET_SPENT = 3
 
 
@@ -101,10 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    if args.recipe is not None:
-        os.environ["FUSIONLIB_PROFILE"] = RECIPE_PROFILE[args.recipe]
-    from fusionlib import checkpoints, runtime
+    from fusionlib import (
+        checkpoints,
+        runtime,
+    )  # runtime reads the profile when asked, not on import
     from fusionlib.experiments import BOOK_EXPERIMENTS, load_book_world
+
+    if args.recipe is not None:
+        os.environ["FUSIONLIB_PROFILE"] = runtime.RECIPE_PROFILE[args.recipe]
 
     recipe = args.recipe or checkpoints.profile_recipe()
     out = os.path.abspath(
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     status = 0
     try:
-        book = load_book_world(RECIPE_PROFILE[recipe], progress=not args.no_progress)
+        book = load_book_world(runtime.RECIPE_PROFILE[recipe], progress=not args.no_progress)
         print(book, f"| {runtime.format_seconds(book.seconds)}")
         data_cache: dict[int, object] = {}
         for exp in selected:

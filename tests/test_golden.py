@@ -16,12 +16,11 @@ from fusionlib.experiments import BOOK_EXPERIMENTS, experiment, load_book_world
 
 RECORDS = checkpoints.read_manifest(runtime.checkpoint_root())
 TOLERANCE = 0.005
-RECIPE_PROFILE = {"smoke": "smoke", "small": "cpu", "full": "gpu"}
 
 
 @functools.lru_cache(maxsize=None)
 def book(recipe):
-    return load_book_world(RECIPE_PROFILE[recipe])
+    return load_book_world(runtime.RECIPE_PROFILE[recipe])
 
 
 _data = {}

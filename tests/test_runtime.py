@@ -127,3 +127,8 @@ def test_the_same_results_leave_the_file_untouched(tmp_path, monkeypatch, capsys
     )  # same recipe, new numbers
     assert runtime.read_results("09_y")["metrics"]["accuracy"] == 0.6
     assert runtime.read_results("09_y")["recipe"] == "full"
+
+
+def test_format_percent():
+    assert runtime.format_percent(0.9361) == "93.6%"
+    assert runtime.format_percent(0.5, digits=0) == "50%"
