@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fusionlib import checkpoints, runtime
-from fusionlib.experiments import fusion
+from fusionlib.experiments import fusion, light
 from fusionlib.experiments.world import BookWorld
 
 __all__ = ["BookExperiment", "BOOK_EXPERIMENTS", "chapter_recipe", "experiment", "obtain"]
@@ -47,13 +47,19 @@ class BookExperiment:
         return int(self.spec(book, recipe)["train"]["steps"])
 
 
+def _vqa_data(book: BookWorld, recipe: str, device: Any) -> fusion.VQAData:
+    # One function for chapters 3 and 7: train_book.py and the golden tests share data between
+    # experiments whose data builders are the same code.
+    return fusion.vqa_data(book, recipe, device)
+
+
 def _fusion_experiment(setup: str) -> BookExperiment:
     return BookExperiment(
         name=f"ch03/{setup}",
         chapter="03_cross_attention_fusion",
         headline="relational_accuracy",
         golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
-        data=lambda book, recipe, device: fusion.vqa_data(book, recipe, device),
+        data=_vqa_data,
         spec=lambda book, recipe: fusion.fusion_spec(setup, book, recipe),
         train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: (
             fusion.train_fusion_model(
@@ -70,9 +76,34 @@ def _fusion_experiment(setup: str) -> BookExperiment:
     )
 
 
+def _light_experiment(size: light.LightSize, seed: int) -> BookExperiment:
+    return BookExperiment(
+        name=light.light_name(size, seed),
+        chapter="07_efficiency",
+        headline="accuracy",
+        golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
+        data=_vqa_data,
+        spec=lambda book, recipe: light.light_spec(size, seed, book, recipe),
+        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: (
+            light.train_light_model(
+                size,
+                seed,
+                book,
+                data,
+                recipe,
+                device=device,
+                checkpoint_dir=checkpoint_dir,
+                progress=progress,
+            )
+        ),
+        evaluate=lambda model, data, recipe: fusion.evaluate_fusion_model(model, data, recipe),
+    )
+
+
 # Priority order: cheapest first, so that a run stopped by its budget has finished as many as it could.
 # On 2 CPU cores the full recipe's relation network (g over all 100 region pairs, 4 x 256) costs more
-# than the other five together.
+# than the other five together. Chapter 3's models come first (chapter 7's sweep retrains chapter 3's
+# model at other sizes); then chapter 7's sweep, smallest size first, each size's three seeds together.
 BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
     _fusion_experiment(s)
     for s in (
@@ -83,7 +114,7 @@ BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
         "cross_attention_geometry",
         "relation_network",
     )
-)
+) + tuple(_light_experiment(size, seed) for size, seed, _ in light.light_runs())
 
 
 def experiment(name: str) -> BookExperiment:

@@ -11,7 +11,9 @@ by the golden tests:
   way section 3.3 derives;
 * :func:`answer_loss` -- the training step: cross-entropy on the answer;
 * :func:`train_fusion_model` and :func:`fusion_spec` -- train one model, and the
-  spec that fingerprints it for :mod:`fusionlib.checkpoints`.
+  spec that fingerprints it for :mod:`fusionlib.checkpoints`;
+* :func:`train_vqa_model` -- the training loop itself, for any VQA model on this
+  data (chapter 7's size sweep, :mod:`fusionlib.experiments.light`, uses it too).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ __all__ = [
     "vqa_data",
     "answer_loss",
     "fusion_spec",
+    "train_vqa_model",
     "train_fusion_model",
     "evaluate_fusion_model",
 ]
@@ -242,6 +245,52 @@ def evaluate_fusion_model(
     return evaluate_vqa(model, loader, device=device)
 
 
+def train_vqa_model(
+    kind: str,
+    config: VQAConfig,
+    train_config: TrainConfig,
+    batch_size: int,
+    data: VQAData,
+    recipe: str,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any], float]:
+    """Train one VQA model on chapter 3's data with :func:`answer_loss`; ``(model, history dict, wall seconds)``.
+
+    The loop behind :func:`train_fusion_model` (chapter 3) and chapter 7's
+    size sweep (:mod:`fusionlib.experiments.light`): the model is built right
+    after ``torch.manual_seed(seed)``, the batches are shuffled with ``seed``,
+    and the validation split (:data:`VAL_IMAGES`) is scored every
+    ``train_config.eval_every`` steps. With ``checkpoint_dir`` the run saves as
+    it goes and resumes from there (``scripts/train_book.py``); the seconds
+    are then summed over resumptions.
+    """
+    train_config = dataclasses.replace(train_config, checkpoint_dir=checkpoint_dir)
+    device = runtime.device() if device is None else torch.device(device)
+    if (
+        device.type == "cuda"
+    ):  # fp32 with TF32 matmuls: at this size bf16's cast kernels cost more than they save
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(seed)
+    model = build_model(kind, config)
+    train_loader = make_tensor_loader(data.tensors["train"], batch_size, seed=seed)
+    val_loader = make_tensor_loader(data.tensors["val"], EVAL_BATCH[recipe], shuffle=False)
+    history = train(
+        model,
+        train_loader,
+        train_config,
+        answer_loss,
+        eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"),
+        device=device,
+        progress=progress,
+        resume=checkpoint_dir is not None,
+    )
+    return model.eval(), history.to_dict(), history.seconds
+
+
 def train_fusion_model(
     setup: str,
     book: BookWorld,
@@ -260,26 +309,15 @@ def train_fusion_model(
     kind, config = fusion_setups(recipe, len(book.tokenizer), len(book.answers), book.region_dim)[
         setup
     ]
-    train_config = fusion_train_config(recipe, seed)
-    train_config.checkpoint_dir = checkpoint_dir
-    device = runtime.device() if device is None else torch.device(device)
-    if (
-        device.type == "cuda"
-    ):  # fp32 with TF32 matmuls: at this size bf16's cast kernels cost more than they save
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(seed)
-    model = build_model(kind, config)
-    train_loader = make_tensor_loader(data.tensors["train"], BATCH_SIZE[recipe], seed=seed)
-    val_loader = make_tensor_loader(data.tensors["val"], EVAL_BATCH[recipe], shuffle=False)
-    history = train(
-        model,
-        train_loader,
-        train_config,
-        answer_loss,
-        eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"),
+    return train_vqa_model(
+        kind,
+        config,
+        fusion_train_config(recipe, seed),
+        BATCH_SIZE[recipe],
+        data,
+        recipe,
+        seed=seed,
         device=device,
+        checkpoint_dir=checkpoint_dir,
         progress=progress,
-        resume=checkpoint_dir is not None,
     )
-    return model.eval(), history.to_dict(), history.seconds
