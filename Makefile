@@ -4,6 +4,8 @@
 #   make lab      JupyterLab on the notebooks
 #   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA)
 #   make train-book  train every checkpoint the book uses: RECIPE=full (default) ARGS="--only ch03 --budget 3600"
+#   make assignments  nbgrader course in assignments/: the student versions of the chapters (release/)
+#   make grade    autograde assignments/submitted/ with the smoke profile, then write the feedback
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,16 +15,19 @@ MATHJAX := book/_static/mathjax/tex-mml-chtml.js
 MATHJAX_VERSION := 3.2.2
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 
-# make assignments: student versions of the chapters (solutions stripped) in assignments/
+# make grade ASSIGNMENT=01_attention: one assignment (default: every one in assignments/source/)
+ASSIGNMENT ?=
+# nbgrader runs `alembic` from PATH, so the venv's bin comes first; it reads nbgrader_config.py here.
+NBGRADER := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nbgrader
 RECIPE ?= full
 ARGS ?=
 
-.PHONY: train-book format format-check assignments book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
+.PHONY: train-book format format-check assignments grade book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[book,test]"
+	$(PY) -m pip install --quiet -e ".[book,test,teach]"
 	touch $(STAMP)
 
 # MathJax 3 from the npm registry, served from _static so equations render offline.
@@ -69,8 +74,17 @@ browser-check: book chromium
 
 test: check-notebooks format-check pytest nbval browser-check
 
+# nbgrader generate_assignment on each chapter with graded cells: assignments/release/<chapter>/ for students.
 assignments: $(STAMP)
-	$(PY) scripts/make_assignments.py --out assignments
+	$(PY) scripts/make_assignments.py
+
+# nbgrader autograde (smoke profile, from nbgrader_config.py), then generate_feedback: assignments/feedback/.
+grade: $(STAMP)
+	@test -d assignments/submitted || { echo "nothing in assignments/submitted/: see the README, Teaching with it"; exit 1; }
+	@for a in $(or $(ASSIGNMENT),$(notdir $(wildcard assignments/source/*))); do \
+		echo "== $$a"; \
+		$(NBGRADER) autograde $$a && $(NBGRADER) generate_feedback $$a || exit 1; \
+	done
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

@@ -1,70 +1,229 @@
-"""make assignments: student notebooks have no solutions, and their checks fail helpfully."""
+"""Teaching with nbgrader: the chapters' graded cells, and a course run end to end on chapter 1.
 
+The end-to-end test is what an instructor does (README, "Teaching with it"):
+``make assignments`` (``nbgrader generate_assignment``), ``nbgrader
+release_assignment``, a student's ``fetch_assignment`` and ``submit``,
+``nbgrader collect``, a second submission dropped into ``submitted/`` by hand
+(the way LMS downloads arrive), ``nbgrader autograde`` with the smoke profile
+and ``nbgrader generate_feedback``. It takes about 1.5 minutes, most of it
+chapter 1 executed twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import getpass
+import json
 import pathlib
+import re
+import subprocess
 import sys
 
-import nbformat
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_assignments import strip_solutions, student_version  # noqa: E402
+import course_cells  # noqa: E402
+import make_assignments  # noqa: E402
 
-NOTEBOOKS = sorted(
-    p for p in (ROOT / "notebooks").glob("*.ipynb") if p.name[0].isdigit()
-)  # chapters, not the FAQ
+CHAPTERS = sorted(p for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
+CHAPTER_1 = ROOT / "notebooks" / "01_attention.ipynb"
 
 
-def test_strip_solutions_keeps_indentation_and_signature():
-    source = "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\ncheck(f)"
-    stripped, n = strip_solutions(source)
-    assert n == 1
+def load(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def nbgrader_of(cell: dict) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def by_grade_id(nb: dict) -> dict[str, dict]:
+    return {nbgrader_of(c)["grade_id"]: c for c in nb["cells"] if nbgrader_of(c)}
+
+
+def source(cell: dict) -> str:
+    return course_cells.source_of(cell)
+
+
+# -- the committed chapters -------------------------------------------------------
+
+
+def converted(path: pathlib.Path) -> dict:
+    nb = load(path)
+    if not course_cells.graded_cells(nb):
+        pytest.skip(f"{path.name} has no nbgrader cells yet: run scripts/course_cells.py on it")
+    return nb
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_every_exercise_of_a_chapter_has_points_and_the_script_would_change_nothing(path):
+    nb = converted(path)
+    assert course_cells.convert(nb) == nb, f"run scripts/course_cells.py {path.relative_to(ROOT)}"
+    labels = [course_cells.exercise_label(c) for c in nb["cells"]]
+    labels = [label for label in labels if label]
+    graded = course_cells.graded_cells(nb)
+    assert len(labels) >= 4 and len(graded) == len(labels), "one graded cell per exercise"
+    assert all(nbgrader_of(c)["points"] > 0 for c in graded)
+    ids = by_grade_id(nb)
+    for label in labels:
+        if f"{label}-check" in ids:
+            answer, check = ids[label], ids[f"{label}-check"]
+            assert nbgrader_of(answer)["solution"] and not nbgrader_of(answer)["grade"]
+            assert "### BEGIN SOLUTION" in source(answer) and "checks.check_" not in source(answer)
+            assert nbgrader_of(check)["locked"] and source(check).startswith("checks.check_")
+            # The book shows the solution behind its toggle and the check's output, as before.
+            assert "hide-input" in answer["metadata"]["tags"] and not answer["outputs"]
+            assert check["metadata"]["tags"] == ["remove-input"] and check["outputs"]
+            assert answer["metadata"]["jupyter"]["source_hidden"] is True  # folded in Lab
+            assert nb["cells"].index(check) == nb["cells"].index(answer) + 1
+        else:
+            written = ids[f"{label}-answer"]
+            assert written["cell_type"] == "markdown" and nbgrader_of(written)["solution"]
+            assert written["metadata"]["tags"] == ["remove-cell"]  # not on the book's pages
+
+
+def test_course_cells_splits_an_exercise_once_and_keeps_its_statements():
+    exercise = {"cell_type": "markdown", "id": "m", "metadata": {}, "source": []}
+    exercise["source"] = course_cells.as_lines(
+        "```{exercise} Add one\n:label: ex-t-add\nWrite `f`.\n```"
+    )
+    think = copy.deepcopy(exercise)
+    think["source"] = course_cells.as_lines(
+        "```{exercise} Think about it\n:label: ex-t-think\n1. Why?\n2. How?\n```"
+    )
+    code = {
+        "cell_type": "code",
+        "execution_count": 7,
+        "id": "c",
+        "metadata": {"tags": ["hide-input"], "execution": {"x": 1}},
+        "outputs": [{"name": "stdout", "output_type": "stream", "text": ["Correct: yes\n"]}],
+        "source": course_cells.as_lines(
+            "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\n\n"
+            "checks.check_f(f)\nprint(f(1))"
+        ),
+    }
+    nb = {"cells": [exercise, code, think], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    once = course_cells.convert(nb)
+    assert course_cells.convert(once) == once
+    answer, check, written = once["cells"][1], once["cells"][2], once["cells"][4]
     assert (
-        stripped == "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError()\n\ncheck(f)"
+        source(answer)
+        == "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION"
     )
-    with pytest.raises(ValueError, match="unbalanced"):
-        strip_solutions("### BEGIN SOLUTION\nx = 1\n")
+    assert source(check) == "checks.check_f(f)\nprint(f(1))"
+    assert (answer["execution_count"], check["execution_count"]) == (7, 8)
+    assert check["outputs"] == code["outputs"] and answer["outputs"] == []
+    assert check["metadata"]["execution"] == {"x": 1} and "execution" not in answer["metadata"]
+    assert nbgrader_of(check)["points"] == course_cells.CODE_POINTS
+    assert nbgrader_of(written)["points"] == 2 * course_cells.QUESTION_POINTS
+    assert source(written) == course_cells.ANSWER_STUB
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_every_chapter_has_exercises_and_the_student_version_has_no_solution(path):
-    instructor = nbformat.read(path, as_version=4)
-    student, blocks = student_version(instructor)
-    assert blocks >= 3, f"{path.name}: a chapter needs at least three exercises with solutions"
-    text = "\n".join(c.source for c in student.cells if c.cell_type == "code")
-    assert "### BEGIN SOLUTION" not in text and "raise NotImplementedError()" in text
-    assert all(not c.get("outputs") for c in student.cells if c.cell_type == "code")
-    checks = [
-        c for c in student.cells if c.cell_type == "code" and "NotImplementedError()" in c.source
-    ]
-    assert all(".check_" in c.source or "check_" in c.source for c in checks), (
-        "every solution cell should call its check"
+# -- a course run on chapter 1 ----------------------------------------------------
+
+
+def nbgrader(*args: str, cwd: pathlib.Path = ROOT) -> str:
+    result = subprocess.run(
+        [*make_assignments.nbgrader_command(), *args],
+        cwd=cwd,
+        env=make_assignments.nbgrader_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert result.returncode == 0, f"nbgrader {' '.join(args)}:\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
 
 
-def test_student_chapter_1_runs_to_the_exercises_and_checks_say_what_is_missing(
-    tmp_path, monkeypatch
-):
-    from nbclient import NotebookClient
+WRONG_WEIGHTS = """def attention_weights(q, k, mask):
+    scores = q @ k.transpose(-2, -1)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)"""
 
-    monkeypatch.setenv("FUSIONLIB_PROFILE", "smoke")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    student, _ = student_version(
-        nbformat.read(ROOT / "notebooks" / "01_attention.ipynb", as_version=4)
+
+def test_instructor_generates_releases_collects_autogrades_and_returns_feedback(tmp_path):
+    course, exchange, home = tmp_path / "course", tmp_path / "exchange", tmp_path / "student"
+    exchange.mkdir()
+    home.mkdir()
+    where = [f"--CourseDirectory.root={course}", f"--Exchange.root={exchange}"]
+
+    # make assignments (for chapter 1 only): the student version has stubs, no solutions.
+    make_assignments.main(["--course", str(course), "01_attention"])
+    release = load(course / "release" / "01_attention" / "01_attention.ipynb")
+    text = "\n".join(source(c) for c in release["cells"])
+    assert "BEGIN SOLUTION" not in text and "source_hidden" not in json.dumps(release)
+    assert (
+        "attention_weights(q, k, mask):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+        in text
     )
-    NotebookClient(
-        student,
-        timeout=300,
-        allow_errors=True,
-        resources={"metadata": {"path": str(ROOT / "notebooks")}},
-    ).execute()
-    exercise_cells = [
-        c for c in student.cells if c.cell_type == "code" and "NotImplementedError()" in c.source
-    ]
-    other_cells = [c for c in student.cells if c.cell_type == "code" and c not in exercise_cells]
-    for cell in other_cells:
-        assert not [o for o in cell.outputs if o.output_type == "error"], cell.source[:200]
-    for cell in exercise_cells:
-        errors = [o for o in cell.outputs if o.output_type == "error"]
-        assert errors and errors[0].ename == "ExerciseFailure", cell.source[:200]
-        assert "is not implemented yet" in errors[0].evalue
+    assert not any(c.get("outputs") for c in release["cells"])
+    cells = by_grade_id(release)
+    assert cells["ex-ch01-weights-check"]["metadata"]["editable"] is False
+    assert "tags" not in cells["ex-ch01-weights"]["metadata"]  # no book tags left to hide it
+
+    # Release, and a student fetches, answers and submits.
+    nbgrader("release_assignment", "01_attention", *where)
+    nbgrader("fetch_assignment", "01_attention", "--course=fusion", *where, cwd=home)
+    fetched = home / "01_attention" / "01_attention.ipynb"
+    solutions = by_grade_id(load(ROOT / "notebooks" / "01_attention.ipynb"))
+    answered = load(fetched)
+    for cell in answered["cells"]:
+        grade_id = nbgrader_of(cell).get("grade_id", "")
+        if nbgrader_of(cell).get("solution") and cell["cell_type"] == "code":
+            cell["source"] = solutions[grade_id]["source"]
+        elif nbgrader_of(cell).get("solution"):
+            cell["source"] = ["1. It stores each row's log-sum-exp and recomputes the weights."]
+    fetched.write_text(json.dumps(answered), encoding="utf-8")
+    nbgrader("submit", "01_attention", "--course=fusion", *where, cwd=home)
+    nbgrader("collect", "01_attention", *where)
+    student = getpass.getuser()
+
+    # A second submission arrives as a file: one answer wrong, one left as the stub, one check deleted.
+    wrong = copy.deepcopy(release)
+    kept = []
+    for cell in wrong["cells"]:
+        grade_id = nbgrader_of(cell).get("grade_id")
+        if grade_id == "ex-ch01-weights":
+            cell["source"] = course_cells.as_lines(WRONG_WEIGHTS)
+        elif grade_id in ("ex-ch01-causal", "ex-ch01-variance"):
+            cell["source"] = solutions[grade_id]["source"]
+        elif grade_id == "ex-ch01-variance-check":
+            continue  # nbgrader puts the locked check back (OverwriteCells.add_missing_cells)
+        kept.append(cell)
+    wrong["cells"] = kept
+    submitted = course / "submitted" / "wrong" / "01_attention"
+    submitted.mkdir(parents=True)
+    (submitted / "01_attention.ipynb").write_text(json.dumps(wrong), encoding="utf-8")
+
+    nbgrader("autograde", "01_attention", *where)  # nbgrader_config.py: smoke profile, 300 s a cell
+    nbgrader("generate_feedback", "01_attention", *where)
+
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", "fusion") as gb:
+        right = gb.find_submission("01_attention", student)
+        partial = gb.find_submission("01_attention", "wrong")
+        scores = {
+            "correct": (right.code_score, right.max_code_score),
+            "wrong": (partial.code_score, partial.max_code_score),
+            "written": right.max_written_score,
+        }
+        # The free-text answer waits for a person; once graded, the correct submission has every point.
+        grade = gb.find_grade("ex-ch01-think-answer", "01_attention", "01_attention", student)
+        grade.manual_score = grade.max_score
+        gb.db.commit()
+        total = (right.score, right.max_score)
+    print(f"autograde scores: {scores}; correct submission after manual grading: {total}")
+    assert scores["correct"] == (8.0, 8.0)  # 4 code exercises of 2 points
+    assert scores["wrong"] == (
+        4.0,
+        8.0,
+    )  # weights wrong, heads not written; the deleted check counts
+    assert scores["written"] == 2.0 and total == (10.0, 10.0)
+
+    feedback = (course / "feedback" / "wrong" / "01_attention" / "01_attention.html").read_text(
+        encoding="utf-8"
+    )
+    plain = re.sub(r"<[^>]+>", "", feedback)
+    assert "ExerciseFailure: you forgot to divide the scores by sqrt(d_k)" in plain
+    assert "split_heads is not implemented yet" in plain
