@@ -227,3 +227,5 @@ def test_instructor_generates_releases_collects_autogrades_and_returns_feedback(
     plain = re.sub(r"<[^>]+>", "", feedback)
     assert "ExerciseFailure: you forgot to divide the scores by sqrt(d_k)" in plain
     assert "split_heads is not implemented yet" in plain
+    assert "During handling of the above exception" not in plain
+    assert "Traceback (most recent call last)" not in plain  # the message alone, first

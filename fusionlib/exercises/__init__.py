@@ -7,14 +7,25 @@ line or raises :class:`ExerciseFailure` with a message that says *what* is
 wrong: a shape, an unnormalised row, a masked position that still gets
 weight, a missing scale…
 
+A failure reads as the check's message first. In Jupyter it shows as
+``ExerciseFailure: <message>`` and the name of the check, not as a traceback
+through the checking code (``ExerciseFailure._render_traceback_``, which
+IPython calls); nowhere is it chained to the error it reports ("During
+handling of the above exception…"). It stays an ``AssertionError``, so
+nbgrader counts a failed check as a failed test.
+
 The instructor notebooks hold the solutions between nbgrader's
-``### BEGIN SOLUTION`` / ``### END SOLUTION`` markers; ``make assignments``
-strips them for students.
+``### BEGIN SOLUTION`` / ``### END SOLUTION`` markers, in answer cells
+followed by a locked cell that calls the check (``scripts/course_cells.py``);
+``make assignments`` generates the student versions with nbgrader.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import traceback
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, NoReturn
 
 import torch
 
@@ -22,24 +33,63 @@ import torch
 class ExerciseFailure(AssertionError):
     """The student's answer is wrong; the message says how."""
 
+    def _render_traceback_(self) -> list[str]:
+        """What Jupyter shows: the message, then which check raised it (no frames of the checker)."""
+        lines = [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+        check = _raising_check(self.__traceback__)
+        if check:
+            lines.append(f"(raised by {check}; change your answer and run the check again)")
+        return lines
 
-def fail(message: str) -> None:
-    raise ExerciseFailure(message)
+
+def _raising_check(tb: TracebackType | None) -> str | None:
+    """The last ``check_*`` function of ``fusionlib.exercises`` on a traceback."""
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module.startswith(__name__) and code.co_name.startswith("check_"):
+            found = f"{module}.{code.co_name}"
+        tb = tb.tb_next
+    return found
+
+
+def fail(message: str) -> NoReturn:
+    """Raise the failure; never chained to an exception being handled (a check's own try/except)."""
+    raise ExerciseFailure(message) from None
+
+
+def _where_in_student_code(fn: Callable[..., Any], error: BaseException) -> str:
+    """``" (line 3 of your cell: x = ...)"`` for the deepest frame of the student's cell."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+    frames = [
+        f for f in traceback.extract_tb(error.__traceback__) if f.filename == code.co_filename
+    ]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    line = f": {frame.line.strip()}" if frame.line else ""
+    return f" (line {frame.lineno} of your cell{line})"
 
 
 def call_student(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call the student's function, turning "not written yet" into a helpful failure."""
+    """Call the student's function, turning "not written yet" and crashes into a helpful failure."""
+    name = getattr(fn, "__name__", "your function")
     try:
         return fn(*args, **kwargs)
-    except NotImplementedError:
-        fail(
-            f"{getattr(fn, '__name__', 'your function')} is not implemented yet: replace "
-            "`raise NotImplementedError` with your code."
-        )
     except ExerciseFailure:
         raise
+    except NotImplementedError:
+        message = (
+            f"{name} is not implemented yet: replace `raise NotImplementedError` with your code."
+        )
     except Exception as error:  # noqa: BLE001 - a student's bug, reported, not hidden
-        fail(f"{getattr(fn, '__name__', 'your function')} raised {type(error).__name__}: {error}")
+        message = (
+            f"{name} raised {type(error).__name__}: {error}{_where_in_student_code(fn, error)}"
+        )
+    fail(message)
 
 
 def expect_tensor(name: str, got: Any, shape: tuple[int, ...] | None = None) -> torch.Tensor:
