@@ -1,7 +1,7 @@
 # The Fusion book: every target installs what it needs into .venv first.
 #   make book     build the HTML book from the committed notebook outputs
 #   make test     pytest on fusionlib + nbval on every chapter (smoke profile)
-#   make lab      JupyterLab on the notebooks
+#   make lab      JupyterLab on the repository root (chapters in notebooks/, the course in assignments/)
 #   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA)
 #   make train-book  train every checkpoint the book uses: RECIPE=full (default) ARGS="--only ch03 --budget 3600"
 #   make assignments  nbgrader course in assignments/: the student versions of the chapters (release/)
@@ -22,7 +22,7 @@ NBGRADER := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nbgrader
 RECIPE ?= full
 ARGS ?=
 
-.PHONY: train-book format format-check assignments grade book test pytest nbval check-notebooks browser-check chromium lab execute mathjax clean
+.PHONY: train-book format format-check assignments grade book test pytest nbval check-notebooks browser-check lab-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,7 +72,11 @@ chromium:
 browser-check: book chromium
 	$(PY) scripts/check_book_browser.py
 
-test: check-notebooks format-check pytest nbval browser-check
+# JupyterLab in headless Chromium: chapter 1's exercises render (jupyterlab-myst), titled, with typeset math.
+lab-check: $(STAMP) chromium
+	$(PY) scripts/check_lab_browser.py
+
+test: check-notebooks format-check pytest nbval browser-check lab-check
 
 # nbgrader generate_assignment on each chapter with graded cells: assignments/release/<chapter>/ for students.
 assignments: $(STAMP)
@@ -86,8 +90,10 @@ grade: $(STAMP)
 		$(NBGRADER) autograde $$a && $(NBGRADER) generate_feedback $$a || exit 1; \
 	done
 
+# Lab refuses to run as root unless told: in a container (root) the target passes --allow-root.
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(LAB_FLAGS)
 
 train-book: $(STAMP)
 	$(PY) scripts/train_book.py --recipe $(RECIPE) $(ARGS)

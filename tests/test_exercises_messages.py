@@ -72,8 +72,12 @@ def test_in_a_kernel_the_failure_shows_the_message_first_in_two_lines():
     (error,) = [o for o in nb.cells[2].outputs if o.output_type == "error"]
     shown = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in error.traceback]
     assert shown == [
-        "ExerciseFailure: split_heads is not implemented yet: replace `raise NotImplementedError` "
-        "with your code.",
-        "(raised by fusionlib.exercises.ch01.check_split_merge_heads; change your answer and run "
-        "the check again)",
+        (
+            "ExerciseFailure: split_heads is not implemented yet: replace `raise NotImplementedError` "
+            "with your code."
+        ),
+        (
+            "(raised by fusionlib.exercises.ch01.check_split_merge_heads; change your answer and run "
+            "the check again)"
+        ),
     ]
