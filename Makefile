@@ -8,7 +8,9 @@
 #   make grade    autograde assignments/submitted/ with the smoke profile, then write the feedback
 
 PYTHON ?= python3
-VENV   := .venv
+# The environment every target installs into: .venv, or the conda env `fusion` when it is active
+# (environment.yml supplies only Python and Node, so nothing is installed twice). VENV=DIR overrides.
+VENV   := $(if $(filter fusion,$(CONDA_DEFAULT_ENV)),$(CONDA_PREFIX),.venv)
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 MATHJAX := book/_static/mathjax/tex-mml-chtml.js
