@@ -1,4 +1,6 @@
-"""Give the chapters' exercises nbgrader's cell metadata, in place; running it twice changes nothing.
+"""Write the course cells of the notebooks in place: nbgrader's exercise cells and the install cell.
+
+Running it twice changes nothing.
 
     python scripts/course_cells.py notebooks/01_attention.ipynb ...   # then: ruff format notebooks
     python scripts/course_cells.py --check notebooks/*.ipynb          # exit 1 if a notebook would change
@@ -25,6 +27,20 @@ answer cells for free text are ``remove-cell``. In JupyterLab the solution
 cells of ``notebooks/`` start collapsed (``jupyter.source_hidden``);
 ``scripts/make_assignments.py`` unfolds them in the copies it hands to nbgrader.
 
+**The install cell** (for Colab, or any kernel without ``fusionlib``) is a
+notebook's first code cell. It installs a pinned release with the dependency
+versions of ``pyproject.toml`` (no ``--no-deps``)::
+
+    %pip install -q "fusionlib @ git+<repository url>@v<version>"
+
+The repository URL is read from ``_config.yml`` (``repository.url``) and the
+version from ``fusionlib/__init__.py`` (``__version__``, which is also the
+package's version): change either there, run this script, and every notebook
+follows; tag the release ``v<version>`` when you publish it. A notebook
+without an install cell (the FAQ) gets one before its first code cell,
+``remove-cell`` (not on the book's page), with the execution counts after it
+moved up by one, as if it had run first.
+
 Execution counts of the exercise cells (the last code cells of a chapter)
 are renumbered consecutively from the first one, so the split cells read as
 one run. Notebooks are written as ``json.dump(indent=1, ensure_ascii=False)``
@@ -40,6 +56,8 @@ import json
 import pathlib
 import re
 import sys
+
+import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -227,12 +245,68 @@ def graded_cells(nb: dict) -> list[dict]:
     return [c for c in nb["cells"] if c.get("metadata", {}).get("nbgrader", {}).get("grade")]
 
 
+INSTALL_MARK = "# Colab / a fresh kernel:"
+INSTALL_ID = "install-fusionlib"
+
+
+def release() -> tuple[str, str]:
+    """The repository URL (``_config.yml``) and the version to install (``fusionlib.__version__``)."""
+    config = yaml.safe_load((ROOT / "_config.yml").read_text(encoding="utf-8"))
+    url = config["repository"]["url"].rstrip("/")
+    init = (ROOT / "fusionlib" / "__init__.py").read_text(encoding="utf-8")
+    version = re.search(r'^__version__ = "([^"]+)"', init, re.MULTILINE).group(1)
+    return url, version
+
+
+def install_source(url: str, version: str) -> str:
+    return (
+        f"{INSTALL_MARK} install the book's library when it is missing, at release v{version}\n"
+        "# with the package versions it was tested with (pyproject.toml pins them).\n"
+        "try:\n"
+        "    import fusionlib\n"
+        "except ImportError:  # pragma: no cover - only outside the repository\n"
+        f'    %pip install -q "fusionlib @ git+{url}@v{version}"\n'
+        "    import fusionlib"
+    )
+
+
+def install_cell(nb: dict, url: str, version: str) -> dict:
+    """Return the notebook with its install cell up to date (a new dict)."""
+    nb = copy.deepcopy(nb)
+    cells = nb["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    source = as_lines(install_source(url, version))
+    if code and source_of(code[0]).startswith(INSTALL_MARK):
+        code[0]["source"] = source
+        return nb
+    counts = [c.get("execution_count") for c in code]
+    first_count = next((n for n in counts if n is not None), None)
+    for cell in code:  # the install cell runs first: every count after it moves up by one
+        if cell.get("execution_count") is not None:
+            cell["execution_count"] += 1
+        for out in cell.get("outputs", []):
+            if out.get("execution_count") is not None:
+                out["execution_count"] += 1
+    new = {
+        "cell_type": "code",
+        "execution_count": first_count,
+        "id": INSTALL_ID,
+        "metadata": {"tags": ["remove-cell"]},
+        "outputs": [],
+        "source": source,
+    }
+    at = cells.index(code[0]) if code else len(cells)
+    cells.insert(at, new)
+    return nb
+
+
 def dumps(nb: dict) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
 def convert(nb: dict) -> dict:
-    return nbgrader_cells(nb)
+    """Both kinds of course cells: nbgrader's (where there are exercises) and the install cell."""
+    return install_cell(nbgrader_cells(nb), *release())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,8 +104,8 @@ def test_course_cells_splits_an_exercise_once_and_keeps_its_statements():
         ),
     }
     nb = {"cells": [exercise, code, think], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
-    once = course_cells.convert(nb)
-    assert course_cells.convert(once) == once
+    once = course_cells.nbgrader_cells(nb)
+    assert course_cells.nbgrader_cells(once) == once
     answer, check, written = once["cells"][1], once["cells"][2], once["cells"][4]
     assert (
         source(answer)
