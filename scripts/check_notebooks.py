@@ -31,10 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROFILE_LINE = re.compile(r"profile=(\w+)")
 WORLD_BUILDERS = ("generate_split(", "load_or_build_features(")
 WORLD_CHAPTER = "02_visual_world.ipynb"
-# Left over until chapters 3-7 are run through fusionlib.experiments (chapter 3 as soon as all six of its
-# full-recipe checkpoints exist: its committed outputs come from the full recipe).
+# Left over until these chapters are run through fusionlib.experiments.
 PENDING_WORLD_BUILDERS = {
-    "03_cross_attention_fusion.ipynb",
     "04_pretraining_losses.ipynb",
     "05_vilbert.ipynb",
     "06_uniter.ipynb",
