@@ -124,10 +124,14 @@ def test_course_cells_splits_an_exercise_once_and_keeps_its_statements():
 
 
 def nbgrader(*args: str, cwd: pathlib.Path = ROOT) -> str:
+    env = make_assignments.nbgrader_env()
+    env.pop(
+        "FUSIONLIB_PROFILE", None
+    )  # nbgrader_config.py gives the grading kernels the smoke profile
     result = subprocess.run(
         [*make_assignments.nbgrader_command(), *args],
         cwd=cwd,
-        env=make_assignments.nbgrader_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -221,6 +225,10 @@ def test_instructor_generates_releases_collects_autogrades_and_returns_feedback(
         8.0,
     )  # weights wrong, heads not written; the deleted check counts
     assert scores["written"] == 2.0 and total == (10.0, 10.0)
+
+    graded = load(course / "autograded" / student / "01_attention" / "01_attention.ipynb")
+    printed = json.dumps([c.get("outputs") for c in graded["cells"] if c["cell_type"] == "code"])
+    assert "profile=smoke" in printed, "autograding should run with the smoke profile"
 
     feedback = (course / "feedback" / "wrong" / "01_attention" / "01_attention.html").read_text(
         encoding="utf-8"
