@@ -129,12 +129,60 @@ def step_generator(generator: torch.Generator | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), dtype=torch.long)))
 
 
-def autocast(dev: torch.device | str | None = None, enabled: bool = True):
-    """bf16 autocast on CUDA; a no-op context on CPU (fp32 is faster there for small models)."""
+def autocast(dev: torch.device | str | None = None, enabled: bool = True, cpu: bool = False):
+    """bf16 autocast on CUDA when ``enabled``; on CPU only when ``cpu`` is True, else a no-op context.
+
+    On a CPU without native bf16 instructions fp32 is faster; whether this
+    CPU has them is :func:`cpu_bf16_support`'s answer, which
+    :class:`fusionlib.train.TrainConfig`'s ``cpu_amp`` consults before
+    passing ``cpu=True``.
+    """
     dev = torch.device(dev) if dev is not None else device()
     if enabled and dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu and dev.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """``(supported, why)``: does this CPU compute bf16 matrix products natively (chapter 7)?
+
+    True needs oneDNN's bf16 kernels (``torch.ops.mkldnn._is_mkldnn_bf16_supported``)
+    *and* bf16 instructions: AVX512-BF16 or AMX on x86 (``torch.cpu``'s
+    capability checks), the BF16 extension on Arm (which oneDNN's check
+    already requires there). An x86 CPU with plain AVX512 passes oneDNN's
+    check but converts every bf16 operand in software, which is slower than
+    fp32: that counts as unsupported. ``why`` says what was found, for the
+    message of a fallback. Only APIs present since torch 2.3 are used, each
+    behind a check, so an older or stripped build answers False, never raises.
+    """
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    capability = "unknown"
+    with contextlib.suppress(AttributeError, RuntimeError):
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    if not onednn:
+        return False, f"oneDNN has no bf16 kernels for this CPU (vector ISA {capability})"
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        found = [
+            name
+            for name, check in (
+                ("AVX512-BF16", "_is_avx512_bf16_supported"),
+                ("AMX", "_is_amx_tile_supported"),
+            )
+            if getattr(torch.cpu, check, lambda: False)()
+        ]
+        if not found:
+            return False, (
+                f"the CPU has {capability} but neither AVX512-BF16 nor AMX: bf16 would be "
+                "converted in software, slower than fp32"
+            )
+        return True, f"{' and '.join(found)} ({capability})"
+    return True, f"oneDNN bf16 kernels on {machine or 'this CPU'} ({capability})"
 
 
 def synchronize(dev: torch.device | str | None = None) -> None:

@@ -1,7 +1,8 @@
 """One training loop for every chapter (chapters 3-7).
 
 :func:`train` runs AdamW with a warm-up + decay schedule, gradient clipping,
-optional bf16 autocast and ``torch.compile`` (CUDA only), periodic evaluation,
+optional bf16 autocast (CUDA by default; on CPU with ``cpu_amp``) and
+``torch.compile`` (any device), periodic evaluation,
 best-checkpoint saving and exact resumption. What a step *computes* is the
 caller's: ``step_fn(model, batch, task) -> {"loss": tensor, ...}``. So the
 same loop trains chapter 3's VQA models (one task) and UNITER's pretraining
@@ -69,6 +70,7 @@ __all__ = [
     "train",
     "to_device",
     "lr_multiplier",
+    "cpu_bf16_enabled",
     "lr_schedule",
     "make_optimizer",
     "load_weights",
@@ -77,6 +79,7 @@ __all__ = [
 
 DEFAULT_TASK = "train"  # the task name when train_data is a single DataLoader
 SCHEDULES = ("cosine", "linear", "constant")
+CPU_AMP_MODES = ("off", "auto", "bf16")
 STATE_NAME = "trainer_state.pt"
 WEIGHTS_NAME = "model.safetensors"
 STATE_FORMAT_VERSION = 1
@@ -95,6 +98,10 @@ _RESULT_FIELDS = (
     "seed",
     "amp",
 )
+# Also change the numbers, but are not in _RESULT_FIELDS: the book's checkpoint specs hash that tuple
+# (fusionlib.experiments), and a new name there would change every fingerprint. Each with the value a
+# checkpoint written before it existed was trained with.
+_RESUME_ONLY_FIELDS = {"cpu_amp": "off"}
 
 
 @dataclasses.dataclass
@@ -121,8 +128,11 @@ class TrainConfig:
     log_every: int = 10  # refresh the progress bar's loss every this many steps
     save_every: int | None = None  # write last/ every this many steps (default: at each evaluation)
     seed: int = 0
-    amp: bool = True  # bf16 autocast on CUDA (runtime.autocast); ignored on CPU
-    compile: bool = False  # torch.compile the model on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA (runtime.autocast); the CPU follows cpu_amp
+    # bf16 autocast on CPU: "off" (fp32), "auto" (bf16 where the CPU has native bf16,
+    # runtime.cpu_bf16_support; else fp32 with a warning), "bf16" (always; emulated and slow without).
+    cpu_amp: str = "off"
+    compile: bool = False  # torch.compile the model (inductor; CUDA and CPU)
     checkpoint_dir: str | None = None  # None: no checkpoints
     keep_best_by: str | None = None  # an eval_fn metric, e.g. "val_accuracy"
     best_mode: str = "max"  # "max" (accuracy) or "min" (a loss)
@@ -157,6 +167,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        if not isinstance(self.cpu_amp, str) or self.cpu_amp not in CPU_AMP_MODES:
+            raise ValueError(f"cpu_amp must be one of {CPU_AMP_MODES}, got {self.cpu_amp!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         for name in ("best_mode", "stop_mode"):
@@ -186,6 +198,35 @@ class TrainConfig:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+def cpu_bf16_enabled(config: TrainConfig, device: torch.device | str, warn: bool = True) -> bool:
+    """Whether :func:`train` runs its steps under bf16 autocast on this CPU (``config.cpu_amp``).
+
+    False on any other device (``config.amp`` rules CUDA) and for ``"off"``.
+    ``"auto"``: True where :func:`fusionlib.runtime.cpu_bf16_support` finds
+    native bf16, else False with a ``RuntimeWarning`` that says why and that
+    the run stays fp32. ``"bf16"``: always True, with a warning where the
+    CPU has to emulate bf16 (correct, but slower than fp32).
+    """
+    if torch.device(device).type != "cpu" or config.cpu_amp == "off":
+        return False
+    supported, why = runtime.cpu_bf16_support()
+    if config.cpu_amp == "auto" and not supported:
+        if warn:
+            warnings.warn(
+                f"cpu_amp='auto': no native bf16 on this CPU ({why}); training in fp32",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return False
+    if config.cpu_amp == "bf16" and not supported and warn:
+        warnings.warn(
+            f"cpu_amp='bf16' on a CPU without native bf16 ({why}): correct but slower than fp32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -604,10 +645,11 @@ def train(
             :func:`train` reseeds their shuffling (see the module docstring).
         config: a :class:`TrainConfig`.
         step_fn: ``step_fn(model, batch, task) -> {"loss": scalar tensor, **metrics}``,
-            called under bf16 autocast when ``config.amp`` and on CUDA, with the
+            called under bf16 autocast when ``config.amp`` on CUDA, or on a CPU
+            when :func:`cpu_bf16_enabled` says so (``config.cpu_amp``), with the
             batch already on ``device``. ``model`` is the compiled module when
-            ``config.compile`` (on CUDA). Extra metrics (floats or 1-element
-            tensors) go into ``history.train``.
+            ``config.compile`` (inductor, on CUDA or CPU). Extra metrics (floats
+            or 1-element tensors) go into ``history.train``.
         eval_fn: ``eval_fn(model) -> {name: float}``, called in eval mode under
             ``torch.no_grad()`` every ``config.eval_every`` steps and at the end,
             with the uncompiled model.
@@ -662,7 +704,12 @@ def train(
                 f"checkpoint {checkpoint} was trained on tasks {sorted(state['streams'])}, "
                 f"train_data has {sorted(tasks)}"
             )
-        changed = [k for k in _RESULT_FIELDS if state["train_config"].get(k) != config.to_dict()[k]]
+        saved = {**_RESUME_ONLY_FIELDS, **state["train_config"]}
+        changed = [
+            k
+            for k in _RESULT_FIELDS + tuple(_RESUME_ONLY_FIELDS)
+            if saved.get(k) != config.to_dict()[k]
+        ]
         if changed:
             warnings.warn(
                 f"resuming {checkpoint} with different {changed}: the run will not match an "
@@ -774,7 +821,8 @@ def train(
     if distributed.is_distributed():
         # With several tasks each step trains only its own head: DDP must look for the unused parameters.
         run_model = distributed.wrap_model(model, device, find_unused_parameters=len(tasks) > 1)
-    run_model = torch.compile(run_model) if config.compile and device.type == "cuda" else run_model
+    run_model = torch.compile(run_model) if config.compile else run_model
+    cpu_bf16 = cpu_bf16_enabled(config, device)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.grad_clip if config.grad_clip is not None else math.inf
     seconds_before, started = history.seconds, time.perf_counter()
@@ -804,7 +852,7 @@ def train(
             )
             batch = to_device(streams[task].next(), device)
             lr = optimizer.param_groups[0]["lr"]
-            with runtime.autocast(device, enabled=config.amp):
+            with runtime.autocast(device, enabled=config.amp, cpu=cpu_bf16):
                 out = step_fn(run_model, batch, task)
             loss, metrics = _loss_and_metrics(out, step, task)
             optimizer.zero_grad(set_to_none=True)

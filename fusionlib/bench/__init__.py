@@ -3,7 +3,7 @@
 Each benchmark is a module here with ``main(argv=None)``. They print tables,
 they are not timed tests: timings depend on the machine, so CI never asserts
 on them. Names: ``attention`` (chapter 1), ``data`` and ``features``
-(chapter 2).
+(chapter 2), ``models`` and ``train`` (chapter 7).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 import time
 from typing import Callable
 
-BENCHMARKS = ("attention", "data", "features", "models")
+BENCHMARKS = ("attention", "data", "features", "models", "train")
 
 
 def run(name: str, argv: list[str] | None = None) -> None:
