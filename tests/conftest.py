@@ -1,5 +1,9 @@
 """Shared test fixtures: a tiny world with its detector features and tokenizer, built once per test module.
 
+``book`` is the book's world bundle for the smoke profile, and
+``empty_roots`` points the committed and cached checkpoint folders at a
+fresh temporary folder (smoke profile, ``$FUSIONLIB_TRAIN`` unset).
+
 A test module that defines ``WORLD`` (a ``WorldConfig``) and ``DET`` (a
 ``DetectorConfig``) gets the fixtures ``tiny``, ``scenes`` (the train split),
 ``features`` and ``tokenizer`` of that world; a module may still define
@@ -12,8 +16,11 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from fusionlib import checkpoints
+
 from fusionlib.data.shapes import WorldConfig, generate_split
 from fusionlib.data.tokenizer import train_tokenizer
+from fusionlib.experiments import load_book_world
 from fusionlib.vision import DetectorConfig, extract_region_features, train_detector
 
 
@@ -56,3 +63,17 @@ def features(tiny):
 @pytest.fixture(scope="module")
 def tokenizer(tiny):
     return tiny.tokenizer
+
+
+@pytest.fixture(scope="module")
+def book():
+    return load_book_world("smoke")
+
+
+@pytest.fixture
+def empty_roots(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSIONLIB_CHECKPOINTS", str(tmp_path / "committed"))
+    monkeypatch.setattr(checkpoints, "cache_checkpoint_root", lambda: str(tmp_path / "cache"))
+    monkeypatch.delenv(checkpoints.TRAIN_ENV, raising=False)
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "smoke")
+    return tmp_path

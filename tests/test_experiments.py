@@ -7,25 +7,10 @@ from fusionlib import checkpoints
 from fusionlib.experiments import (
     chapter_recipe,
     experiment,
-    load_book_world,
     obtain,
     tokenizer_digest,
 )
 from fusionlib.experiments import fusion
-
-
-@pytest.fixture(scope="module")
-def book():
-    return load_book_world("smoke")
-
-
-@pytest.fixture
-def empty_roots(tmp_path, monkeypatch):
-    monkeypatch.setenv("FUSIONLIB_CHECKPOINTS", str(tmp_path / "committed"))
-    monkeypatch.setattr(checkpoints, "cache_checkpoint_root", lambda: str(tmp_path / "cache"))
-    monkeypatch.delenv(checkpoints.TRAIN_ENV, raising=False)
-    monkeypatch.setenv("FUSIONLIB_PROFILE", "smoke")
-    return tmp_path
 
 
 def test_book_world_names_its_data(book):

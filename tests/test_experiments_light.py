@@ -14,27 +14,12 @@ from fusionlib.experiments import (
     experiment,
     fusion,
     light,
-    load_book_world,
     obtain,
 )
 from fusionlib.models import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, ANSWERS, REGION_DIM = 198, 10, 64  # the default world's
-
-
-@pytest.fixture(scope="module")
-def book():
-    return load_book_world("smoke")
-
-
-@pytest.fixture
-def empty_roots(tmp_path, monkeypatch):
-    monkeypatch.setenv("FUSIONLIB_CHECKPOINTS", str(tmp_path / "committed"))
-    monkeypatch.setattr(checkpoints, "cache_checkpoint_root", lambda: str(tmp_path / "cache"))
-    monkeypatch.delenv(checkpoints.TRAIN_ENV, raising=False)
-    monkeypatch.setenv("FUSIONLIB_PROFILE", "smoke")
-    return tmp_path
 
 
 def test_presets_build_and_grow():

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
+
+from fusionlib import fileio, runtime
 
 BENCHMARKS = ("attention", "data", "features", "models", "train")
 
@@ -46,3 +48,15 @@ def time_interleaved(
             sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def write_report(report: dict[str, Any], results_name: str, out: str | None = None) -> str:
+    """Write a benchmark's report: to ``out`` as plain JSON when given, else as ``results/<results_name>.json``.
+
+    The default goes through :func:`fusionlib.runtime.write_results`, so the
+    file carries the environment and obeys its rule for committed results.
+    Returns the path written.
+    """
+    if out:
+        return fileio.atomic_write_json(out, report)
+    return runtime.write_results(results_name, report)

@@ -44,8 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
-import os
 import platform
 import statistics
 import time
@@ -55,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionlib import runtime
-from fusionlib.bench import time_interleaved
+from fusionlib.bench import time_interleaved, write_report
 
 __all__ = [
     "MatchedSize",
@@ -1003,13 +1001,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         precision=not args.no_precision,
         compile=not args.no_compile,
     )
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        path = args.out
-    else:
-        path = runtime.write_results(results_name(report["device"]), report)
+    path = write_report(report, results_name(report["device"]), args.out)
     print(f"\nwrote {path}")
     return report

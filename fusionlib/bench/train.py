@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -65,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionlib import runtime
+from fusionlib.bench import write_report
 from fusionlib.bench.models import (
     MatchedSize,
     _cpu_name,
@@ -531,13 +531,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ch03_batch=args.ch03_batch,
         pretrain_batch=args.pretrain_batch,
     )
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        path = args.out
-    else:
-        path = runtime.write_results(results_name(report["device"]), report)
+    path = write_report(report, results_name(report["device"]), args.out)
     print(f"\nwrote {path}")
     return report

@@ -53,50 +53,49 @@ def _vqa_data(book: BookWorld, recipe: str, device: Any) -> fusion.VQAData:
     return fusion.vqa_data(book, recipe, device)
 
 
-def _fusion_experiment(setup: str) -> BookExperiment:
+def _vqa_experiment(
+    name: str,
+    chapter: str,
+    headline: str,
+    spec: Callable[[BookWorld, str], dict[str, Any]],
+    train: Callable[..., tuple[nn.Module, dict[str, Any], float]],
+) -> BookExperiment:
+    """A model trained and scored on chapter 3's questions: chapter 3's setups and chapter 7's sweep."""
     return BookExperiment(
-        name=f"ch03/{setup}",
-        chapter="03_cross_attention_fusion",
-        headline="relational_accuracy",
+        name=name,
+        chapter=chapter,
+        headline=headline,
         golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
         data=_vqa_data,
-        spec=lambda book, recipe: fusion.fusion_spec(setup, book, recipe),
-        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: (
-            fusion.train_fusion_model(
-                setup,
-                book,
-                data,
-                recipe,
-                device=device,
-                checkpoint_dir=checkpoint_dir,
-                progress=progress,
-            )
+        spec=spec,
+        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: train(
+            book, data, recipe, device=device, checkpoint_dir=checkpoint_dir, progress=progress
         ),
         evaluate=lambda model, data, recipe: fusion.evaluate_fusion_model(model, data, recipe),
     )
 
 
-def _light_experiment(size: light.LightSize, seed: int) -> BookExperiment:
-    return BookExperiment(
-        name=light.light_name(size, seed),
-        chapter="07_efficiency",
-        headline="accuracy",
-        golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
-        data=_vqa_data,
-        spec=lambda book, recipe: light.light_spec(size, seed, book, recipe),
-        train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: (
-            light.train_light_model(
-                size,
-                seed,
-                book,
-                data,
-                recipe,
-                device=device,
-                checkpoint_dir=checkpoint_dir,
-                progress=progress,
-            )
+def _fusion_experiment(setup: str) -> BookExperiment:
+    return _vqa_experiment(
+        f"ch03/{setup}",
+        "03_cross_attention_fusion",
+        "relational_accuracy",
+        spec=lambda book, recipe: fusion.fusion_spec(setup, book, recipe),
+        train=lambda book, data, recipe, **kw: fusion.train_fusion_model(
+            setup, book, data, recipe, **kw
         ),
-        evaluate=lambda model, data, recipe: fusion.evaluate_fusion_model(model, data, recipe),
+    )
+
+
+def _light_experiment(size: light.LightSize, seed: int) -> BookExperiment:
+    return _vqa_experiment(
+        light.light_name(size, seed),
+        "07_efficiency",
+        "accuracy",
+        spec=lambda book, recipe: light.light_spec(size, seed, book, recipe),
+        train=lambda book, data, recipe, **kw: light.train_light_model(
+            size, seed, book, data, recipe, **kw
+        ),
     )
 
 
