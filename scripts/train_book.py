@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetSpent:
         status = BUDGET_SPENT
         print(
-            f"budget of {args.budget:.0f} s spent; the training state is in {work}: run again to resume"
+            f"budget of {args.budget:g} s spent; the training state is in {work}: "
+            "run again to resume"
         )
     finally:
         if args.budget is not None:
