@@ -2,7 +2,8 @@
 #   make book     build the HTML book from the committed notebook outputs
 #   make test     pytest on fusionlib + nbval on every chapter (smoke profile)
 #   make lab      JupyterLab on the repository root (chapters in notebooks/, the course in assignments/)
-#   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA)
+#   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA);
+#                 a chapter executed with a larger profile is skipped (ARGS=--force runs it)
 #   make train-book  train every checkpoint the book uses: RECIPE=full (default) ARGS="--only ch03 --budget 3600"
 #   make assignments  nbgrader course in assignments/: the student versions of the chapters (release/)
 #   make grade    autograde assignments/submitted/ with the smoke profile, then write the feedback
@@ -101,7 +102,7 @@ train-book: $(STAMP)
 	$(PY) scripts/train_book.py --recipe $(RECIPE) $(ARGS)
 
 execute: $(STAMP)
-	$(PY) scripts/execute_notebooks.py $(NOTEBOOKS)
+	$(PY) scripts/execute_notebooks.py $(ARGS) $(NOTEBOOKS)
 
 clean:
 	rm -rf _build .cache/mathjax book/_static/mathjax

@@ -30,7 +30,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -278,7 +278,10 @@ def write_results(
       the message says so;
     * a file that already holds these very metrics (and ``extra``) for this
       recipe is left as it is, so re-running a chapter that loads its
-      checkpoints leaves ``git status`` clean.
+      checkpoints leaves ``git status`` clean. Wall times (any field whose
+      name contains ``seconds``) are measurements of a machine, not results:
+      they differ on every run, so they are left out of that comparison and
+      the file keeps the times of the run it records, as the message says.
 
     :func:`read_results` then reads whichever file this run's results are in.
     """
@@ -314,10 +317,13 @@ def write_results(
             _written[chapter] = side
             return side
         new = json.loads(text)
-        if old_recipe == recipe and all(_same(old.get(k), new[k]) for k in ("metrics", *extra)):
-            print(
-                f"results/{chapter}.json already holds these results ({recipe} recipe): left as it is"
-            )
+        if old_recipe == recipe and all(
+            _same(old.get(k), new[k], skip=_is_wall_time) for k in ("metrics", *extra)
+        ):
+            kept = "left as it is"
+            if not all(_same(old.get(k), new[k]) for k in ("metrics", *extra)):
+                kept += f" (its wall times are those of the run it records, on {old.get('date')})"
+            print(f"results/{chapter}.json already holds these results ({recipe} recipe): {kept}")
             _written[chapter] = path
             return path
     atomic_write_text(path, text)
@@ -325,12 +331,22 @@ def write_results(
     return path
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal JSON values, floats within a relative 1e-9 (the last bits of a re-evaluation may move)."""
+def _is_wall_time(key: str) -> bool:
+    """``train_seconds``, ``feature_seconds_per_split``...: a measured wall time, not a result."""
+    return "seconds" in key
+
+
+def _same(a: Any, b: Any, skip: Callable[[str], bool] | None = None) -> bool:
+    """Equal JSON values, floats within a relative 1e-9 (the last bits of a re-evaluation may move).
+
+    Dict entries whose key ``skip`` accepts are not compared (both sides must still have the key).
+    """
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(
+            (skip is not None and skip(str(k))) or _same(a[k], b[k], skip) for k in a
+        )
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y, skip) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
         return (
             isinstance(a, (int, float))

@@ -129,6 +129,23 @@ def test_the_same_results_leave_the_file_untouched(tmp_path, monkeypatch, capsys
     assert runtime.read_results("09_y")["recipe"] == "full"
 
 
+def test_wall_times_alone_do_not_rewrite_the_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FUSIONLIB_ROOT", str(tmp_path))
+    monkeypatch.setenv("FUSIONLIB_PROFILE", "cpu")
+    recorded = {"accuracy": 0.5, "train_seconds": 12.0, "per_split": {"feature_seconds": [1.0]}}
+    path = runtime.write_results("09_z", recorded)
+    before = open(path).read()
+    rerun = {"accuracy": 0.5, "train_seconds": 13.5, "per_split": {"feature_seconds": [1.2]}}
+    runtime.write_results("09_z", rerun)  # a re-run on a machine that was busier
+    assert open(path).read() == before
+    out = capsys.readouterr().out
+    assert "left as it is (its wall times are those of the run it records" in out
+    runtime.write_results("09_z", {**rerun, "accuracy": 0.6})  # a new result is written, times too
+    assert runtime.read_results("09_z")["metrics"]["train_seconds"] == 13.5
+    runtime.write_results("09_z", {"accuracy": 0.6})  # a field that went away is a change
+    assert "train_seconds" not in runtime.read_results("09_z")["metrics"]
+
+
 def test_format_percent():
     assert runtime.format_percent(0.9361) == "93.6%"
     assert runtime.format_percent(0.5, digits=0) == "50%"
