@@ -1,0 +1,593 @@
+"""Chapters 5 and 6's pretraining: ViLBERT and UNITER on the world's captions and descriptions.
+
+Defined once here and used by the chapters, ``scripts/train_book.py``, the
+golden tests and ``scripts/trials/pretraining_grounding.py``:
+
+* :data:`PRETRAIN_RECIPES` -- steps, batch, learning rate and evaluation per recipe size;
+* :func:`pretrain_config` -- the book's small ViLBERT (chapter 5) or UNITER (chapter 6),
+  with ITM negatives the truth judge calls false and a share of minimal edits (chapter 4);
+* :func:`pretrain_data` -- captions and descriptions of every training image, each kind
+  in batches of its own (a description is five times longer than a caption, and a mixed
+  batch pads every caption to it), plus held-out probes built once;
+* :func:`task_mix` and :func:`pretraining_step` -- which loss each step trains, on which texts;
+* :func:`grounding_metrics` -- the held-out probes: ITM against false images, the text
+  against each of its minimal edits, and masked colour and shape words;
+* :func:`train_pretraining` -- the whole run, resumable from a checkpoint directory.
+
+A task name is ``"<objective>@<texts>"``: ``"all@captions"`` is a ViLBERT step
+(its three losses summed) on a batch of captions, ``"itm@descriptions"`` a
+UNITER ITM step on a batch of descriptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fusionlib import itm, runtime
+from fusionlib.checkpoints import recipe_rank
+from fusionlib.data import truth
+from fusionlib.data.datasets import CaptionDataset, TensorBatches, make_tensor_loader
+from fusionlib.experiments.world import BookWorld
+from fusionlib.models import uniter, vilbert
+from fusionlib.models.vl_base import VisionLanguagePretraining
+from fusionlib.train import _RESULT_FIELDS, TrainConfig, train
+
+__all__ = [
+    "MODELS",
+    "TEXT_KINDS",
+    "PretrainRecipe",
+    "PRETRAIN_RECIPES",
+    "pretrain_config",
+    "PretrainData",
+    "pretrain_data",
+    "task_mix",
+    "pretraining_step",
+    "grounding_metrics",
+    "pretrain_spec",
+    "train_pretraining",
+]
+
+MODELS = ("vilbert", "uniter")
+TEXT_KINDS = ("captions", "descriptions")
+MAX_TEXT_LEN = 80  # descriptions run to about 60 tokens, their minimal edits a few more
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainRecipe:
+    """How long and how big one pretraining run is (the same for both models, so they compare)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    probe_images: int  # held-out (val) images whose texts the probes read during training
+    edits_per_text: int  # minimal edits kept per text (CaptionDataset(edits=...))
+    hard_share: float  # of the ITM negatives, the share that are minimal edits of the text
+
+
+PRETRAIN_RECIPES = {
+    "smoke": PretrainRecipe(
+        steps=40,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=5,
+        eval_every=20,
+        probe_images=20,
+        edits_per_text=2,
+        hard_share=0.5,
+    ),
+    "small": PretrainRecipe(
+        steps=3000,
+        batch_size=128,
+        lr=1e-3,
+        warmup_steps=300,
+        eval_every=300,
+        probe_images=200,
+        edits_per_text=4,
+        hard_share=0.5,
+    ),
+    "full": PretrainRecipe(
+        steps=6000,
+        batch_size=256,
+        lr=1e-3,
+        warmup_steps=600,
+        eval_every=500,
+        probe_images=200,
+        edits_per_text=4,
+        hard_share=0.5,
+    ),
+}
+
+
+def _check_model(name: str) -> None:
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+def pretrain_config(
+    name: str, book: BookWorld, recipe: str, **changes: Any
+) -> vilbert.ViLBERTConfig | uniter.UniterConfig:
+    """The book's ViLBERT (``"vilbert"``, chapter 5) or UNITER (``"uniter"``, chapter 6) for ``book``.
+
+    Both are 128 wide, with no dropout (the world is small and the models are
+    limited by training time, not by overfitting) and weights drawn with std
+    0.05 (chapter 6, section 6.4: at BERT's 0.02 a model this narrow sits on
+    the ITM plateau). ITM negatives are texts the truth judge calls false of
+    the image, and ``hard_share`` of them minimal edits of the image's own
+    text (chapter 4). ``changes`` override any field.
+    """
+    _check_model(name)
+    r = PRETRAIN_RECIPES[_recipe(recipe)]
+    common = dict(
+        dropout=0.0,
+        initializer_range=0.05,
+        vqa_pooling="mean",
+        itm_negatives="false",
+        hard_negative_share=r.hard_share,
+        max_text_len=MAX_TEXT_LEN,
+    )
+    classes = len(book.features["train"].class_names)
+    if name == "vilbert":
+        fields = dict(
+            common,
+            region_dim=book.region_dim,
+            # [IMG]'s box goes through the same location embedding as the regions': at their origin
+            # once the locations are standardised (chapter 5, section 5.1).
+            img_location=vilbert.STANDARDISED_IMG_LOCATION,
+            **changes,
+        )
+        return vilbert.ViLBERTConfig.co_attention_first(len(book.tokenizer), classes, **fields)
+    fields = dict(
+        common,
+        region_dim=book.region_dim,
+        itm_negative_probability=0.5,
+        mrc_background_class=classes - 1,
+        **changes,
+    )
+    return uniter.UniterConfig.small(len(book.tokenizer), classes, **fields)
+
+
+def _recipe(recipe: str) -> str:
+    recipe_rank(recipe)  # a clear error for an unknown recipe
+    return recipe
+
+
+def task_mix(name: str, **changes: float) -> dict[str, float]:
+    """``{task: weight}`` for :func:`fusionlib.train.train`: each step samples one task.
+
+    ViLBERT sums its three losses on every batch (``"all"``); UNITER samples
+    one task per batch with the paper's weights (MLM 2, ITM 2, MRFR 1,
+    MRC-kl 1). Captions and descriptions are sampled 5 : 1, as they are in
+    the data (five captions and one description per image). ``changes`` set
+    a task's weight (0 drops it).
+    """
+    _check_model(name)
+    objectives = {"all": 1.0} if name == "vilbert" else dict(uniter.UNITER_TASK_MIX)
+    mix = {
+        f"{objective}@{texts}": weight * share
+        for objective, weight in objectives.items()
+        for texts, share in (("captions", 5.0), ("descriptions", 1.0))
+    }
+    for task, weight in changes.items():
+        if task not in mix:
+            raise ValueError(f"no task {task!r} to reweight; the mix has {sorted(mix)}")
+        mix[task] = float(weight)
+    mix = {task: weight for task, weight in mix.items() if weight > 0}
+    if not mix:
+        raise ValueError("the task mix must keep at least one task with a positive weight")
+    return mix
+
+
+def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str) -> dict[str, Tensor]:
+    """One step of ``task`` (``"<objective>@<texts>"``): ViLBERT's or UNITER's own pretraining step."""
+    objective, _, _ = task.partition("@")
+    scorer = getattr(model, "_orig_mod", model)
+    if isinstance(scorer, vilbert.ViLBERTForPretraining):
+        return vilbert.pretraining_step(model, batch, objective)
+    if isinstance(scorer, uniter.UniterForPretraining):
+        return uniter.pretraining_step(model, batch, objective)
+    raise TypeError(
+        f"model must be a ViLBERTForPretraining or UniterForPretraining, got {type(scorer).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Data and probes
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WordProbe:
+    """Every colour (or shape) word of the probe texts, to be masked one at a time.
+
+    ``batch`` holds one row per occurrence: the text with that one word
+    masked and its image. ``target (N,)`` the word's id; ``true_ids (N, W)``
+    bool over :attr:`word_ids`, which words make the text true of the image
+    (the truth judge), so a prediction can be scored exactly and by truth.
+    """
+
+    word_ids: Tensor  # (W,) token ids of the world's colours (or shapes)
+    batch: dict[str, Tensor]
+    position: Tensor  # (N,) where the masked word is
+    target: Tensor  # (N,) its token id
+    true_ids: Tensor  # (N, W) bool
+
+
+@dataclasses.dataclass
+class PretrainData:
+    """Training batches per text kind and held-out probes, on one device, standardised alike."""
+
+    train: dict[str, TensorBatches]  # "captions" / "descriptions"
+    probe: dict[str, TensorBatches]  # the first probe_images val images' texts, with edits
+    itm_probe: dict[str, dict[str, Tensor]]  # text kind -> (own + false image) pairs and "labels"
+    word_probes: dict[str, WordProbe]  # "colour" / "shape"
+    statistics: dict[str, tuple[Tensor, Tensor]]
+    location_scale: float
+
+
+def _model_keys(name: str) -> tuple[str, ...]:
+    regions = ("region_feats", "region_mask", "image_index", "region_soft_labels")
+    if name == "vilbert":
+        return ("input_ids", *regions, "region_loc5", "image_feats", "caption_index")
+    return ("input_ids", *regions, "region_loc7", "caption_index")
+
+
+def _location_scale(name: str, book: BookWorld, recipe: str) -> tuple[str, float]:
+    """The location key a model reads and the spread it is standardised to (chapter 5, section 5.1).
+
+    ViLBERT's region embedding adds a projection of 64 features to one of 5
+    box numbers: at initialisation the features move it far more, so the
+    locations are scaled up by the ratio (measured on a fresh model). UNITER
+    puts a LayerNorm on each part before adding them, so plain z-scores do.
+    """
+    if name == "uniter":
+        return "region_loc7", 1.0
+    config = pretrain_config(name, book, recipe)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        embeddings = vilbert.ViLBERTForPretraining(config).vilbert.region_embeddings
+        with torch.no_grad():
+            feature = embeddings.feature_proj(torch.randn(4096, config.region_dim)).std(0).mean()
+            location = embeddings.location_proj(torch.randn(4096, 5)).std(0).mean()
+    finally:
+        torch.set_rng_state(state)
+    return "region_loc5", round(float(feature / location), 1)
+
+
+def _itm_probe(
+    data: TensorBatches, texts: list[str], scenes: list, features: Any, seed: int
+) -> dict[str, Tensor]:
+    """Each probe text with its own image (label 1) and with one probe image it is false of (label 0).
+
+    The false image is drawn once, with ``seed``, among ``scenes`` (the probe
+    images) by the truth judge, so every evaluation scores the same pairs.
+    """
+    n = len(data)
+    own = data.__getitems__(list(range(n)))
+    judged = truth.truth_matrix(texts, scenes)  # (texts, probe images)
+    generator = torch.Generator().manual_seed(seed)
+    false_rows = []
+    for i in range(n):
+        candidates = torch.nonzero(~judged[i]).squeeze(1)
+        if len(candidates) == 0:
+            raise ValueError(f"probe text {texts[i]!r} is true of every probe image")
+        pick = int(candidates[torch.randint(len(candidates), (1,), generator=generator)])
+        false_rows.append(features.row(scenes[pick].index))
+    where = torch.tensor(false_rows, device=data.row.device)
+    swapped = dict(own)
+    for key, value in data.per_image.items():
+        swapped[key] = value[where]
+    probe = {k: torch.cat([own[k], swapped[k]]) for k in own}
+    probe["labels"] = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)])
+    return probe
+
+
+def _word_probe(
+    data: TensorBatches, scenes: list, texts: list[str], words: list[str], tokenizer: Any
+) -> WordProbe:
+    ids = tokenizer.convert_tokens_to_ids(words)
+    word_ids = torch.tensor(ids)
+    batch = data.__getitems__(list(range(len(data))))
+    input_ids = batch["input_ids"].cpu()
+    rows, positions = torch.nonzero(
+        torch.isin(input_ids, word_ids) & batch["attention_mask"].cpu(), as_tuple=True
+    )
+    true_ids = torch.zeros(len(rows), len(words), dtype=torch.bool)
+    for n, (r, p) in enumerate(zip(rows.tolist(), positions.tolist())):
+        for w, word_id in enumerate(ids):
+            filled = input_ids[r].clone()
+            filled[p] = word_id
+            text = tokenizer.decode(filled, skip_special_tokens=True)
+            true_ids[n, w] = truth.is_true(text, scenes[r])
+    device = batch["input_ids"].device
+    probe = {k: v[rows.to(device)] for k, v in batch.items()}
+    probe["input_ids"] = probe["input_ids"].clone()
+    probe["input_ids"][torch.arange(len(rows), device=device), positions.to(device)] = (
+        tokenizer.mask_token_id
+    )
+    return WordProbe(word_ids, probe, positions, input_ids[rows, positions], true_ids)
+
+
+def pretrain_data(
+    name: str, book: BookWorld, recipe: str, device: torch.device | str | None = None
+) -> PretrainData:
+    """Captions and descriptions of the training images, and the held-out probes, for model ``name``.
+
+    Every text carries the truth judge's facts (ITM draws false negatives)
+    and up to ``edits_per_text`` minimal edits (the hard negatives). Region
+    features and locations are z-scored with the training images' statistics
+    (:func:`_location_scale`). The probes read the texts of the first
+    ``probe_images`` validation images.
+    """
+    _check_model(name)
+    r = PRETRAIN_RECIPES[_recipe(recipe)]
+    device = runtime.device() if device is None else torch.device(device)
+    tok = book.tokenizer
+    keys = _model_keys(name)
+    extra = ("text_facts", "image_objects", "edit_input_ids", "edit_kinds")
+    probe_scenes = book.scenes["val"][: r.probe_images]
+    train_sets, probe_sets, probe_texts, probe_owner = {}, {}, {}, {}
+    for kind in TEXT_KINDS:
+        dataset = CaptionDataset(
+            book.scenes["train"],
+            book.features["train"],
+            tok,
+            max_length=MAX_TEXT_LEN,
+            text=kind,
+            judge=True,
+            edits=r.edits_per_text,
+        )
+        train_sets[kind] = TensorBatches(dataset, device=device, keys=keys + extra)
+        held = CaptionDataset(
+            probe_scenes,
+            book.features["val"],
+            tok,
+            max_length=MAX_TEXT_LEN,
+            text=kind,
+            judge=True,
+            edits=r.edits_per_text,
+        )
+        probe_sets[kind] = TensorBatches(held, device=device, keys=keys + extra)
+        by_index = {s.index: s for s in probe_scenes}
+        probe_owner[kind] = [by_index[int(i)] for i in held.image_index]
+        probe_texts[kind] = [
+            s.description if c < 0 else s.captions[c]
+            for s, c in zip(probe_owner[kind], held.caption_index.tolist())
+        ]
+    location_key, scale = _location_scale(name, book, recipe)
+    statistics = train_sets["captions"].standardise(scale={location_key: scale})
+    for batches in (train_sets["descriptions"], *probe_sets.values()):
+        batches.standardise(statistics)
+    itm_probe = {
+        kind: _itm_probe(
+            probe_sets[kind], probe_texts[kind], probe_scenes, book.features["val"], seed=k
+        )
+        for k, kind in enumerate(TEXT_KINDS)
+    }
+    word_probes = {
+        "colour": _word_probe(
+            probe_sets["captions"],
+            probe_owner["captions"],
+            probe_texts["captions"],
+            list(book.world.colors),
+            tok,
+        ),
+        "shape": _word_probe(
+            probe_sets["captions"],
+            probe_owner["captions"],
+            probe_texts["captions"],
+            list(book.world.shapes),
+            tok,
+        ),
+    }
+    return PretrainData(train_sets, probe_sets, itm_probe, word_probes, statistics, scale)
+
+
+# ---------------------------------------------------------------------------
+# What the probes measure
+# ---------------------------------------------------------------------------
+
+
+def _scorer(model: nn.Module) -> VisionLanguagePretraining:
+    scorer = getattr(model, "_orig_mod", model)
+    if not isinstance(scorer, VisionLanguagePretraining):
+        raise TypeError(
+            f"model must be a ViLBERTForPretraining or UniterForPretraining, got {type(scorer).__name__}"
+        )
+    return scorer
+
+
+def _in_chunks(fn, batch: Mapping[str, Tensor], size: int = 512) -> Tensor:
+    n = batch["input_ids"].shape[0]
+    return torch.cat(
+        [
+            fn({k: v[i : i + size] for k, v in batch.items()}).float().cpu()
+            for i in range(0, n, size)
+        ]
+    )
+
+
+def _trim(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the padding columns every row of ``batch`` has (probes gather rows of differing lengths)."""
+    longest = int(batch["attention_mask"].sum(dim=1).max())
+    return dict(
+        batch,
+        input_ids=batch["input_ids"][:, :longest],
+        attention_mask=batch["attention_mask"][:, :longest],
+    )
+
+
+@torch.no_grad()
+def grounding_metrics(
+    model: nn.Module, data: PretrainData, prefix: str = "val_"
+) -> dict[str, float]:
+    """The held-out probes of a pretraining model (chapters 5 and 6); every key starts with ``prefix``.
+
+    * ``itm_<texts>``: ITM accuracy (the head's argmax) on the probe texts paired
+      with their own image and with an image they are false of (chance 0.5);
+    * ``edit_<kind>``: how often the ITM score of a text beats that of its
+      minimal edit of that kind on the same image (chance 0.5), and ``edit_all``;
+    * ``<colour|shape>_word``: MLM accuracy with one colour (shape) word of a
+      caption masked, the rest intact; ``<colour|shape>_word_true``: the share
+      whose predicted word makes the caption true of the image (the truth
+      judge: a relation may hold for more than one colour), and
+      ``<colour|shape>_word_unique``: the share of masked words that only the
+      original word makes true (what exact accuracy can reach at most, near).
+    """
+    scorer = _scorer(model)
+    device = next(scorer.parameters()).device
+    was_training = scorer.training
+    scorer.eval()
+    out: dict[str, float] = {}
+    try:
+        for kind, probe in data.itm_probe.items():
+            batch = {k: v.to(device) for k, v in probe.items() if k != "labels"}
+            logits = _in_chunks(lambda b: scorer.itm_logits(_trim(b)), batch)
+            out[f"{prefix}itm_{kind}"] = float(
+                (logits.argmax(-1) == probe["labels"]).float().mean()
+            )
+        wins: list[Tensor] = []
+        kinds: list[Tensor] = []
+        for kind, batches in data.probe.items():
+            pairs = itm.edit_pairs(
+                batches.__getitems__(list(range(len(batches)))), batches.pad_token_id
+            )
+            own = _in_chunks(lambda b: scorer.retrieval_score(_trim(b)), pairs.matched)
+            edited = _in_chunks(lambda b: scorer.retrieval_score(_trim(b)), pairs.edited)
+            mine = own[pairs.owner]
+            wins.append((mine > edited).float() + 0.5 * (mine == edited).float())
+            kinds.append(pairs.kind)
+        win, kind_of = torch.cat(wins), torch.cat(kinds)
+        out[f"{prefix}edit_all"] = float(win.mean())
+        for k, name in enumerate(truth.EDIT_KINDS):
+            if bool((kind_of == k).any()):
+                out[f"{prefix}edit_{name}"] = float(win[kind_of == k].mean())
+        for word, probe in data.word_probes.items():
+            batch = {k: v.to(device) for k, v in probe.batch.items()}
+            rows = torch.arange(len(probe.target))
+            chunks = []
+            for i in range(0, len(rows), 512):
+                chunk = _trim({k: v[i : i + 512] for k, v in batch.items()})
+                mlm = scorer(chunk, "mlm").mlm_logits.float().cpu()  # (b, T, vocab)
+                chunks.append(mlm[torch.arange(len(mlm)), probe.position[i : i + 512]])
+            logits = torch.cat(chunks)  # (N, vocab): at each masked word
+            among = logits[:, probe.word_ids].argmax(-1)  # the best of the world's words
+            predicted = logits.argmax(-1)
+            out[f"{prefix}{word}_word"] = float((predicted == probe.target).float().mean())
+            right_word = probe.word_ids[among] == predicted
+            out[f"{prefix}{word}_word_true"] = float(
+                (probe.true_ids[rows, among] & right_word).float().mean()
+            )
+            out[f"{prefix}{word}_word_unique"] = float((probe.true_ids.sum(-1) == 1).float().mean())
+    finally:
+        scorer.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+def _train_config(recipe: str, seed: int, **changes: Any) -> TrainConfig:
+    r = PRETRAIN_RECIPES[_recipe(recipe)]
+    fields = dict(
+        steps=r.steps,
+        lr=r.lr,
+        warmup_steps=r.warmup_steps,
+        eval_every=r.eval_every,
+        log_every=25,
+        seed=seed,
+        amp=False,  # fp32 (with TF32 matmuls on a GPU): at this size bf16's casts cost more than they save
+    )
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+def pretrain_spec(
+    name: str,
+    book: BookWorld,
+    recipe: str,
+    seed: int = 0,
+    mix: Mapping[str, float] | None = None,
+    model_changes: Mapping[str, Any] | None = None,
+    train_changes: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything a pretrained model depends on: its fingerprint's input (:mod:`fusionlib.checkpoints`)."""
+    config = pretrain_config(name, book, recipe, **dict(model_changes or {}))
+    train_config = _train_config(recipe, seed, **dict(train_changes or {}))
+    r = PRETRAIN_RECIPES[recipe]
+    return {
+        "model": f"{name}_pretraining",
+        "model_config": config.to_dict(),
+        "data": book.data_spec(),
+        "train": {k: train_config.to_dict()[k] for k in _RESULT_FIELDS + ("eval_every",)},
+        "batch_size": r.batch_size,
+        "task_mix": dict(mix) if mix is not None else task_mix(name),
+        "texts": {"kinds": list(TEXT_KINDS), "edits_per_text": r.edits_per_text},
+        "standardise": "train z-score; ViLBERT's region_loc5 x its location scale",
+        "step": "experiments.pretrain.pretraining_step",
+    }
+
+
+def train_pretraining(
+    name: str,
+    book: BookWorld,
+    data: PretrainData,
+    recipe: str,
+    seed: int = 0,
+    mix: Mapping[str, float] | None = None,
+    model_changes: Mapping[str, Any] | None = None,
+    train_changes: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any], float]:
+    """Pretrain ViLBERT or UNITER from scratch; ``(model, history dict, wall seconds)``.
+
+    The model is built right after ``torch.manual_seed(seed)``. Each task of
+    the mix has its own loader over its kind of text (:func:`task_mix`); the
+    probes of :func:`grounding_metrics` run every ``eval_every`` steps. With
+    ``checkpoint_dir`` the run saves as it goes and resumes from there.
+    """
+    _check_model(name)
+    r = PRETRAIN_RECIPES[_recipe(recipe)]
+    device = runtime.device() if device is None else torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    config = pretrain_config(name, book, recipe, **dict(model_changes or {}))
+    train_config = _train_config(
+        recipe, seed, checkpoint_dir=checkpoint_dir, **dict(train_changes or {})
+    )
+    mix = dict(mix) if mix is not None else task_mix(name)
+    torch.manual_seed(seed)
+    model = (
+        vilbert.ViLBERTForPretraining(config)
+        if name == "vilbert"
+        else uniter.UniterForPretraining(config)
+    )
+    loaders = {
+        task: make_tensor_loader(
+            data.train[task.partition("@")[2]], r.batch_size, seed=seed + k, drop_last=True
+        )
+        for k, task in enumerate(mix)
+    }
+    history = train(
+        model,
+        loaders,
+        train_config,
+        pretraining_step,
+        eval_fn=lambda m: grounding_metrics(m, data),
+        task_mix=mix,
+        device=device,
+        progress=progress,
+        resume=checkpoint_dir is not None,
+    )
+    return model.eval(), history.to_dict(), history.seconds

@@ -1,0 +1,105 @@
+"""fusionlib.experiments.pretrain: chapters 5 and 6's pretraining data, probes and runs (smoke world)."""
+
+import pytest
+import torch
+
+from fusionlib import checkpoints
+from fusionlib.data import truth
+from fusionlib.experiments import pretrain
+
+
+@pytest.fixture(scope="module", params=pretrain.MODELS)
+def model_data(request, book):
+    return request.param, pretrain.pretrain_data(request.param, book, "smoke", "cpu")
+
+
+def test_each_kind_of_text_has_batches_of_its_own(model_data, book):
+    name, data = model_data
+    n = len(book.scenes["train"])
+    assert len(data.train["descriptions"]) == n and len(data.train["captions"]) == 5 * n
+    longest = {k: int(v.text_lengths.max()) for k, v in data.train.items()}
+    assert longest["descriptions"] > 2 * longest["captions"]  # why they are not mixed in a batch
+    real = data.train["captions"].per_image["region_feats"][
+        data.train["captions"].per_image["region_mask"]
+    ]
+    assert torch.allclose(real.mean(0), torch.zeros(real.shape[1]), atol=1e-4)  # standardised
+    assert (data.location_scale > 1.0) == (name == "vilbert")
+
+
+def test_the_itm_probe_pairs_each_text_with_its_image_and_a_false_one(model_data, book):
+    _, data = model_data
+    scenes = book.scenes["val"][: pretrain.PRETRAIN_RECIPES["smoke"].probe_images]
+    by_row = {book.features["val"].row(s.index): s for s in scenes}
+    probe, batches = data.itm_probe["captions"], data.probe["captions"]
+    n = len(batches)
+    assert probe["labels"].tolist() == [1] * n + [0] * n
+    # The negatives' images are other probe images, and the judge calls every text false of its negative.
+    images = probe["region_feats"][n:]
+    for i in range(0, n, 37):
+        match = [
+            r
+            for r, s in by_row.items()
+            if torch.equal(batches.per_image["region_feats"][r], images[i])
+        ]
+        assert match, "a negative's image is not one of the probe images"
+        text = book.tokenizer.decode(probe["input_ids"][i], skip_special_tokens=True)
+        assert not truth.is_true(text, by_row[match[0]]) and truth.is_true(
+            text, by_row[int(batches.row[i])]
+        )
+
+
+def test_word_probes_mask_one_word_that_makes_its_caption_true(model_data, book):
+    _, data = model_data
+    tok = book.tokenizer
+    for word, probe in data.word_probes.items():
+        assert (probe.batch["input_ids"] == tok.mask_token_id).sum(1).eq(1).all()
+        column = (probe.word_ids[None, :] == probe.target[:, None]).float().argmax(1)
+        assert probe.true_ids[torch.arange(len(column)), column].all()  # the original word is true
+        assert probe.true_ids.sum(1).ge(1).all()
+    # A caption names one object of a colour, so its shape word is never in doubt; a colour may be.
+    assert data.word_probes["shape"].true_ids.sum(1).eq(1).all()
+
+
+def test_probes_and_a_short_run(model_data, book):
+    name, data = model_data
+    model, history, seconds = pretrain.train_pretraining(name, book, data, "smoke", progress=False)
+    metrics = pretrain.grounding_metrics(model, data)
+    assert set(metrics) >= {
+        "val_itm_captions",
+        "val_itm_descriptions",
+        "val_edit_all",
+        "val_colour_word",
+        "val_colour_word_true",
+        "val_shape_word",
+    }
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["val_colour_word_true"] >= 0.0 and seconds > 0
+    assert history["val"]["step"][-1] == pretrain.PRETRAIN_RECIPES["smoke"].steps
+    assert metrics["val_itm_captions"] == history["val"]["val_itm_captions"][-1]
+    tasks = set(history["train"]["task"])
+    assert tasks <= set(pretrain.task_mix(name)) and any("descriptions" in t for t in tasks)
+
+
+def test_specs_name_the_model_the_mix_and_the_recipe(book):
+    spec = pretrain.pretrain_spec("uniter", book, "small")
+    assert checkpoints.fingerprint(spec) == checkpoints.fingerprint(
+        pretrain.pretrain_spec("uniter", book, "small")
+    )
+    others = [
+        pretrain.pretrain_spec("vilbert", book, "small"),
+        pretrain.pretrain_spec("uniter", book, "full"),
+        pretrain.pretrain_spec("uniter", book, "small", seed=1),
+        pretrain.pretrain_spec(
+            "uniter", book, "small", mix=pretrain.task_mix("uniter", **{"mrfr@captions": 0})
+        ),
+    ]
+    assert len({checkpoints.fingerprint(s) for s in [spec, *others]}) == 5
+
+
+def test_bad_names_are_refused(book):
+    with pytest.raises(ValueError, match="model must be one of"):
+        pretrain.pretrain_config("lxmert", book, "small")
+    with pytest.raises(ValueError, match="no task 'itm@images'"):
+        pretrain.task_mix("uniter", **{"itm@images": 1})
+    with pytest.raises(ValueError, match="at least one task"):
+        pretrain.task_mix("vilbert", **{"all@captions": 0, "all@descriptions": 0})
