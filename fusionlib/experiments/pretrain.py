@@ -304,7 +304,10 @@ def _word_probe(
             filled = input_ids[r].clone()
             filled[p] = word_id
             text = tokenizer.decode(filled, skip_special_tokens=True)
-            true_ids[n, w] = truth.is_true(text, scenes[r])
+            try:
+                true_ids[n, w] = truth.is_true(text, scenes[r])
+            except ValueError:  # "one circle and five circles": not a sentence, so not true
+                true_ids[n, w] = False
     device = batch["input_ids"].device
     probe = {k: v[rows.to(device)] for k, v in batch.items()}
     probe["input_ids"] = probe["input_ids"].clone()
