@@ -30,7 +30,7 @@ def test_the_itm_probe_pairs_each_text_with_its_image_and_a_false_one(model_data
     _, data = model_data
     scenes = book.scenes["val"][: pretrain.PRETRAIN_RECIPES["smoke"].probe_images]
     by_row = {book.features["val"].row(s.index): s for s in scenes}
-    probe, batches = data.itm_probe["captions"], data.probe["captions"]
+    probe, batches = data.probes["val"].itm["captions"], data.probes["val"].texts["captions"]
     n = len(batches)
     assert probe["labels"].tolist() == [1] * n + [0] * n
     # The negatives' images are other probe images, and the judge calls every text false of its negative.
@@ -51,19 +51,24 @@ def test_the_itm_probe_pairs_each_text_with_its_image_and_a_false_one(model_data
 def test_word_probes_mask_one_word_that_makes_its_caption_true(model_data, book):
     _, data = model_data
     tok = book.tokenizer
-    for word, probe in data.word_probes.items():
+    for word, probe in data.probes["test"].words.items():
         assert (probe.batch["input_ids"] == tok.mask_token_id).sum(1).eq(1).all()
         column = (probe.word_ids[None, :] == probe.target[:, None]).float().argmax(1)
         assert probe.true_ids[torch.arange(len(column)), column].all()  # the original word is true
         assert probe.true_ids.sum(1).ge(1).all()
     # A caption names one object of a colour, so its shape word is never in doubt; a colour may be.
-    assert data.word_probes["shape"].true_ids.sum(1).eq(1).all()
+    assert data.probes["test"].words["shape"].true_ids.sum(1).eq(1).all()
 
 
 def test_probes_and_a_short_run(model_data, book):
     name, data = model_data
     model, history, seconds = pretrain.train_pretraining(name, book, data, "smoke", progress=False)
     metrics = pretrain.grounding_metrics(model, data)
+    assert metrics == pretrain.grounding_metrics(model, data)  # the same pairs and masks every time
+    test = pretrain.grounding_metrics(model, data, "test", prefix="")
+    assert set(test) == {k.removeprefix("val_") for k in metrics} and test != {
+        k.removeprefix("val_"): v for k, v in metrics.items()
+    }
     assert set(metrics) >= {
         "val_itm_captions",
         "val_itm_descriptions",

@@ -65,7 +65,7 @@ class PretrainRecipe:
     lr: float
     warmup_steps: int
     eval_every: int
-    probe_images: int  # held-out (val) images whose texts the probes read during training
+    probe_images: int  # held-out images (of val, and of test) whose texts the probes read
     edits_per_text: int  # minimal edits kept per text (CaptionDataset(edits=...))
     hard_share: float  # of the ITM negatives, the share that are minimal edits of the text
 
@@ -219,13 +219,20 @@ class WordProbe:
 
 
 @dataclasses.dataclass
+class Probes:
+    """The held-out probes of one split: its first ``probe_images`` images' texts, read by :func:`grounding_metrics`."""
+
+    texts: dict[str, TensorBatches]  # "captions" / "descriptions", with their minimal edits
+    itm: dict[str, dict[str, Tensor]]  # text kind -> (own + false image) pairs and "labels"
+    words: dict[str, WordProbe]  # "colour" / "shape"
+
+
+@dataclasses.dataclass
 class PretrainData:
     """Training batches per text kind and held-out probes, on one device, standardised alike."""
 
     train: dict[str, TensorBatches]  # "captions" / "descriptions"
-    probe: dict[str, TensorBatches]  # the first probe_images val images' texts, with edits
-    itm_probe: dict[str, dict[str, Tensor]]  # text kind -> (own + false image) pairs and "labels"
-    word_probes: dict[str, WordProbe]  # "colour" / "shape"
+    probes: dict[str, Probes]  # "val" (curves during training) / "test" (the checkpoint's record)
     statistics: dict[str, tuple[Tensor, Tensor]]
     location_scale: float
 
@@ -317,6 +324,49 @@ def _word_probe(
     return WordProbe(word_ids, probe, positions, input_ids[rows, positions], true_ids)
 
 
+def _probes(
+    book: BookWorld,
+    split: str,
+    recipe: PretrainRecipe,
+    keys: tuple[str, ...],
+    device: torch.device,
+    statistics: dict[str, tuple[Tensor, Tensor]],
+) -> Probes:
+    scenes = book.scenes[split][: recipe.probe_images]
+    by_index = {s.index: s for s in scenes}
+    texts, itm_pairs, words = {}, {}, {}
+    owners, strings = {}, {}
+    for k, kind in enumerate(TEXT_KINDS):
+        held = CaptionDataset(
+            scenes,
+            book.features[split],
+            book.tokenizer,
+            max_length=MAX_TEXT_LEN,
+            text=kind,
+            judge=True,
+            edits=recipe.edits_per_text,
+        )
+        texts[kind] = TensorBatches(held, device=device, keys=keys)
+        texts[kind].standardise(statistics)
+        owners[kind] = [by_index[int(i)] for i in held.image_index]
+        strings[kind] = [
+            s.description if c < 0 else s.captions[c]
+            for s, c in zip(owners[kind], held.caption_index.tolist())
+        ]
+        itm_pairs[kind] = _itm_probe(
+            texts[kind], strings[kind], scenes, book.features[split], seed=k
+        )
+    for word, vocabulary in (("colour", book.world.colors), ("shape", book.world.shapes)):
+        words[word] = _word_probe(
+            texts["captions"],
+            owners["captions"],
+            strings["captions"],
+            list(vocabulary),
+            book.tokenizer,
+        )
+    return Probes(texts, itm_pairs, words)
+
+
 def pretrain_data(
     name: str, book: BookWorld, recipe: str, device: torch.device | str | None = None
 ) -> PretrainData:
@@ -326,70 +376,34 @@ def pretrain_data(
     and up to ``edits_per_text`` minimal edits (the hard negatives). Region
     features and locations are z-scored with the training images' statistics
     (:func:`_location_scale`). The probes read the texts of the first
-    ``probe_images`` validation images.
+    ``probe_images`` images of the validation split (curves during training)
+    and of the test split (what a checkpoint records).
     """
     _check_model(name)
     r = PRETRAIN_RECIPES[_recipe(recipe)]
     device = runtime.device() if device is None else torch.device(device)
-    tok = book.tokenizer
-    keys = _model_keys(name)
-    extra = ("text_facts", "image_objects", "edit_input_ids", "edit_kinds")
-    probe_scenes = book.scenes["val"][: r.probe_images]
-    train_sets, probe_sets, probe_texts, probe_owner = {}, {}, {}, {}
-    for kind in TEXT_KINDS:
-        dataset = CaptionDataset(
-            book.scenes["train"],
-            book.features["train"],
-            tok,
-            max_length=MAX_TEXT_LEN,
-            text=kind,
-            judge=True,
-            edits=r.edits_per_text,
+    keys = _model_keys(name) + ("text_facts", "image_objects", "edit_input_ids", "edit_kinds")
+    train_sets = {
+        kind: TensorBatches(
+            CaptionDataset(
+                book.scenes["train"],
+                book.features["train"],
+                book.tokenizer,
+                max_length=MAX_TEXT_LEN,
+                text=kind,
+                judge=True,
+                edits=r.edits_per_text,
+            ),
+            device=device,
+            keys=keys,
         )
-        train_sets[kind] = TensorBatches(dataset, device=device, keys=keys + extra)
-        held = CaptionDataset(
-            probe_scenes,
-            book.features["val"],
-            tok,
-            max_length=MAX_TEXT_LEN,
-            text=kind,
-            judge=True,
-            edits=r.edits_per_text,
-        )
-        probe_sets[kind] = TensorBatches(held, device=device, keys=keys + extra)
-        by_index = {s.index: s for s in probe_scenes}
-        probe_owner[kind] = [by_index[int(i)] for i in held.image_index]
-        probe_texts[kind] = [
-            s.description if c < 0 else s.captions[c]
-            for s, c in zip(probe_owner[kind], held.caption_index.tolist())
-        ]
+        for kind in TEXT_KINDS
+    }
     location_key, scale = _location_scale(name, book, recipe)
     statistics = train_sets["captions"].standardise(scale={location_key: scale})
-    for batches in (train_sets["descriptions"], *probe_sets.values()):
-        batches.standardise(statistics)
-    itm_probe = {
-        kind: _itm_probe(
-            probe_sets[kind], probe_texts[kind], probe_scenes, book.features["val"], seed=k
-        )
-        for k, kind in enumerate(TEXT_KINDS)
-    }
-    word_probes = {
-        "colour": _word_probe(
-            probe_sets["captions"],
-            probe_owner["captions"],
-            probe_texts["captions"],
-            list(book.world.colors),
-            tok,
-        ),
-        "shape": _word_probe(
-            probe_sets["captions"],
-            probe_owner["captions"],
-            probe_texts["captions"],
-            list(book.world.shapes),
-            tok,
-        ),
-    }
-    return PretrainData(train_sets, probe_sets, itm_probe, word_probes, statistics, scale)
+    train_sets["descriptions"].standardise(statistics)
+    probes = {split: _probes(book, split, r, keys, device, statistics) for split in ("val", "test")}
+    return PretrainData(train_sets, probes, statistics, scale)
 
 
 # ---------------------------------------------------------------------------
@@ -428,9 +442,11 @@ def _trim(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def grounding_metrics(
-    model: nn.Module, data: PretrainData, prefix: str = "val_"
+    model: nn.Module, data: PretrainData, split: str = "val", prefix: str | None = None
 ) -> dict[str, float]:
-    """The held-out probes of a pretraining model (chapters 5 and 6); every key starts with ``prefix``.
+    """The held-out probes of ``split`` for a pretraining model (chapters 5 and 6).
+
+    Every key starts with ``prefix`` (default ``"<split>_"``):
 
     * ``itm_<texts>``: ITM accuracy (the head's argmax) on the probe texts paired
       with their own image and with an image they are false of (chance 0.5);
@@ -443,13 +459,17 @@ def grounding_metrics(
       ``<colour|shape>_word_unique``: the share of masked words that only the
       original word makes true (what exact accuracy can reach at most, near).
     """
+    if split not in data.probes:
+        raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
+    probes = data.probes[split]
+    prefix = f"{split}_" if prefix is None else prefix
     scorer = _scorer(model)
     device = next(scorer.parameters()).device
     was_training = scorer.training
     scorer.eval()
     out: dict[str, float] = {}
     try:
-        for kind, probe in data.itm_probe.items():
+        for kind, probe in probes.itm.items():
             batch = {k: v.to(device) for k, v in probe.items() if k != "labels"}
             logits = _in_chunks(lambda b: scorer.itm_logits(_trim(b)), batch)
             out[f"{prefix}itm_{kind}"] = float(
@@ -457,7 +477,7 @@ def grounding_metrics(
             )
         wins: list[Tensor] = []
         kinds: list[Tensor] = []
-        for kind, batches in data.probe.items():
+        for kind, batches in probes.texts.items():
             pairs = itm.edit_pairs(
                 batches.__getitems__(list(range(len(batches)))), batches.pad_token_id
             )
@@ -471,7 +491,7 @@ def grounding_metrics(
         for k, name in enumerate(truth.EDIT_KINDS):
             if bool((kind_of == k).any()):
                 out[f"{prefix}edit_{name}"] = float(win[kind_of == k].mean())
-        for word, probe in data.word_probes.items():
+        for word, probe in probes.words.items():
             batch = {k: v.to(device) for k, v in probe.batch.items()}
             rows = torch.arange(len(probe.target))
             chunks = []
