@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         r = pretrain.PRETRAIN_RECIPES[args.recipe]
         train_changes["warmup_steps"] = min(r.warmup_steps, args.steps // 10)
+    commit = checkpoints.git_commit()  # the code loaded now is the code that trains
     data = pretrain.pretrain_data(args.model, book, args.recipe, "cpu")
     started = time.perf_counter()
     _, history, seconds = pretrain.train_pretraining(
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_tail": {
             k: v[-50:] for k, v in history["train"].items() if k in ("step", "task", "loss")
         },
-        "commit": checkpoints.git_commit(),
+        "commit": commit,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
     }
