@@ -108,3 +108,28 @@ def test_bad_names_are_refused(book):
         pretrain.task_mix("uniter", **{"itm@images": 1})
     with pytest.raises(ValueError, match="at least one task"):
         pretrain.task_mix("vilbert", **{"all@captions": 0, "all@descriptions": 0})
+
+
+def test_vqa_from_the_pretrained_encoder_and_from_scratch(model_data, book):
+    name, data = model_data
+    questions = pretrain.question_data(name, book, data, "smoke", "cpu")
+    assert len(questions.train["low"]) == round(0.1 * len(book.scenes["train"])) * 20
+    assert len(questions.test) == 20 * len(book.scenes["test"])
+    pretrained, _, _ = pretrain.train_pretraining(name, book, data, "smoke", progress=False)
+    start = pretrain.vqa_model(name, book, "smoke", pretrained)
+    encoder = start.encoder.state_dict()  # the encoder is copied, the heads are new
+    copied = pretrained.encoder.state_dict()
+    assert encoder.keys() == copied.keys() and len(encoder) > 10
+    assert all(torch.equal(encoder[k], copied[k]) for k in encoder)
+    model, history, _ = pretrain.finetune_vqa(
+        name, book, questions, "smoke", "low", pretrained, seed=1, progress=False
+    )
+    metrics = pretrain.evaluate_vqa_model(model, questions)
+    assert {"accuracy", "relational_accuracy", "non_relational_accuracy"} <= set(metrics)
+    scratch = pretrain.vqa_spec(name, book, "smoke", "low", None, 1)
+    warm = pretrain.vqa_spec(
+        name, book, "smoke", "low", pretrain.pretrain_spec(name, book, "smoke"), 1
+    )
+    assert scratch["start"] == "scratch" and warm["start"] != "scratch"
+    with pytest.raises(ValueError, match="labels must be one of"):
+        pretrain.vqa_spec(name, book, "smoke", "half", None, 0)

@@ -12,7 +12,9 @@ golden tests and ``scripts/trials/pretraining_grounding.py``:
 * :func:`task_mix` and :func:`pretraining_step` -- which loss each step trains, on which texts;
 * :func:`grounding_metrics` -- the held-out probes: ITM against false images, the text
   against each of its minimal edits, and masked colour and shape words;
-* :func:`train_pretraining` -- the whole run, resumable from a checkpoint directory.
+* :func:`train_pretraining` -- the whole run, resumable from a checkpoint directory;
+* :func:`question_data`, :func:`finetune_vqa` -- VQA with every label or with the questions
+  of a tenth of the images, from the pretrained encoder or from scratch.
 
 A task name is ``"<objective>@<texts>"``: ``"all@captions"`` is a ViLBERT step
 (its three losses summed) on a batch of captions, ``"itm@descriptions"`` a
@@ -28,12 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from fusionlib import itm, runtime
-from fusionlib.checkpoints import recipe_rank
+from fusionlib.checkpoints import fingerprint, recipe_rank
 from fusionlib.data import truth
-from fusionlib.data.datasets import CaptionDataset, TensorBatches, make_tensor_loader
+from fusionlib.data.datasets import (
+    CaptionDataset,
+    QuestionDataset,
+    TensorBatches,
+    make_tensor_loader,
+)
 from fusionlib.experiments.world import BookWorld
 from fusionlib.models import uniter, vilbert
-from fusionlib.models.vl_base import VisionLanguagePretraining
+from fusionlib.metrics import evaluate_vqa
+from fusionlib.models.vl_base import VisionLanguagePretraining, vqa_step
 from fusionlib.train import _RESULT_FIELDS, TrainConfig, train
 
 __all__ = [
@@ -49,6 +57,14 @@ __all__ = [
     "grounding_metrics",
     "pretrain_spec",
     "train_pretraining",
+    "LABEL_SETTINGS",
+    "VQA_RECIPES",
+    "QuestionData",
+    "question_data",
+    "vqa_model",
+    "vqa_spec",
+    "finetune_vqa",
+    "evaluate_vqa_model",
 ]
 
 MODELS = ("vilbert", "uniter")
@@ -614,3 +630,182 @@ def train_pretraining(
         resume=checkpoint_dir is not None,
     )
     return model.eval(), history.to_dict(), history.seconds
+
+
+# ---------------------------------------------------------------------------
+# Downstream: VQA from a pretrained encoder or from scratch
+# ---------------------------------------------------------------------------
+
+LABEL_SETTINGS = (
+    "all",
+    "low",
+)  # every training question, or those of the first tenth of the images
+LOW_LABEL_SHARE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class VQARecipe:
+    """Fine-tuning length per label setting; the same for a pretrained and a fresh encoder."""
+
+    steps: dict[str, int]  # label setting -> steps
+    batch_size: int
+    lr: float
+    eval_every: int
+    val_images: int  # validation curves on the first val images (cheaper on a CPU)
+
+
+VQA_RECIPES = {
+    "smoke": VQARecipe(
+        steps={"all": 20, "low": 20}, batch_size=32, lr=1e-3, eval_every=10, val_images=20
+    ),
+    "small": VQARecipe(
+        steps={"all": 1000, "low": 400}, batch_size=128, lr=1e-3, eval_every=250, val_images=100
+    ),
+    "full": VQARecipe(
+        steps={"all": 3000, "low": 600}, batch_size=256, lr=1e-3, eval_every=500, val_images=200
+    ),
+}
+
+
+@dataclasses.dataclass
+class QuestionData:
+    """The world's questions for a model, standardised with its pretraining data's statistics."""
+
+    train: dict[str, TensorBatches]  # label setting -> training questions
+    val: TensorBatches
+    test: TensorBatches
+
+
+def question_data(
+    name: str,
+    book: BookWorld,
+    data: PretrainData,
+    recipe: str,
+    device: torch.device | str | None = None,
+) -> QuestionData:
+    """VQA questions for model ``name``, z-scored exactly as its pretraining captions (``data.statistics``).
+
+    ``"low"`` keeps the questions of the first tenth of the training images:
+    fewer images, not fewer questions per image, as when labels are scarce.
+    """
+    _check_model(name)
+    r = VQA_RECIPES[_recipe(recipe)]
+    device = runtime.device() if device is None else torch.device(device)
+    location = "region_loc5" if name == "vilbert" else "region_loc7"
+    keys = ("input_ids", "region_feats", "region_mask", location, "answer", "family", "relational")
+    keys += ("image_feats",) if name == "vilbert" else ()
+    train_scenes = book.scenes["train"]
+    low = train_scenes[: max(1, round(LOW_LABEL_SHARE * len(train_scenes)))]
+
+    def batches(scenes: list, split: str) -> TensorBatches:
+        questions = QuestionDataset(scenes, book.features[split], book.tokenizer, book.answers)
+        out = TensorBatches(questions, device=device, keys=keys)
+        out.standardise({k: v for k, v in data.statistics.items() if k in keys})
+        return out
+
+    return QuestionData(
+        train={"all": batches(train_scenes, "train"), "low": batches(low, "train")},
+        val=batches(book.scenes["val"][: r.val_images], "val"),
+        test=batches(book.scenes["test"], "test"),
+    )
+
+
+def vqa_model(
+    name: str, book: BookWorld, recipe: str, pretrained: nn.Module | None = None
+) -> nn.Module:
+    """A VQA model of the book: the pretrained encoder with a fresh answer head, or all fresh (``None``).
+
+    Both read the mean of the words' outputs (``vqa_pooling="mean"``,
+    chapter 5, section 5.6), so a fresh model and a pretrained one differ in
+    their starting weights only.
+    """
+    _check_model(name)
+    answers = len(book.answers)
+    task = vilbert.ViLBERTForVQA if name == "vilbert" else uniter.UniterForVQA
+    if pretrained is not None:
+        return task.from_encoder(pretrained, num_answers=answers)
+    return task(pretrain_config(name, book, recipe, num_answers=answers))
+
+
+def vqa_spec(
+    name: str, book: BookWorld, recipe: str, labels: str, start: Mapping[str, Any] | None, seed: int
+) -> dict[str, Any]:
+    """What a fine-tuned VQA model depends on; ``start`` is the pretrained checkpoint's spec (None: scratch)."""
+    if labels not in LABEL_SETTINGS:
+        raise ValueError(f"labels must be one of {LABEL_SETTINGS}, got {labels!r}")
+    r = VQA_RECIPES[_recipe(recipe)]
+    return {
+        "model": f"{name}_vqa",
+        "model_config": pretrain_config(
+            name, book, recipe, num_answers=len(book.answers)
+        ).to_dict(),
+        "data": book.data_spec(),
+        "labels": labels,
+        "low_label_share": LOW_LABEL_SHARE if labels == "low" else 1.0,
+        "train": {
+            "steps": r.steps[labels],
+            "batch_size": r.batch_size,
+            "lr": r.lr,
+            "seed": seed,
+            "optimizer": "AdamW (0.9, 0.98), 10% warm-up, cosine, clip 5",
+        },
+        "batch_size": r.batch_size,
+        "start": "scratch" if start is None else fingerprint(dict(start)),
+    }
+
+
+def finetune_vqa(
+    name: str,
+    book: BookWorld,
+    questions: QuestionData,
+    recipe: str,
+    labels: str,
+    pretrained: nn.Module | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any], float]:
+    """Fine-tune a VQA model on ``labels`` (``"all"`` or ``"low"``); ``(model, history dict, seconds)``.
+
+    UNITER's fine-tuning settings for both models: AdamW with betas
+    (0.9, 0.98), 10% warm-up then cosine decay, gradient clipping at 5, fp32.
+    The head (and, from scratch, the whole model) is drawn right after
+    ``torch.manual_seed(seed)``; batches are shuffled with ``seed``.
+    """
+    r = VQA_RECIPES[_recipe(recipe)]
+    if labels not in LABEL_SETTINGS:
+        raise ValueError(f"labels must be one of {LABEL_SETTINGS}, got {labels!r}")
+    device = runtime.device() if device is None else torch.device(device)
+    torch.manual_seed(seed)
+    model = vqa_model(name, book, recipe, pretrained)
+    steps = r.steps[labels]
+    config = TrainConfig(
+        steps=steps,
+        lr=r.lr,
+        warmup_steps=steps // 10,
+        betas=(0.9, 0.98),
+        grad_clip=5.0,
+        eval_every=r.eval_every,
+        log_every=25,
+        seed=seed,
+        amp=False,
+        checkpoint_dir=checkpoint_dir,
+    )
+    val_loader = make_tensor_loader(questions.val, 1000, shuffle=False)
+    history = train(
+        model,
+        make_tensor_loader(questions.train[labels], r.batch_size, seed=seed, drop_last=True),
+        config,
+        vqa_step,
+        eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"),
+        device=device,
+        progress=progress,
+        resume=checkpoint_dir is not None,
+    )
+    return model.eval(), history.to_dict(), history.seconds
+
+
+def evaluate_vqa_model(model: nn.Module, questions: QuestionData) -> dict[str, float]:
+    """Test accuracy overall, relational, non-relational and per question family (4,000 questions)."""
+    return evaluate_vqa(model, make_tensor_loader(questions.test, 1000, shuffle=False))
