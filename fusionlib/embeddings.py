@@ -38,12 +38,14 @@ the attention directly by :mod:`fusionlib.geometry`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 from fusionlib.layers import LAYER_NORM_EPS
 
-__all__ = ["TextEmbeddings", "RegionEmbeddings", "UniterImageEmbeddings"]
+__all__ = ["TextEmbeddings", "RegionEmbeddings", "UniterImageEmbeddings", "location_scale"]
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -360,3 +362,32 @@ class UniterImageEmbeddings(nn.Module):
         image = self.img_layer_norm(self.img_linear(region_feats))
         location = self.pos_layer_norm(self.pos_linear(region_loc.to(region_feats.dtype)))
         return self.dropout(self.norm(image + location + type_embeddings))
+
+
+def location_scale(
+    build: Callable[[], RegionEmbeddings], seed: int = 0, samples: int = 4096
+) -> tuple[float, float, float]:
+    """``(feature part, location part, scale)``: how far unit-variance inputs move a fresh region embedding.
+
+    At initialisation a region's 64 feature dimensions move its embedding far
+    more than its 5 location numbers do, so the locations are standardised to
+    a larger spread, ``scale`` = feature part / location part rounded to 0.1
+    (chapter 3, section 3.3; chapter 5 for ViLBERT). ``build`` returns the
+    :class:`RegionEmbeddings` of a model built right after
+    ``torch.manual_seed(seed)``; the unit inputs are drawn right after it. The
+    global random state is restored.
+    """
+    generator_state = torch.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        embeddings = build()
+        with torch.no_grad():
+            unit = (
+                torch.randn(samples, 1, embeddings.feature_dim),
+                torch.randn(samples, 1, embeddings.location_dim),
+            )
+            feature_part = embeddings.feature_proj(unit[0]).std(dim=0).mean().item()
+            location_part = embeddings.location_proj(unit[1]).std(dim=0).mean().item()
+    finally:
+        torch.set_rng_state(generator_state)
+    return feature_part, location_part, round(feature_part / location_part, 1)

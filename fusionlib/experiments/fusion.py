@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusionlib import runtime
+from fusionlib import embeddings, runtime
 from fusionlib.checkpoints import recipe_rank
 from fusionlib.data.datasets import QuestionDataset, TensorBatches, make_tensor_loader
 from fusionlib.experiments.world import BookWorld
@@ -150,20 +150,9 @@ def location_scale(config: VQAConfig, seed: int = 0) -> tuple[float, float, floa
     a larger spread, ``scale`` = feature part / location part rounded to 0.1
     (section 3.3). Measured on the cross-attention model built with ``seed``.
     """
-    generator_state = torch.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        embeddings = build_model("cross_attention", config).regions.embeddings
-        with torch.no_grad():  # drawn right after the model, as chapter 3 first measured it
-            unit = (
-                torch.randn(4096, 1, config.region_dim),
-                torch.randn(4096, 1, config.location_dim),
-            )
-            feature_part = embeddings.feature_proj(unit[0]).std(dim=0).mean().item()
-            location_part = embeddings.location_proj(unit[1]).std(dim=0).mean().item()
-    finally:
-        torch.set_rng_state(generator_state)
-    return feature_part, location_part, round(feature_part / location_part, 1)
+    return embeddings.location_scale(
+        lambda: build_model("cross_attention", config).regions.embeddings, seed
+    )
 
 
 @dataclasses.dataclass

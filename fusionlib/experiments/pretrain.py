@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from fusionlib import itm, runtime
+from fusionlib import embeddings, itm, runtime
 from fusionlib.checkpoints import fingerprint, recipe_rank
 from fusionlib.data import truth
 from fusionlib.data.datasets import (
@@ -38,10 +38,11 @@ from fusionlib.data.datasets import (
     TensorBatches,
     make_tensor_loader,
 )
+from fusionlib.experiments import uniter as book_uniter
 from fusionlib.experiments.world import BookWorld
 from fusionlib.models import uniter, vilbert
 from fusionlib.metrics import evaluate_vqa
-from fusionlib.models.vl_base import VisionLanguagePretraining, vqa_step
+from fusionlib.models.vl_base import pretraining_model
 from fusionlib.train import _RESULT_FIELDS, TrainConfig, train
 
 __all__ = [
@@ -168,7 +169,7 @@ def pretrain_config(
         mrc_background_class=classes - 1,
         **changes,
     )
-    return uniter.UniterConfig.small(len(book.tokenizer), classes, **fields)
+    return book_uniter.uniter_config(len(book.tokenizer), classes, **fields)
 
 
 def _recipe(recipe: str) -> str:
@@ -274,16 +275,10 @@ def _location_scale(name: str, book: BookWorld, recipe: str) -> tuple[str, float
     if name == "uniter":
         return "region_loc7", 1.0
     config = pretrain_config(name, book, recipe)
-    state = torch.get_rng_state()
-    try:
-        torch.manual_seed(0)
-        embeddings = vilbert.ViLBERTForPretraining(config).vilbert.region_embeddings
-        with torch.no_grad():
-            feature = embeddings.feature_proj(torch.randn(4096, config.region_dim)).std(0).mean()
-            location = embeddings.location_proj(torch.randn(4096, 5)).std(0).mean()
-    finally:
-        torch.set_rng_state(state)
-    return "region_loc5", round(float(feature / location), 1)
+    scale = embeddings.location_scale(
+        lambda: vilbert.ViLBERTForPretraining(config).vilbert.region_embeddings
+    )[2]
+    return "region_loc5", scale
 
 
 def _itm_probe(
@@ -430,23 +425,9 @@ def pretrain_data(
 # ---------------------------------------------------------------------------
 
 
-def _scorer(model: nn.Module) -> VisionLanguagePretraining:
-    scorer = getattr(model, "_orig_mod", model)
-    if not isinstance(scorer, VisionLanguagePretraining):
-        raise TypeError(
-            f"model must be a ViLBERTForPretraining or UniterForPretraining, got {type(scorer).__name__}"
-        )
-    return scorer
-
-
-def _in_chunks(fn, batch: Mapping[str, Tensor], size: int = 512) -> Tensor:
-    n = batch["input_ids"].shape[0]
-    return torch.cat(
-        [
-            fn({k: v[i : i + size] for k, v in batch.items()}).float().cpu()
-            for i in range(0, n, size)
-        ]
-    )
+def _itm_log_odds(scorer: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    logits = scorer.itm_logits(_trim(batch))  # (b, 2)
+    return logits[:, 1] - logits[:, 0]
 
 
 def _trim(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -482,7 +463,7 @@ def grounding_metrics(
         raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
     probes = data.probes[split]
     prefix = f"{split}_" if prefix is None else prefix
-    scorer = _scorer(model)
+    scorer = pretraining_model(model, "the probes read its ITM and MLM heads")
     device = next(scorer.parameters()).device
     was_training = scorer.training
     scorer.eval()
@@ -490,26 +471,27 @@ def grounding_metrics(
     try:
         for kind, probe in probes.itm.items():
             batch = {k: v.to(device) for k, v in probe.items() if k != "labels"}
-            logits = _in_chunks(lambda b: scorer.itm_logits(_trim(b)), batch)
+            # The head's argmax says "match" where logit 1 beats logit 0 (a tie picks 0, "no match").
+            log_odds = itm.score_pairs(lambda b: _itm_log_odds(scorer, b), batch)
             out[f"{prefix}itm_{kind}"] = float(
-                (logits.argmax(-1) == probe["labels"]).float().mean()
+                ((log_odds > 0).long() == probe["labels"]).float().mean()
             )
-        wins: list[Tensor] = []
-        kinds: list[Tensor] = []
-        for kind, batches in probes.texts.items():
+        scores, edited, owners, kinds, offset = [], [], [], [], 0
+        for batches in probes.texts.values():
             pairs = itm.edit_pairs(
                 batches.__getitems__(list(range(len(batches)))), batches.pad_token_id
             )
-            own = _in_chunks(lambda b: scorer.retrieval_score(_trim(b)), pairs.matched)
-            edited = _in_chunks(lambda b: scorer.retrieval_score(_trim(b)), pairs.edited)
-            mine = own[pairs.owner]
-            wins.append((mine > edited).float() + 0.5 * (mine == edited).float())
+            scores.append(
+                itm.score_pairs(lambda b: scorer.retrieval_score(_trim(b)), pairs.matched)
+            )
+            edited.append(itm.score_pairs(lambda b: scorer.retrieval_score(_trim(b)), pairs.edited))
+            owners.append(pairs.owner + offset)
             kinds.append(pairs.kind)
-        win, kind_of = torch.cat(wins), torch.cat(kinds)
-        out[f"{prefix}edit_all"] = float(win.mean())
-        for k, name in enumerate(truth.EDIT_KINDS):
-            if bool((kind_of == k).any()):
-                out[f"{prefix}edit_{name}"] = float(win[kind_of == k].mean())
+            offset += len(scores[-1])
+        # Captions and descriptions as one set of (text, edit) pairs, scored by chapter 4's rule.
+        both = itm.EditPairs({}, {}, torch.cat(owners), torch.cat(kinds))
+        won = itm.edit_accuracy(torch.cat(scores), torch.cat(edited), both)
+        out.update({f"{prefix}edit_{k}": v for k, v in won.items() if not k.startswith("n_")})
         for word, probe in probes.words.items():
             batch = {k: v.to(device) for k, v in probe.batch.items()}
             rows = torch.arange(len(probe.target))
@@ -782,29 +764,19 @@ def finetune_vqa(
     device = runtime.device() if device is None else torch.device(device)
     torch.manual_seed(seed)
     model = vqa_model(name, book, recipe, pretrained)
-    steps = r.steps[labels]
-    config = TrainConfig(
-        steps=steps,
-        lr=r.lr,
-        warmup_steps=steps // 10,
-        betas=(0.9, 0.98),
-        grad_clip=5.0,
-        eval_every=r.eval_every,
-        log_every=25,
-        seed=seed,
-        amp=False,
-        checkpoint_dir=checkpoint_dir,
-    )
     val_loader = make_tensor_loader(questions.val, 1000, shuffle=False)
-    history = train(
+    _, history = book_uniter.finetune_vqa(
         model,
-        make_tensor_loader(questions.train[labels], r.batch_size, seed=seed, drop_last=True),
-        config,
-        vqa_step,
-        eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"),
+        questions.train[labels],
+        r.steps[labels],
+        lr=r.lr,
+        batch_size=r.batch_size,
+        seed=seed,
         device=device,
         progress=progress,
-        resume=checkpoint_dir is not None,
+        eval_fn=lambda m: evaluate_vqa(m, val_loader, prefix="val_"),
+        eval_every=r.eval_every,
+        checkpoint_dir=checkpoint_dir,
     )
     return model.eval(), history.to_dict(), history.seconds
 

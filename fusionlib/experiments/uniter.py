@@ -50,11 +50,16 @@ def finetune_vqa(
     step_fn: Callable[..., Mapping[str, Tensor]] = vqa_step,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    eval_every: int | None = None,
+    checkpoint_dir: str | None = None,
 ) -> tuple[dict[str, float] | None, History]:
-    """Fine-tune ``model`` on ``data`` for ``steps`` steps (chapter 6); ``(evaluate(model) or None, history)``.
+    """Fine-tune ``model`` on ``data`` for ``steps`` steps (chapters 5, 6); ``(evaluate(model) or None, history)``.
 
     UNITER's settings: AdamW with betas (0.9, 0.98), 10% warm-up, gradient
-    clipping at 5, fp32; full batches only.
+    clipping at 5, fp32; full batches only. ``eval_fn`` runs every
+    ``eval_every`` steps (validation curves); with ``checkpoint_dir`` the run
+    saves as it goes and resumes from there.
     """
     config = TrainConfig(
         steps=steps,
@@ -62,11 +67,22 @@ def finetune_vqa(
         warmup_steps=steps // 10,
         betas=(0.9, 0.98),
         grad_clip=5.0,
+        eval_every=eval_every,
         seed=seed,
         amp=False,
+        checkpoint_dir=checkpoint_dir,
     )
     loader = make_tensor_loader(data, batch_size, seed=seed, drop_last=True)
-    history = train(model, loader, config, step_fn, device=device, progress=progress)
+    history = train(
+        model,
+        loader,
+        config,
+        step_fn,
+        eval_fn=eval_fn,
+        device=device,
+        progress=progress,
+        resume=checkpoint_dir is not None,
+    )
     return (evaluate(model) if evaluate is not None else None), history
 
 

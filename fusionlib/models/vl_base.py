@@ -503,7 +503,7 @@ def vqa_step(
     return {"loss": loss, "accuracy": (logits.detach().argmax(dim=-1) == answer).float().mean()}
 
 
-def _pretraining_model(model: nn.Module, what: str) -> VisionLanguagePretraining:
+def pretraining_model(model: nn.Module, what: str) -> VisionLanguagePretraining:
     scorer = getattr(model, "_orig_mod", model)
     if not isinstance(scorer, VisionLanguagePretraining):
         raise TypeError(
@@ -534,7 +534,7 @@ def pair_scores(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    scorer = _pretraining_model(model, "its ITM head scores pairs")
+    scorer = pretraining_model(model, "its ITM head scores pairs")
     image_keys, text_keys = scorer.image_keys, ("input_ids", "attention_mask")
     for name, d, keys in (("images", images, image_keys), ("texts", texts, text_keys)):
         for key in keys:
@@ -576,7 +576,7 @@ def masked_word_accuracy(
 
     Returns the share of masked positions whose most likely word is the original one.
     """
-    model = _pretraining_model(model, "it has the MLM head")
+    model = pretraining_model(model, "it has the MLM head")
     config = model.config
     words = torch.as_tensor(word_ids).flatten()
     if words.numel() == 0 or words.is_floating_point() or words.dtype == torch.bool:
