@@ -58,6 +58,13 @@ def test_word_probes_mask_one_word_that_makes_its_caption_true(model_data, book)
         assert probe.true_ids.sum(1).ge(1).all()
     # A caption names one object of a colour, so its shape word is never in doubt; a colour may be.
     assert data.probes["test"].words["shape"].true_ids.sum(1).eq(1).all()
+    # A place word's opposite ("left" for "right", "below" for "above") always makes it false.
+    place = data.probes["test"].words["place"]
+    assert len(place.target) > 0
+    words = list(pretrain.PLACE_WORDS)
+    opposite = torch.tensor([words.index(w) ^ 1 for w in words])  # pairs: (left, right), ...
+    column = (place.word_ids[None, :] == place.target[:, None]).float().argmax(1)
+    assert not place.true_ids[torch.arange(len(column)), opposite[column]].any()
 
 
 def test_probes_and_a_short_run(model_data, book):
@@ -76,6 +83,8 @@ def test_probes_and_a_short_run(model_data, book):
         "val_colour_word",
         "val_colour_word_true",
         "val_shape_word",
+        "val_place_word",
+        "val_place_word_true",
     }
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["val_colour_word_true"] >= 0.0 and seconds > 0

@@ -47,6 +47,7 @@ from fusionlib.train import _RESULT_FIELDS, TrainConfig, train
 
 __all__ = [
     "MODELS",
+    "PLACE_WORDS",
     "TEXT_KINDS",
     "PretrainRecipe",
     "PRETRAIN_RECIPES",
@@ -74,6 +75,9 @@ __all__ = [
 MODELS = ("vilbert", "uniter")
 TEXT_KINDS = ("captions", "descriptions")
 MAX_TEXT_LEN = 80  # descriptions run to about 60 tokens, their minimal edits a few more
+# The words of the captions that name a place: a relation ("left of", "above") or a quadrant
+# ("top left"). Predicting one masked needs the geometry of the regions the caption names.
+PLACE_WORDS = ("left", "right", "top", "bottom", "above", "below")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +248,7 @@ class Probes:
 
     texts: dict[str, TensorBatches]  # "captions" / "descriptions", with their minimal edits
     itm: dict[str, dict[str, Tensor]]  # text kind -> (own + false image) pairs and "labels"
-    words: dict[str, WordProbe]  # "colour" / "shape"
+    words: dict[str, WordProbe]  # "colour" / "shape" / "place"
 
 
 @dataclasses.dataclass
@@ -370,7 +374,11 @@ def _probes(
         itm_pairs[kind] = _itm_probe(
             texts[kind], strings[kind], scenes, book.features[split], seed=k
         )
-    for word, vocabulary in (("colour", book.world.colors), ("shape", book.world.shapes)):
+    for word, vocabulary in (
+        ("colour", book.world.colors),
+        ("shape", book.world.shapes),
+        ("place", PLACE_WORDS),
+    ):
         words[word] = _word_probe(
             texts["captions"],
             owners["captions"],
@@ -452,12 +460,13 @@ def grounding_metrics(
       with their own image and with an image they are false of (chance 0.5);
     * ``edit_<kind>``: how often the ITM score of a text beats that of its
       minimal edit of that kind on the same image (chance 0.5), and ``edit_all``;
-    * ``<colour|shape>_word``: MLM accuracy with one colour (shape) word of a
-      caption masked, the rest intact; ``<colour|shape>_word_true``: the share
-      whose predicted word makes the caption true of the image (the truth
-      judge: a relation may hold for more than one colour), and
-      ``<colour|shape>_word_unique``: the share of masked words that only the
-      original word makes true (what exact accuracy can reach at most, near).
+    * ``<colour|shape|place>_word``: MLM accuracy with one colour (shape, or
+      place: :data:`PLACE_WORDS`) word of a caption masked, the rest intact;
+      ``<...>_word_true``: the share whose predicted word makes the caption
+      true of the image (the truth judge: a relation may hold for more than
+      one colour), and ``<...>_word_unique``: the share of masked words that
+      only the original word makes true (what exact accuracy can reach at
+      most, near). A place word can be read only from the regions' geometry.
     """
     if split not in data.probes:
         raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
