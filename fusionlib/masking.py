@@ -14,6 +14,12 @@ What the papers and their public code do:
   other intact, so the model must recover a word from the whole image (or a
   region from the whole sentence). The paper's ablation compares it with
   joint random masking, which masks both at once.
+* **Grounded words** (Bitton et al., 2021, "Data Efficient Masked Language
+  Modeling for Vision and Language"): at 15% most masked tokens are words
+  the text alone predicts ("the", "is", "of"), so the image is barely
+  used. ``grounded_ids`` / ``grounded_probability`` choose the words only the
+  image can decide (in the book's world: colours, shapes, places) at a
+  chance of their own. Chapter 5 measures what it changes.
 
 Every random choice takes a ``torch.Generator`` so that a run can be replayed.
 Boolean masks are True where a position is real / allowed (the PyTorch SDPA
@@ -127,6 +133,52 @@ class MaskedTokens(NamedTuple):
     )
 
 
+def check_grounded_words(
+    grounded_ids: Sequence[int], grounded_probability: float | None, vocab_size: int
+) -> tuple[int, ...]:
+    """``grounded_ids`` as a tuple, or a ``ValueError`` naming what is wrong (model configs call it too).
+
+    No ids and no probability is BERT's rule; ids need a probability in (0, 1]
+    and a probability needs ids.
+    """
+    if isinstance(grounded_ids, (str, bytes)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in grounded_ids
+    ):
+        raise ValueError(
+            f"grounded_ids must be int token ids in [0, vocab_size={vocab_size}), got {grounded_ids!r}"
+        )
+    if not grounded_ids:
+        if grounded_probability is not None:
+            raise ValueError(
+                f"grounded_probability={grounded_probability} needs grounded_ids (which words), got none"
+            )
+        return ()
+    if grounded_probability is None:
+        raise ValueError("grounded_ids need grounded_probability (their chance), got None")
+    _check_probability("grounded_probability", grounded_probability)
+    return tuple(grounded_ids)
+
+
+def _token_chances(
+    input_ids: Tensor,
+    probability: float,
+    grounded_ids: tuple[int, ...],
+    grounded_probability: float | None,
+) -> float | Tensor:
+    """``probability``, or ``(batch, seq)`` chances with ``grounded_probability`` at ``grounded_ids``."""
+    if not grounded_ids:
+        return probability
+    device = input_ids.device
+    grounded = torch.isin(
+        input_ids, torch.tensor(grounded_ids, dtype=input_ids.dtype, device=device)
+    )
+    return torch.where(
+        grounded,
+        torch.tensor(grounded_probability, device=device),
+        torch.tensor(probability, device=device),
+    )
+
+
 def mask_tokens(
     input_ids: Tensor,
     maskable: Tensor,
@@ -138,6 +190,8 @@ def mask_tokens(
     probability: float = 0.15,
     mask_fraction: float = 0.8,
     random_fraction: float = 0.1,
+    grounded_ids: Sequence[int] = (),
+    grounded_probability: float | None = None,
 ) -> MaskedTokens:
     """BERT masking (chapter 4): choose ``probability`` of the maskable tokens, then
     80% -> ``[MASK]``, 10% -> a random token, 10% unchanged.
@@ -161,6 +215,9 @@ def mask_tokens(
         probability: the fraction of maskable tokens chosen (0.15).
         mask_fraction, random_fraction: of the chosen, the share made ``[MASK]`` (0.8)
             and the share made a random token (0.1); the rest stay unchanged.
+        grounded_ids: token ids chosen with ``grounded_probability`` instead of
+            ``probability`` (the words the image decides; empty: BERT's rule).
+        grounded_probability: their chance, required with ``grounded_ids``.
 
     Returns:
         :class:`MaskedTokens` ``(inputs, labels)``, both ``(batch, seq)`` long; ``labels`` holds
@@ -188,6 +245,8 @@ def mask_tokens(
             f"input_ids must lie in [0, vocab_size={vocab_size}), got min {int(input_ids.min())}, "
             f"max {int(input_ids.max())}"
         )
+    grounded_ids = check_grounded_words(grounded_ids, grounded_probability, vocab_size)
+    chance = _token_chances(input_ids, probability, grounded_ids, grounded_probability)
     excluded = torch.tensor(sorted({*special_ids, mask_token_id}), dtype=torch.long)
     candidates = torch.arange(vocab_size)[~torch.isin(torch.arange(vocab_size), excluded)]
     if candidates.numel() == 0 and random_fraction > 0:
@@ -196,7 +255,7 @@ def mask_tokens(
         )
 
     device = input_ids.device
-    chosen = (_uniform(input_ids.shape, generator, device) < probability) & maskable
+    chosen = (_uniform(input_ids.shape, generator, device) < chance) & maskable
     chosen = _force_one(chosen, maskable, generator)
 
     # One draw decides the fate of each chosen token: [0, 0.8) mask, [0.8, 0.9) random, rest kept.
@@ -324,6 +383,8 @@ def _mask_both(
     special_ids: Sequence[int],
     probability: float,
     zero_fraction: float,
+    grounded_ids: Sequence[int] = (),
+    grounded_probability: float | None = None,
 ) -> tuple[MaskedTokens, RegionMasking]:
     _check_tensor("region_mask", region_mask, ndim=2, dtype=torch.bool)
     _check_tensor("input_ids", input_ids, ndim=2)
@@ -339,6 +400,8 @@ def _mask_both(
         generator=generator,
         special_ids=special_ids,
         probability=probability,
+        grounded_ids=grounded_ids,
+        grounded_probability=grounded_probability,
     )
     regions = mask_regions(
         region_mask, generator, probability=probability, zero_fraction=zero_fraction
@@ -373,6 +436,8 @@ def conditional_masking(
     probability: float = 0.15,
     zero_fraction: float = 1.0,
     text_probability: float = 0.5,
+    grounded_ids: Sequence[int] = (),
+    grounded_probability: float | None = None,
 ) -> MultimodalMasking:
     """UNITER's conditional masking: per sample, mask exactly one modality and keep the other intact.
 
@@ -391,7 +456,8 @@ def conditional_masking(
         input_ids: ``(batch, seq)`` long token ids.
         maskable: ``(batch, seq)`` bool, see :func:`maskable_tokens`.
         region_mask: ``(batch, regions)`` bool, True for real regions.
-        mask_token_id, vocab_size, special_ids, probability: as in :func:`mask_tokens`.
+        mask_token_id, vocab_size, special_ids, probability, grounded_ids,
+            grounded_probability: as in :func:`mask_tokens` (``probability`` also for regions).
         generator: the ``torch.Generator`` for every draw.
         zero_fraction: as in :func:`mask_regions`.
         text_probability: the chance that a sample's text (not its image) is masked.
@@ -411,6 +477,8 @@ def conditional_masking(
         special_ids=special_ids,
         probability=probability,
         zero_fraction=zero_fraction,
+        grounded_ids=grounded_ids,
+        grounded_probability=grounded_probability,
     )
     has_text, has_image = maskable.any(dim=1), region_mask.any(dim=1)
     coin = _uniform((input_ids.shape[0],), generator, input_ids.device) < text_probability
@@ -430,6 +498,8 @@ def joint_masking(
     special_ids: Sequence[int] = (),
     probability: float = 0.15,
     zero_fraction: float = 1.0,
+    grounded_ids: Sequence[int] = (),
+    grounded_probability: float | None = None,
 ) -> MultimodalMasking:
     """Joint random masking, the alternative in UNITER's ablation: text and regions are
     masked independently in the same sample, so a masked word may have lost the very
@@ -444,5 +514,7 @@ def joint_masking(
         special_ids=special_ids,
         probability=probability,
         zero_fraction=zero_fraction,
+        grounded_ids=grounded_ids,
+        grounded_probability=grounded_probability,
     )
     return _restrict(input_ids, tokens, regions, maskable.any(dim=1), region_mask.any(dim=1))

@@ -205,6 +205,77 @@ def test_mask_tokens_rejects_bad_arguments():
         mask_tokens(ids, maskable, **{**kw, "generator": 0})
 
 
+def test_grounded_words_are_chosen_at_their_own_rate():
+    # Ids 5..104 (a tenth of the words) are "grounded": chosen at 0.5, the rest at 0.15.
+    ids, attention = make_batch(batch=4000, max_len=100, min_len=60, seed=2)
+    maskable = maskable_tokens(ids, attention, SPECIAL)
+    grounded_ids = tuple(range(5, 105))
+    kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_ids=SPECIAL)
+    _, labels = mask_tokens(
+        ids,
+        maskable,
+        generator=torch.Generator().manual_seed(3),
+        grounded_ids=grounded_ids,
+        grounded_probability=0.5,
+        **kw,
+    )
+    chosen = labels != IGNORE_INDEX
+    grounded = torch.isin(ids, torch.tensor(grounded_ids)) & maskable
+    for where, p, name in ((grounded, 0.5, "grounded"), (maskable & ~grounded, 0.15, "other")):
+        n = where.sum().item()
+        # Rows of 60+ words: the "at least one" rule almost never fires (P < 0.85^60 = 6e-5).
+        within(chosen[where].sum().item(), n * p, math.sqrt(n * p * (1 - p)), name)
+    # Naming the words at the ordinary chance changes nothing: the same draws, the same masks.
+    plain = mask_tokens(ids, maskable, generator=torch.Generator().manual_seed(3), **kw)
+    same = mask_tokens(
+        ids,
+        maskable,
+        generator=torch.Generator().manual_seed(3),
+        grounded_ids=grounded_ids,
+        grounded_probability=0.15,
+        **kw,
+    )
+    assert torch.equal(plain.inputs, same.inputs) and torch.equal(plain.labels, same.labels)
+
+
+def test_grounded_words_reach_conditional_and_joint_masking():
+    ids, attention = make_batch(batch=2000, max_len=20, min_len=10, seed=4)
+    maskable = maskable_tokens(ids, attention, SPECIAL)
+    regions = torch.ones(2000, 6, dtype=torch.bool)
+    grounded_ids = tuple(range(5, 105))
+    grounded = torch.isin(ids, torch.tensor(grounded_ids)) & maskable
+    for fn in (conditional_masking, joint_masking):
+        m = fn(
+            ids,
+            maskable,
+            regions,
+            mask_token_id=MASK,
+            vocab_size=VOCAB,
+            generator=torch.Generator().manual_seed(5),
+            special_ids=SPECIAL,
+            grounded_ids=grounded_ids,
+            grounded_probability=1.0,
+        )
+        # Every grounded word of a sample whose text was masked is chosen.
+        assert (m.labels != IGNORE_INDEX)[grounded & m.text_masked[:, None]].all(), fn.__name__
+
+
+def test_grounded_words_reject_bad_arguments():
+    ids, attention = make_batch(batch=2, max_len=8, min_len=4, seed=0)
+    maskable = maskable_tokens(ids, attention, SPECIAL)
+    kw = dict(
+        mask_token_id=MASK, vocab_size=VOCAB, generator=torch.Generator(), special_ids=SPECIAL
+    )
+    with pytest.raises(ValueError, match="grounded_probability"):
+        mask_tokens(ids, maskable, grounded_ids=(7,), **kw)
+    with pytest.raises(ValueError, match="grounded_ids"):
+        mask_tokens(ids, maskable, grounded_probability=0.5, **kw)
+    with pytest.raises(ValueError, match="grounded_ids"):
+        mask_tokens(ids, maskable, grounded_ids=("red",), grounded_probability=0.5, **kw)
+    with pytest.raises(ValueError, match="grounded_probability"):
+        mask_tokens(ids, maskable, grounded_ids=(7,), grounded_probability=1.5, **kw)
+
+
 # -------------------------------------------------------------------- regions
 
 

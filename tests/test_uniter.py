@@ -427,6 +427,21 @@ def test_joint_masking_masks_both_modalities_and_itm_masks_nothing():
     assert torch.equal(p["input_ids"], b["input_ids"])
 
 
+@pytest.mark.parametrize("masking", ["conditional", "joint"])
+def test_grounded_words_are_masked_at_their_own_chance(masking):
+    b = random_batch()
+    real = b["attention_mask"] & (b["input_ids"] > 4)
+    grounded_ids = tuple(sorted(set(b["input_ids"][real].tolist()))[::2])  # half the words
+    config = tiny_config(
+        masking=masking, grounded_word_ids=grounded_ids, grounded_word_probability=1.0
+    )
+    p = prepare_pretraining_batch(b, "mlm", config, gen())
+    grounded = torch.isin(b["input_ids"], torch.tensor(grounded_ids)) & real
+    assert grounded.any() and (p["mlm_labels"] != IGNORE_INDEX)[grounded].all()
+    with pytest.raises(ValueError, match="grounded_ids"):
+        tiny_config(grounded_word_probability=0.5)
+
+
 def test_itm_negatives_swap_in_another_image_never_a_duplicate():
     config = tiny_config(itm_negative_probability=0.5)
     image_index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])  # pairs of captions share an image

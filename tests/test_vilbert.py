@@ -767,6 +767,23 @@ def test_single_task_steps_corrupt_only_their_own_inputs():
     }
 
 
+def test_grounded_words_are_masked_at_their_own_chance():
+    batch = random_batch()
+    real = batch["attention_mask"] & (batch["input_ids"] > 4)
+    grounded_ids = tuple(sorted(set(batch["input_ids"][real].tolist()))[::2])  # half the words
+    config = small_config(grounded_word_ids=grounded_ids, grounded_word_probability=1.0)
+    assert ViLBERTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    mlm = prepare_pretraining_inputs(
+        batch, config, torch.Generator().manual_seed(2), tasks=("mlm",)
+    )
+    grounded = torch.isin(batch["input_ids"], torch.tensor(grounded_ids)) & real
+    assert grounded.any() and (mlm.mlm_labels != IGNORE_INDEX)[grounded].all()
+    with pytest.raises(ValueError, match="grounded_probability"):
+        small_config(grounded_word_ids=grounded_ids)
+    with pytest.raises(ValueError, match="grounded_ids"):
+        small_config(grounded_word_ids=(VOCAB,), grounded_word_probability=0.5)
+
+
 # ---------------------------------------------------------------------------
 # Downstream: VQA and retrieval
 # ---------------------------------------------------------------------------

@@ -158,6 +158,8 @@ class UniterConfig(ModelConfig):
     # Pretraining (pretraining_step):
     masking: str = "conditional"  # "conditional" (UNITER: one modality per task) | "joint"
     mask_probability: float = 0.15  # of tokens (MLM) / regions (MRM), at least one always
+    grounded_word_ids: tuple[int, ...] = ()  # words MLM chooses at a chance of their own
+    grounded_word_probability: float | None = None  # (fusionlib.masking.mask_tokens; chapter 5)
     region_zero_fraction: float = (
         1.0  # of masked regions, the share zeroed (UNITER 1.0, ViLBERT 0.9)
     )
@@ -197,6 +199,8 @@ class UniterConfig(ModelConfig):
         "special_token_ids",
         "masking",
         "mask_probability",
+        "grounded_word_ids",
+        "grounded_word_probability",
         "region_zero_fraction",
         "itm_negative_probability",
         "itm_negatives",
@@ -263,6 +267,15 @@ class UniterConfig(ModelConfig):
             raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
         if not 0.0 < self.mask_probability <= 1.0:
             raise ValueError(f"mask_probability must be in (0, 1], got {self.mask_probability!r}")
+        object.__setattr__(
+            self,
+            "grounded_word_ids",
+            masking.check_grounded_words(
+                self.grounded_word_ids,
+                self.grounded_word_probability,
+                self.vocab_size,
+            ),
+        )
         for name in ("region_zero_fraction", "itm_negative_probability"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -735,6 +748,8 @@ def prepare_pretraining_batch(
         generator=generator,
         special_ids=config.special_token_ids,
         probability=config.mask_probability,
+        grounded_ids=config.grounded_word_ids,
+        grounded_probability=config.grounded_word_probability,
     )
     if config.masking == "joint" and R > 0:
         m = masking.joint_masking(

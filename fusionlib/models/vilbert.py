@@ -76,7 +76,13 @@ from fusionlib import itm, runtime
 from fusionlib.embeddings import RegionEmbeddings, TextEmbeddings
 from fusionlib.layers import LAYER_NORM_EPS, CoAttentionLayer, TransformerLayer, masked_mean
 from fusionlib.losses import IGNORE_INDEX
-from fusionlib.masking import apply_region_mask, mask_regions, mask_tokens, maskable_tokens
+from fusionlib.masking import (
+    apply_region_mask,
+    check_grounded_words,
+    mask_regions,
+    mask_tokens,
+    maskable_tokens,
+)
 from fusionlib.models.batch import LOCATION_KEYS, get_tensor, region_inputs, text_inputs
 from fusionlib.models.io import ModelConfig, register_model
 from fusionlib.models.vl_base import (
@@ -182,6 +188,8 @@ class ViLBERTConfig(ModelConfig):
     pad_token_id: int = 0  # fusionlib's tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
     mask_token_id: int = 4
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never masked, never a random replacement
+    grounded_word_ids: tuple[int, ...] = ()  # words MLM chooses at a chance of their own
+    grounded_word_probability: float | None = None  # (fusionlib.masking.mask_tokens; chapter 5)
     location_layers: int = 1  # 1: ViLBERT's Linear(loc5); 2: an MLP (fusionlib.embeddings)
     img_location: tuple[float, ...] = (
         IMG_LOCATION  # the [IMG] token's loc5, in the units of region_loc5
@@ -213,6 +221,8 @@ class ViLBERTConfig(ModelConfig):
         "pad_token_id",
         "mask_token_id",
         "special_token_ids",
+        "grounded_word_ids",
+        "grounded_word_probability",
     )
 
     def __post_init__(self) -> None:
@@ -291,6 +301,13 @@ class ViLBERTConfig(ModelConfig):
                 raise ValueError(
                     f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}"
                 )
+        object.__setattr__(
+            self,
+            "grounded_word_ids",
+            check_grounded_words(
+                self.grounded_word_ids, self.grounded_word_probability, self.vocab_size
+            ),
+        )
         if any(not 0 <= i < self.vocab_size for i in self.special_token_ids):
             raise ValueError(
                 f"special_token_ids must lie in [0, vocab_size={self.vocab_size}), "
@@ -807,7 +824,8 @@ def prepare_pretraining_inputs(
        negatives get a minimal edit of their own caption instead
        (:func:`fusionlib.itm.draw_pairs`).
     2. **Tokens** (``"mlm"``): BERT masking of the paired caption, 15% of
-       the non-special tokens, 80/10/10 (:func:`fusionlib.masking.mask_tokens`).
+       the non-special tokens, 80/10/10 (:func:`fusionlib.masking.mask_tokens`);
+       ``config.grounded_word_ids`` at ``config.grounded_word_probability``.
     3. **Regions** (``"mrc_kl"``): each real region with p = 0.15; 90% of those
        zeroed, 10% kept (:func:`fusionlib.masking.mask_regions`). ``[IMG]``
        is never masked; its feature is recomputed as the mean of the masked
@@ -881,6 +899,8 @@ def prepare_pretraining_inputs(
             generator=generator,
             special_ids=config.special_token_ids,
             probability=token_probability,
+            grounded_ids=config.grounded_word_ids,
+            grounded_probability=config.grounded_word_probability,
         )
         mlm_labels = mlm_labels.masked_fill(~matched[:, None], IGNORE_INDEX)
     else:
