@@ -54,7 +54,7 @@ import random
 import time
 import warnings
 import zlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -567,6 +567,55 @@ def _task_weights(tasks: list[str], task_mix: Mapping[str, float] | None) -> Ten
     return torch.tensor(weights, dtype=torch.float64)
 
 
+def _task_phases(
+    tasks: list[str],
+    task_mix: Mapping[str, float] | Sequence[tuple[int, Mapping[str, float]]] | None,
+) -> list[tuple[int, Tensor]]:
+    """``[(first_step, weights over tasks)]``: one phase for a plain mix, several for a schedule."""
+    if task_mix is None or isinstance(task_mix, Mapping):
+        return [(1, _task_weights(tasks, task_mix))]
+    phases = list(task_mix)
+    shape_ok = all(
+        isinstance(p, (tuple, list))
+        and len(p) == 2
+        and isinstance(p[0], int)
+        and not isinstance(p[0], bool)
+        and isinstance(p[1], Mapping)
+        for p in phases
+    )
+    if not phases or not shape_ok:
+        raise ValueError(
+            "task_mix must be {task: weight} or a list of (first_step, {task: weight}) phases, "
+            f"got {task_mix!r}"
+        )
+    starts = [p[0] for p in phases]
+    if starts[0] != 1 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(
+            f"task_mix phases must start at step 1 and at increasing steps, got starts {starts}"
+        )
+    out = []
+    for start, mix in phases:
+        unknown = sorted(set(mix) - set(tasks))
+        if unknown:
+            raise ValueError(
+                f"task_mix phase from step {start} weighs tasks {unknown} that train_data "
+                f"{sorted(tasks)} does not have"
+            )
+        out.append((start, _task_weights(tasks, {t: float(mix.get(t, 0.0)) for t in tasks})))
+    never = [t for i, t in enumerate(tasks) if all(float(w[i]) == 0 for _, w in out)]
+    if never:
+        raise ValueError(f"tasks {never} have weight 0 in every phase of task_mix: drop their data")
+    return out
+
+
+def _phase_weights(phases: list[tuple[int, Tensor]], step: int) -> Tensor:
+    weights = phases[0][1]
+    for start, w in phases:
+        if start <= step:
+            weights = w
+    return weights
+
+
 def _loss_and_metrics(out: Any, step: int, task: str) -> tuple[Tensor, dict[str, float | Tensor]]:
     where = f"step {step} (task {task!r})"
     if not isinstance(out, Mapping) or "loss" not in out:
@@ -632,7 +681,7 @@ def train(
     config: TrainConfig,
     step_fn: Callable[[nn.Module, Any, str], Mapping[str, Any]],
     eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
-    task_mix: Mapping[str, float] | None = None,
+    task_mix: Mapping[str, float] | Sequence[tuple[int, Mapping[str, float]]] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     resume: bool = False,
@@ -654,7 +703,10 @@ def train(
             ``torch.no_grad()`` every ``config.eval_every`` steps and at the end,
             with the uncompiled model.
         task_mix: ``{task: weight}``; each step samples one task with these
-            weights (uniform when None), as UNITER does.
+            weights (uniform when None), as UNITER does. Or a schedule, a list of
+            ``(first_step, {task: weight})`` phases from step 1 (a task left out of a
+            phase has weight 0 there): ``[(1, {"mlm": 1}), (1001, {"mlm": 1, "itm": 1})]``
+            trains MLM alone for 1,000 steps, then both.
         device: defaults to :func:`fusionlib.runtime.device`.
         progress: show a tqdm progress bar with the loss and learning rate.
         resume: continue from ``checkpoint_dir/last`` if it exists (otherwise
@@ -678,7 +730,7 @@ def train(
             )
     loaders = _as_tasks(train_data)
     tasks = list(loaders)
-    weights = _task_weights(tasks, task_mix)
+    phases = _task_phases(tasks, task_mix)
     device = runtime.device() if device is None else torch.device(device)
 
     model.to(device)
@@ -848,7 +900,11 @@ def train(
             task = (
                 tasks[0]
                 if len(tasks) == 1
-                else tasks[int(torch.multinomial(weights, 1, generator=task_generator))]
+                else tasks[
+                    int(
+                        torch.multinomial(_phase_weights(phases, step), 1, generator=task_generator)
+                    )
+                ]
             )
             batch = to_device(streams[task].next(), device)
             lr = optimizer.param_groups[0]["lr"]

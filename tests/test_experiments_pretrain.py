@@ -1,5 +1,7 @@
 """fusionlib.experiments.pretrain: chapters 5 and 6's pretraining data, probes and runs (smoke world)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -106,8 +108,37 @@ def test_specs_name_the_model_the_mix_and_the_recipe(book):
         pretrain.pretrain_spec(
             "uniter", book, "small", mix=pretrain.task_mix("uniter", **{"mrfr@captions": 0})
         ),
+        pretrain.pretrain_spec("uniter", book, "small", mlm_first_steps=100),
     ]
-    assert len({checkpoints.fingerprint(s) for s in [spec, *others]}) == 5
+    assert len({checkpoints.fingerprint(s) for s in [spec, *others]}) == 6
+
+
+def test_mlm_first_trains_masked_words_alone_then_the_mix(model_data, book):
+    name, data = model_data
+    mix = pretrain.task_mix(name)
+    assert pretrain.task_schedule(name, "smoke", mlm_first_steps=0) == mix
+    schedule = pretrain.task_schedule(name, "smoke", mlm_first_steps=15)
+    assert schedule == [(1, {"mlm@captions": 5.0, "mlm@descriptions": 1.0}), (16, mix)]
+    _, history, _ = pretrain.train_pretraining(
+        name, book, data, "smoke", mlm_first_steps=15, progress=False
+    )
+    tasks = history["train"]["task"]
+    assert all(t.startswith("mlm@") for t in tasks[:15])
+    assert set(tasks[15:]) <= set(mix) and any(not t.startswith("mlm@") for t in tasks[15:])
+    with pytest.raises(ValueError, match="mlm_first_steps"):
+        pretrain.task_schedule(name, "smoke", mlm_first_steps=-1)
+
+
+def test_grounded_words_are_words_of_the_vocabulary(book, monkeypatch):
+    words = pretrain.grounded_words(book)
+    ids = book.tokenizer.convert_tokens_to_ids(list(words))
+    assert book.tokenizer.unk_token_id not in ids and len(set(ids)) == len(words)
+    assert pretrain.pretrain_config("uniter", book, "smoke").grounded_word_ids == ()
+    grounded = dataclasses.replace(pretrain.PRETRAIN_RECIPES["smoke"], grounded_probability=0.5)
+    monkeypatch.setitem(pretrain.PRETRAIN_RECIPES, "smoke", grounded)
+    for name in pretrain.MODELS:
+        config = pretrain.pretrain_config(name, book, "smoke")
+        assert config.grounded_word_ids == tuple(ids) and config.grounded_word_probability == 0.5
 
 
 def test_bad_names_are_refused(book):

@@ -305,6 +305,68 @@ def test_task_mix_must_match_the_tasks():
         )
 
 
+def _tasks_of(task_mix, steps=30, **kw):
+    h = train(
+        DropoutNet(),
+        loaders(),
+        TrainConfig(steps=steps, seed=3, **kw),
+        mse_step,
+        task_mix=task_mix,
+        device="cpu",
+        progress=False,
+    )
+    return h.train["task"]
+
+
+def test_task_phases_switch_the_mix_at_their_steps():
+    tasks = _tasks_of([(1, {"a": 1}), (11, {"a": 1, "b": 1})])
+    assert tasks[:10] == ["a"] * 10 and "b" in tasks[10:]
+    # One phase is the plain mix, draw for draw.
+    assert _tasks_of([(1, {"a": 2, "b": 1})]) == _tasks_of({"a": 2, "b": 1})
+
+
+def test_resume_across_a_phase_boundary(tmp_path):
+    phases = [(1, {"a": 1}), (13, {"b": 1, "a": 1})]  # the crash at 12 resumes from 10
+
+    def run(step_fn, checkpoint_dir, resume=False):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=20, lr=0.01, save_every=5, seed=7, checkpoint_dir=checkpoint_dir)
+        return train(
+            DropoutNet(),
+            loaders(),
+            cfg,
+            step_fn,
+            task_mix=phases,
+            device="cpu",
+            progress=False,
+            resume=resume,
+        )
+
+    straight = run(mse_step, str(tmp_path / "straight"))
+    with pytest.raises(Crash):
+        run(crashing_at(12), str(tmp_path / "crashed"))
+    resumed = run(mse_step, str(tmp_path / "crashed"), resume=True)
+    assert resumed.train["task"] == straight.train["task"]
+    assert resumed.train["loss"] == pytest.approx(straight.train["loss"], abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize(
+    "phases, message",
+    [
+        ([(2, {"a": 1, "b": 1})], "start at step 1"),
+        ([(1, {"a": 1}), (1, {"b": 1})], "increasing"),
+        ([(1, {"a": 1, "c": 1})], r"\['c'\]"),
+        ([(1, {"a": 1}), (5, {"a": 2})], r"\['b'\] have weight 0 in every phase"),
+        ([(1, {"a": 1}), (5, {"a": 0, "b": 0})], "not all 0"),
+        ([], "phases"),
+        ([("1", {"a": 1, "b": 1})], "phases"),
+    ],
+)
+def test_task_phases_reject_bad_schedules(phases, message):
+    with pytest.raises(ValueError, match=message):
+        _tasks_of(phases, steps=2)
+
+
 # ---------------------------------------------------------------------------
 # NaN stop and bad step functions
 # ---------------------------------------------------------------------------

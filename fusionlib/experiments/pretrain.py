@@ -57,6 +57,8 @@ __all__ = [
     "PretrainData",
     "pretrain_data",
     "task_mix",
+    "task_schedule",
+    "grounded_words",
     "pretraining_step",
     "grounding_metrics",
     "pretrain_spec",
@@ -92,6 +94,8 @@ class PretrainRecipe:
     probe_images: int  # held-out images (of val, and of test) whose texts the probes read
     edits_per_text: int  # minimal edits kept per text (CaptionDataset(edits=...))
     hard_share: float  # of the ITM negatives, the share that are minimal edits of the text
+    mlm_first_steps: int = 0  # steps of MLM alone before the full mix (task_schedule)
+    grounded_probability: float | None = None  # MLM's chance for grounded_words (None: 15% for all)
 
 
 PRETRAIN_RECIPES = {
@@ -128,6 +132,11 @@ PRETRAIN_RECIPES = {
 }
 
 
+def grounded_words(book: BookWorld) -> tuple[str, ...]:
+    """The words only the image decides: the world's colours and shapes, and :data:`PLACE_WORDS`."""
+    return (*book.world.colors, *book.world.shapes, *PLACE_WORDS)
+
+
 def _check_model(name: str) -> None:
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
@@ -143,7 +152,10 @@ def pretrain_config(
     0.05 (chapter 6, section 6.4: at BERT's 0.02 a model this narrow sits on
     the ITM plateau). ITM negatives are texts the truth judge calls false of
     the image, and ``hard_share`` of them minimal edits of the image's own
-    text (chapter 4). ``changes`` override any field.
+    text (chapter 4). With the recipe's ``grounded_probability``, MLM
+    chooses :func:`grounded_words` at that chance and every other word at 15%
+    (Bitton et al., 2021; :func:`fusionlib.masking.mask_tokens`). ``changes``
+    override any field.
     """
     _check_model(name)
     r = PRETRAIN_RECIPES[_recipe(recipe)]
@@ -155,6 +167,11 @@ def pretrain_config(
         hard_negative_share=r.hard_share,
         max_text_len=MAX_TEXT_LEN,
     )
+    if r.grounded_probability is not None:
+        common["grounded_word_ids"] = tuple(
+            book.tokenizer.convert_tokens_to_ids(list(grounded_words(book)))
+        )
+        common["grounded_word_probability"] = r.grounded_probability
     classes = len(book.features["train"].class_names)
     if name == "vilbert":
         fields = dict(
@@ -205,6 +222,48 @@ def task_mix(name: str, **changes: float) -> dict[str, float]:
     if not mix:
         raise ValueError("the task mix must keep at least one task with a positive weight")
     return mix
+
+
+TaskSchedule = Mapping[str, float] | list[tuple[int, dict[str, float]]]
+
+
+def task_schedule(
+    name: str,
+    recipe: str,
+    mix: Mapping[str, float] | None = None,
+    mlm_first_steps: int | None = None,
+) -> TaskSchedule:
+    """What each step may train: MLM alone for the recipe's ``mlm_first_steps``, then ``mix``.
+
+    Masked words are the only task that asks a model to read the regions'
+    geometry word by word; ITM and masked regions summed with it from the
+    first step slow that down (chapter 5 measures it). With
+    ``mlm_first_steps=0`` this is ``mix`` itself (default :func:`task_mix`);
+    otherwise a schedule for :func:`fusionlib.train.train`:
+    ``[(1, {MLM on captions and descriptions, 5 : 1}), (mlm_first_steps + 1, mix)]``.
+    ``mlm_first_steps`` overrides the recipe's.
+    """
+    _check_model(name)
+    mix = dict(mix) if mix is not None else task_mix(name)
+    first = PRETRAIN_RECIPES[_recipe(recipe)].mlm_first_steps
+    if mlm_first_steps is not None:
+        if (
+            isinstance(mlm_first_steps, bool)
+            or not isinstance(mlm_first_steps, int)
+            or mlm_first_steps < 0
+        ):
+            raise ValueError(f"mlm_first_steps must be an int >= 0, got {mlm_first_steps!r}")
+        first = mlm_first_steps
+    if not first:
+        return mix
+    mlm = {"mlm@captions": 5.0, "mlm@descriptions": 1.0}
+    return [(1, mlm), (first + 1, mix)]
+
+
+def _schedule_tasks(schedule: TaskSchedule) -> list[str]:
+    """Every task a schedule names, the last phase's first (their loaders' seeds stay put)."""
+    phases = [schedule] if isinstance(schedule, Mapping) else [m for _, m in schedule][::-1]
+    return list(dict.fromkeys(t for mix in phases for t in mix))
 
 
 def pretraining_step(model: nn.Module, batch: dict[str, Tensor], task: str) -> dict[str, Tensor]:
@@ -551,8 +610,13 @@ def pretrain_spec(
     mix: Mapping[str, float] | None = None,
     model_changes: Mapping[str, Any] | None = None,
     train_changes: Mapping[str, Any] | None = None,
+    mlm_first_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Everything a pretrained model depends on: its fingerprint's input (:mod:`fusionlib.checkpoints`)."""
+    """Everything a pretrained model depends on: its fingerprint's input (:mod:`fusionlib.checkpoints`).
+
+    ``mix`` is the full mix (default :func:`task_mix`); the spec records the
+    schedule of :func:`task_schedule`.
+    """
     config = pretrain_config(name, book, recipe, **dict(model_changes or {}))
     train_config = _train_config(recipe, seed, **dict(train_changes or {}))
     r = PRETRAIN_RECIPES[recipe]
@@ -562,11 +626,17 @@ def pretrain_spec(
         "data": book.data_spec(),
         "train": {k: train_config.to_dict()[k] for k in _RESULT_FIELDS + ("eval_every",)},
         "batch_size": r.batch_size,
-        "task_mix": dict(mix) if mix is not None else task_mix(name),
+        "task_mix": _json_schedule(task_schedule(name, recipe, mix, mlm_first_steps)),
         "texts": {"kinds": list(TEXT_KINDS), "edits_per_text": r.edits_per_text},
         "standardise": "train z-score; ViLBERT's region_loc5 x its location scale",
         "step": "experiments.pretrain.pretraining_step",
     }
+
+
+def _json_schedule(schedule: TaskSchedule) -> Any:
+    if isinstance(schedule, Mapping):
+        return dict(schedule)
+    return [[start, dict(mix)] for start, mix in schedule]
 
 
 def train_pretraining(
@@ -581,11 +651,13 @@ def train_pretraining(
     device: torch.device | str | None = None,
     checkpoint_dir: str | None = None,
     progress: bool = True,
+    mlm_first_steps: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any], float]:
     """Pretrain ViLBERT or UNITER from scratch; ``(model, history dict, wall seconds)``.
 
     The model is built right after ``torch.manual_seed(seed)``. Each task of
-    the mix has its own loader over its kind of text (:func:`task_mix`); the
+    the schedule has its own loader over its kind of text (:func:`task_mix`,
+    :func:`task_schedule`; ``mix`` is the full mix); the
     probes of :func:`grounding_metrics` run every ``eval_every`` steps. With
     ``checkpoint_dir`` the run saves as it goes and resumes from there.
     """
@@ -599,7 +671,7 @@ def train_pretraining(
     train_config = _train_config(
         recipe, seed, checkpoint_dir=checkpoint_dir, **dict(train_changes or {})
     )
-    mix = dict(mix) if mix is not None else task_mix(name)
+    schedule = task_schedule(name, recipe, mix, mlm_first_steps)
     torch.manual_seed(seed)
     model = (
         vilbert.ViLBERTForPretraining(config)
@@ -610,7 +682,7 @@ def train_pretraining(
         task: make_tensor_loader(
             data.train[task.partition("@")[2]], r.batch_size, seed=seed + k, drop_last=True
         )
-        for k, task in enumerate(mix)
+        for k, task in enumerate(_schedule_tasks(schedule))
     }
     history = train(
         model,
@@ -618,7 +690,7 @@ def train_pretraining(
         train_config,
         pretraining_step,
         eval_fn=lambda m: grounding_metrics(m, data),
-        task_mix=mix,
+        task_mix=schedule,
         device=device,
         progress=progress,
         resume=checkpoint_dir is not None,

@@ -13,7 +13,9 @@ curves, wall time, commit) is appended to ``--out``, e.g.::
         --weight mrfr@descriptions=0
 
 ``--weight TASK=W`` reweights one task of :func:`~fusionlib.experiments.pretrain.task_mix`;
-``--set FIELD=VALUE`` changes a model config field (e.g. ``hard_negative_share=0.75``).
+``--set FIELD=VALUE`` changes a model config field (e.g. ``hard_negative_share=0.75``);
+``--grounded P`` masks colours, shapes and places at P;
+``--mlm-first N`` trains MLM alone for the first N steps (:func:`~fusionlib.experiments.pretrain.task_schedule`).
 Each run uses ``--threads`` CPU threads (default 1: two cores run two trials side by side).
 """
 
@@ -58,6 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--weight", action="append", default=[], type=lambda t: _pair(t, "--weight")
     )
     parser.add_argument("--set", action="append", default=[], type=lambda t: _pair(t, "--set"))
+    parser.add_argument(
+        "--mlm-first",
+        type=int,
+        default=None,
+        help="steps of MLM alone before the full mix (default: the recipe's mlm_first_steps)",
+    )
+    parser.add_argument(
+        "--grounded",
+        type=float,
+        default=None,
+        help="MLM's chance for the grounded words (colours, shapes, places); default: the recipe's",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--out", default=os.path.join(REPO, "results", "trials", "pretraining_grounding.jsonl")
@@ -72,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     book = load_book_world(runtime.RECIPE_PROFILE[args.recipe], progress=False)
     mix = pretrain.task_mix(args.model, **{k: float(v) for k, v in args.weight})
     model_changes = {k: _value(v) for k, v in args.set}
+    if args.grounded is not None:
+        ids = book.tokenizer.convert_tokens_to_ids(list(pretrain.grounded_words(book)))
+        model_changes.update(grounded_word_ids=ids, grounded_word_probability=args.grounded)
     train_changes = {"steps": args.steps} if args.steps else {}
     if args.steps:
         r = pretrain.PRETRAIN_RECIPES[args.recipe]
@@ -90,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         train_changes=train_changes,
         device="cpu",
         progress=not args.no_progress,
+        mlm_first_steps=args.mlm_first,
     )
     record = {
         "model": args.model,
@@ -98,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps or pretrain.PRETRAIN_RECIPES[args.recipe].steps,
         "batch_size": pretrain.PRETRAIN_RECIPES[args.recipe].batch_size,
         "mix": mix,
+        "schedule": pretrain.pretrain_spec(
+            args.model, book, args.recipe, mix=mix, mlm_first_steps=args.mlm_first
+        )["task_mix"],
         "model_changes": model_changes,
         "threads": args.threads,
         "seconds": seconds,
