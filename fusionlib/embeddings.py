@@ -77,6 +77,9 @@ class TextEmbeddings(nn.Module):
     the word table starts at zero and gets no gradient (``padding_idx``), as
     in BERT; pads are kept out of attention by the mask anyway.
     ``word_embeddings.weight`` is what an MLM head ties its output to (chapter 4).
+    ``positions=False`` leaves the position embedding out: every layer above
+    is then blind to word order, so the text is a bag of words ("red left of
+    blue" and "blue left of red" look the same; chapter 5's baseline).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class TextEmbeddings(nn.Module):
         dropout: float = 0.1,
         pad_token_id: int | None = 0,
         layer_norm_eps: float = LAYER_NORM_EPS,
+        positions: bool = True,
     ):
         super().__init__()
         self.vocab_size = _positive_int("vocab_size", vocab_size)
@@ -99,7 +103,9 @@ class TextEmbeddings(nn.Module):
                 f"pad_token_id must be None or in [0, {vocab_size}), got {pad_token_id}"
             )
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)
-        self.position_embeddings = nn.Embedding(max_position, hidden_size)
+        if not isinstance(positions, bool):
+            raise ValueError(f"positions must be a bool, got {positions!r}")
+        self.position_embeddings = nn.Embedding(max_position, hidden_size) if positions else None
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(_check_dropout(dropout))
@@ -127,6 +133,8 @@ class TextEmbeddings(nn.Module):
                 f"input_ids has {T} tokens, more than max_position={self.max_position}; "
                 "build the model with a larger max_position"
             )
+        if position_ids is not None and self.position_embeddings is None:
+            raise ValueError("position_ids given, but these embeddings have no positions")
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)
         elif tuple(position_ids.shape) not in ((T,), (B, T)):
@@ -158,11 +166,9 @@ class TextEmbeddings(nn.Module):
                 raise ValueError(f"token_type_ids must be in [0, {self.type_vocab_size})")
             if bad[2]:
                 raise ValueError(f"position_ids must be in [0, max_position={self.max_position})")
-        x = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
-        )
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
         return self.dropout(self.norm(x))
 
 

@@ -185,6 +185,19 @@ def test_text_embeddings_is_bert_sum_and_checks_input():
         emb(torch.zeros(1, 3))
 
 
+def test_text_embeddings_without_positions_are_word_plus_type():
+    torch.manual_seed(0)
+    emb = TextEmbeddings(20, 8, max_position=6, dropout=0.0, positions=False)
+    ids = torch.tensor([[1, 5, 7, 0]])
+    expected = emb.norm(emb.word_embeddings(ids) + emb.token_type_embeddings(torch.zeros_like(ids)))
+    torch.testing.assert_close(emb(ids), expected)
+    assert emb.position_embeddings is None
+    with pytest.raises(ValueError, match="no positions"):
+        emb(ids, position_ids=torch.arange(4))
+    with pytest.raises(ValueError, match="positions must be a bool"):
+        TextEmbeddings(20, 8, positions=0)
+
+
 def test_region_embeddings_use_location_on_equal_footing():
     torch.manual_seed(0)
     emb = RegionEmbeddings(feature_dim=64, hidden_size=16, dropout=0.0)

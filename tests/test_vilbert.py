@@ -954,3 +954,26 @@ def test_co_attention_first_preset_is_small_with_the_streams_meeting_first():
         visual_layer_ids=(0, 1),
     )
     assert layer_schedule(config) == [("co", 0), ("text", 0), ("visual", 0), ("co", 1), ("text", 1)]
+
+
+@pytest.mark.parametrize("word_order", [True, False])
+def test_without_word_order_the_text_is_a_bag_of_words(word_order):
+    model = build(word_order=word_order, initializer_range=0.2).eval()  # positions matter at once
+    batch = random_batch()
+    shuffled = dict(batch)
+    ids = batch["input_ids"].clone()
+    ids[0, 1:-1] = ids[0, 1:-1].flip(0)  # row 0 fills the width: [CLS] words reversed [SEP]
+    shuffled["input_ids"] = ids
+    with torch.no_grad():
+        # What [CLS] reads of the sentence (its MLM logits), and the ITM head's verdict.
+        same = torch.cat([model(batch, "mlm").mlm_logits[0, 0], model.itm_logits(batch)[0]])
+        other = torch.cat([model(shuffled, "mlm").mlm_logits[0, 0], model.itm_logits(shuffled)[0]])
+    if word_order:
+        assert (same - other).abs().max() > 1e-3  # the positions make the reversal visible
+    else:
+        torch.testing.assert_close(same, other, atol=1e-5, rtol=1e-5)
+        assert "text_embeddings.position_embeddings.weight" not in model.state_dict().keys() and (
+            not any("position_embeddings" in k for k in model.state_dict())
+        )
+    with pytest.raises(ValueError, match="word_order"):
+        build(word_order="no")

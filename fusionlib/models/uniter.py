@@ -148,6 +148,7 @@ class UniterConfig(ModelConfig):
     dropout: float = 0.1
     attention_dropout: float | None = None  # None: same as dropout
     max_text_len: int = 40  # learned text positions
+    word_order: bool = True  # False: no position embeddings, the text a bag of words (chapter 5)
     initializer_range: float | None = (
         0.02  # BERT/UNITER init: N(0, 0.02) matrices; None: PyTorch's defaults
     )
@@ -267,6 +268,8 @@ class UniterConfig(ModelConfig):
             raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
         if not 0.0 < self.mask_probability <= 1.0:
             raise ValueError(f"mask_probability must be in (0, 1], got {self.mask_probability!r}")
+        if not isinstance(self.word_order, bool):
+            raise ValueError(f"word_order must be a bool, got {self.word_order!r}")
         object.__setattr__(
             self,
             "grounded_word_ids",
@@ -436,6 +439,7 @@ class UniterModel(VisionLanguageModel):
             type_vocab_size=2,
             dropout=config.dropout,
             pad_token_id=config.pad_token_id,
+            positions=config.word_order,
         )
         self.image_embeddings = UniterImageEmbeddings(
             config.region_dim,

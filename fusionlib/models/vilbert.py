@@ -191,6 +191,7 @@ class ViLBERTConfig(ModelConfig):
     grounded_word_ids: tuple[int, ...] = ()  # words MLM chooses at a chance of their own
     grounded_word_probability: float | None = None  # (fusionlib.masking.mask_tokens; chapter 5)
     location_layers: int = 1  # 1: ViLBERT's Linear(loc5); 2: an MLP (fusionlib.embeddings)
+    word_order: bool = True  # False: no position embeddings, the text a bag of words (chapter 5)
     img_location: tuple[float, ...] = (
         IMG_LOCATION  # the [IMG] token's loc5, in the units of region_loc5
     )
@@ -301,6 +302,8 @@ class ViLBERTConfig(ModelConfig):
                 raise ValueError(
                     f"{name} must be an int in [0, vocab_size={self.vocab_size}), got {value!r}"
                 )
+        if not isinstance(self.word_order, bool):
+            raise ValueError(f"word_order must be a bool, got {self.word_order!r}")
         object.__setattr__(
             self,
             "grounded_word_ids",
@@ -542,6 +545,7 @@ class ViLBERT(VisionLanguageModel):
             dropout=c.dropout,
             pad_token_id=c.pad_token_id,
             layer_norm_eps=c.layer_norm_eps,
+            positions=c.word_order,
         )
         self.region_embeddings = RegionEmbeddings(
             c.region_dim,
@@ -1121,6 +1125,11 @@ def load_text_stream_from_bert(model: nn.Module, path: str | os.PathLike) -> lis
                 f"config.{ours}={ours_value!r} does not match the BERT checkpoint's "
                 f"{theirs}={their_value!r} at {os.fspath(path)}"
             )
+    if not c.word_order:
+        raise ValueError(
+            "config.word_order=False has no position embeddings to take BERT's into; "
+            "load BERT into a model with word_order=True"
+        )
     if bc.max_position_embeddings < c.max_text_len:
         raise ValueError(
             f"config.max_text_len={c.max_text_len} exceeds the BERT checkpoint's "
