@@ -224,7 +224,7 @@ def task_mix(name: str, **changes: float) -> dict[str, float]:
     return mix
 
 
-TaskSchedule = Mapping[str, float] | list[tuple[int, dict[str, float]]]
+_Schedule = Mapping[str, float] | list[tuple[int, dict[str, float]]]
 
 
 def task_schedule(
@@ -232,7 +232,7 @@ def task_schedule(
     recipe: str,
     mix: Mapping[str, float] | None = None,
     mlm_first_steps: int | None = None,
-) -> TaskSchedule:
+) -> dict[str, float] | list[tuple[int, dict[str, float]]]:
     """What each step may train: MLM alone for the recipe's ``mlm_first_steps``, then ``mix``.
 
     Masked words are the only task that asks a model to read the regions'
@@ -260,7 +260,7 @@ def task_schedule(
     return [(1, mlm), (first + 1, mix)]
 
 
-def _schedule_tasks(schedule: TaskSchedule) -> list[str]:
+def _schedule_tasks(schedule: _Schedule) -> list[str]:
     """Every task a schedule names, the last phase's first (their loaders' seeds stay put)."""
     phases = [schedule] if isinstance(schedule, Mapping) else [m for _, m in schedule][::-1]
     return list(dict.fromkeys(t for mix in phases for t in mix))
@@ -633,7 +633,7 @@ def pretrain_spec(
     }
 
 
-def _json_schedule(schedule: TaskSchedule) -> Any:
+def _json_schedule(schedule: _Schedule) -> Any:
     if isinstance(schedule, Mapping):
         return dict(schedule)
     return [[start, dict(mix)] for start, mix in schedule]
