@@ -456,8 +456,8 @@ def conditional_masking(
         input_ids: ``(batch, seq)`` long token ids.
         maskable: ``(batch, seq)`` bool, see :func:`maskable_tokens`.
         region_mask: ``(batch, regions)`` bool, True for real regions.
-        mask_token_id, vocab_size, special_ids, probability, grounded_ids,
-            grounded_probability: as in :func:`mask_tokens` (``probability`` also for regions).
+        mask_token_id, vocab_size, special_ids, probability: as in :func:`mask_tokens`.
+        grounded_ids, grounded_probability: as in :func:`mask_tokens` (they apply to words only).
         generator: the ``torch.Generator`` for every draw.
         zero_fraction: as in :func:`mask_regions`.
         text_probability: the chance that a sample's text (not its image) is masked.
