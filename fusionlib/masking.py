@@ -168,15 +168,8 @@ def _token_chances(
     """``probability``, or ``(batch, seq)`` chances with ``grounded_probability`` at ``grounded_ids``."""
     if not grounded_ids:
         return probability
-    device = input_ids.device
-    grounded = torch.isin(
-        input_ids, torch.tensor(grounded_ids, dtype=input_ids.dtype, device=device)
-    )
-    return torch.where(
-        grounded,
-        torch.tensor(grounded_probability, device=device),
-        torch.tensor(probability, device=device),
-    )
+    ids = torch.tensor(grounded_ids, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.where(torch.isin(input_ids, ids), grounded_probability, probability)
 
 
 def mask_tokens(

@@ -59,6 +59,7 @@ __all__ = [
     "task_mix",
     "task_schedule",
     "grounded_words",
+    "grounded_masking",
     "pretraining_step",
     "grounding_metrics",
     "pretrain_spec",
@@ -137,6 +138,12 @@ def grounded_words(book: BookWorld) -> tuple[str, ...]:
     return (*book.world.colors, *book.world.shapes, *PLACE_WORDS)
 
 
+def grounded_masking(book: BookWorld, probability: float) -> dict[str, Any]:
+    """The model config fields that make MLM choose :func:`grounded_words` at ``probability``."""
+    ids = book.tokenizer.convert_tokens_to_ids(list(grounded_words(book)))
+    return {"grounded_word_ids": tuple(ids), "grounded_word_probability": probability}
+
+
 def _check_model(name: str) -> None:
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
@@ -168,10 +175,7 @@ def pretrain_config(
         max_text_len=MAX_TEXT_LEN,
     )
     if r.grounded_probability is not None:
-        common["grounded_word_ids"] = tuple(
-            book.tokenizer.convert_tokens_to_ids(list(grounded_words(book)))
-        )
-        common["grounded_word_probability"] = r.grounded_probability
+        common.update(grounded_masking(book, r.grounded_probability))
     classes = len(book.features["train"].class_names)
     if name == "vilbert":
         fields = dict(
@@ -626,17 +630,11 @@ def pretrain_spec(
         "data": book.data_spec(),
         "train": {k: train_config.to_dict()[k] for k in _RESULT_FIELDS + ("eval_every",)},
         "batch_size": r.batch_size,
-        "task_mix": _json_schedule(task_schedule(name, recipe, mix, mlm_first_steps)),
+        "task_mix": task_schedule(name, recipe, mix, mlm_first_steps),
         "texts": {"kinds": list(TEXT_KINDS), "edits_per_text": r.edits_per_text},
         "standardise": "train z-score; ViLBERT's region_loc5 x its location scale",
         "step": "experiments.pretrain.pretraining_step",
     }
-
-
-def _json_schedule(schedule: _Schedule) -> Any:
-    if isinstance(schedule, Mapping):
-        return dict(schedule)
-    return [[start, dict(mix)] for start, mix in schedule]
 
 
 def train_pretraining(

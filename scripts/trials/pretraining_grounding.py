@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = pretrain.task_mix(args.model, **{k: float(v) for k, v in args.weight})
     model_changes = {k: _value(v) for k, v in args.set}
     if args.grounded is not None:
-        ids = book.tokenizer.convert_tokens_to_ids(list(pretrain.grounded_words(book)))
-        model_changes.update(grounded_word_ids=ids, grounded_word_probability=args.grounded)
+        model_changes.update(pretrain.grounded_masking(book, args.grounded))
     train_changes = {"steps": args.steps} if args.steps else {}
     if args.steps:
         r = pretrain.PRETRAIN_RECIPES[args.recipe]
@@ -116,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps or pretrain.PRETRAIN_RECIPES[args.recipe].steps,
         "batch_size": pretrain.PRETRAIN_RECIPES[args.recipe].batch_size,
         "mix": mix,
-        "schedule": pretrain.pretrain_spec(
-            args.model, book, args.recipe, mix=mix, mlm_first_steps=args.mlm_first
-        )["task_mix"],
+        "schedule": pretrain.task_schedule(args.model, args.recipe, mix, args.mlm_first),
         "model_changes": model_changes,
         "threads": args.threads,
         "seconds": seconds,
