@@ -93,12 +93,16 @@ def test_fingerprints_differ_across_sizes_seeds_and_recipes(book):
     ) != checkpoints.fingerprint(fusion.fusion_spec("cross_attention", book, "full"))
 
 
-def test_the_sweep_is_registered_after_chapter_3():
+def test_the_sweep_is_registered_after_chapter_3_and_before_pretraining():
     names = [e.name for e in BOOK_EXPERIMENTS]
     sweep = [name for _, _, name in light.light_runs()]
     assert len(sweep) == len(set(sweep)) == len(light.LIGHT_SIZES) * len(light.LIGHT_SEEDS)
-    assert names[-len(sweep) :] == sweep  # chapter 3's checkpoints stay ahead
-    assert all(n.startswith("ch03/") for n in names[: -len(sweep)])
+    pretraining = [n for n in names if n.startswith(("ch05/", "ch06/"))]
+    assert pretraining == ["ch05/vilbert_pretrained_seed0", "ch06/uniter_pretrained_seed0"]
+    first = names[: len(names) - len(pretraining)]
+    assert names[len(first) :] == pretraining  # the longest runs come last
+    assert first[-len(sweep) :] == sweep  # chapter 3's checkpoints stay ahead
+    assert all(n.startswith("ch03/") for n in first[: -len(sweep)])
     assert light.light_name(light.LightSize(64, 2), 1) == "ch07/light_h64_l2_seed1"
     exp = experiment("ch07/light_h64_l2_seed1")
     assert exp.chapter == "07_efficiency" and exp.data is experiment("ch03/cross_attention").data

@@ -93,7 +93,12 @@ def test_probes_and_a_short_run(model_data, book):
     assert history["val"]["step"][-1] == pretrain.PRETRAIN_RECIPES["smoke"].steps
     assert metrics["val_itm_captions"] == history["val"]["val_itm_captions"][-1]
     tasks = set(history["train"]["task"])
-    assert tasks <= set(pretrain.task_mix(name)) and any("descriptions" in t for t in tasks)
+    phases = pretrain.task_schedule(name, "smoke")
+    assert len(phases) == 2  # the recipe's masked words alone, then the full mix
+    assert tasks <= {t for _, mix in phases for t in mix} and any(
+        "descriptions" in t for t in tasks
+    )
+    assert all(t.startswith("mlm@") for t in history["train"]["task"][: phases[1][0] - 1])
 
 
 def test_specs_name_the_model_the_mix_and_the_recipe(book):
@@ -133,12 +138,13 @@ def test_grounded_words_are_words_of_the_vocabulary(book, monkeypatch):
     words = pretrain.grounded_words(book)
     ids = book.tokenizer.convert_tokens_to_ids(list(words))
     assert book.tokenizer.unk_token_id not in ids and len(set(ids)) == len(words)
-    assert pretrain.pretrain_config("uniter", book, "smoke").grounded_word_ids == ()
-    grounded = dataclasses.replace(pretrain.PRETRAIN_RECIPES["smoke"], grounded_probability=0.5)
-    monkeypatch.setitem(pretrain.PRETRAIN_RECIPES, "smoke", grounded)
     for name in pretrain.MODELS:
         config = pretrain.pretrain_config(name, book, "smoke")
         assert config.grounded_word_ids == tuple(ids) and config.grounded_word_probability == 0.5
+    uniform = dataclasses.replace(pretrain.PRETRAIN_RECIPES["smoke"], grounded_probability=None)
+    monkeypatch.setitem(pretrain.PRETRAIN_RECIPES, "smoke", uniform)
+    config = pretrain.pretrain_config("uniter", book, "smoke")
+    assert config.grounded_word_ids == () and config.grounded_word_probability is None
 
 
 def test_bad_names_are_refused(book):
