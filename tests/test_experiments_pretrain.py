@@ -7,7 +7,7 @@ import torch
 
 from fusionlib import checkpoints
 from fusionlib.data import truth
-from fusionlib.experiments import pretrain
+from fusionlib.experiments import BOOK_EXPERIMENTS, experiment, obtain, pretrain
 
 
 @pytest.fixture(scope="module", params=pretrain.MODELS)
@@ -179,3 +179,28 @@ def test_vqa_from_the_pretrained_encoder_and_from_scratch(model_data, book):
     assert scratch["start"] == "scratch" and warm["start"] != "scratch"
     with pytest.raises(ValueError, match="labels must be one of"):
         pretrain.vqa_spec(name, book, "smoke", "half", None, 0)
+
+
+def test_finetuning_experiments_start_from_the_pretrained_checkpoint(book, empty_roots):
+    names = [e.name for e in BOOK_EXPERIMENTS if "_vqa_" in e.name]
+    assert len(names) == len(set(names)) == 2 * 2 * 2 * 3  # models x starts x labels x seeds
+    warm = experiment("ch06/uniter_vqa_low_pretrained_seed1")
+    questions = warm.data(book, "smoke", "cpu")
+    with pytest.raises(FileNotFoundError, match="--only ch06/uniter_pretrained_seed0"):
+        warm.train(book, questions, "smoke", progress=False)
+    pretraining = experiment("ch06/uniter_pretrained_seed0")
+    obtain(pretraining.name, book, pretraining.data(book, "smoke", "cpu"), "smoke", progress=False)
+    model, _, _ = warm.train(book, questions, "smoke", progress=False)
+    pretrained, _, _ = checkpoints.load_checkpoint(
+        pretraining.name, checkpoints.cache_checkpoint_root()
+    )
+    # The fine-tuned encoder is the pretrained one, moved by fine-tuning.
+    tuned, start = model.encoder.state_dict(), pretrained.encoder.state_dict()
+    assert tuned.keys() == start.keys()
+    assert any(not torch.equal(tuned[k], start[k]) for k in tuned)
+    spec = warm.spec(book, "smoke")
+    assert spec["start"] == checkpoints.fingerprint(pretraining.spec(book, "smoke"))
+    cold = experiment("ch06/uniter_vqa_low_scratch_seed1")
+    assert cold.spec(book, "smoke")["start"] == "scratch"
+    assert cold.spec(book, "smoke")["train"]["seed"] == 1
+    assert {"accuracy", "relational_accuracy"} <= set(warm.evaluate(model, questions, "smoke"))

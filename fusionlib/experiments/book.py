@@ -139,11 +139,100 @@ def _pretraining_experiment(model: str, seed: int) -> BookExperiment:
     )
 
 
+def _vilbert_questions(book: BookWorld, recipe: str, device: Any) -> pretrain.QuestionData:
+    return pretrain.question_data(
+        "vilbert", book, _vilbert_data(book, recipe, device), recipe, device
+    )
+
+
+def _uniter_questions(book: BookWorld, recipe: str, device: Any) -> pretrain.QuestionData:
+    return pretrain.question_data(
+        "uniter", book, _uniter_data(book, recipe, device), recipe, device
+    )
+
+
+def _pretrained_encoder(
+    model: str, book: BookWorld, recipe: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Chapter 5's (6's) pretrained model of ``recipe`` and its spec; it must have been trained first."""
+    name = _pretraining_experiment(model, 0).name
+    spec = pretrain.pretrain_spec(model, book, recipe, seed=0)
+    found = checkpoints.find_checkpoint(name, spec)
+    if found is None:
+        raise FileNotFoundError(
+            f"fine-tuning from {name} needs its {recipe} checkpoint, and neither "
+            f"{checkpoints.checkpoint_root()} nor {checkpoints.cache_checkpoint_root()} has one "
+            f"that matches today's recipe: run `python scripts/train_book.py --recipe {recipe} --only {name}` first"
+        )
+    _, root = found
+    encoder, _, _ = checkpoints.load_checkpoint(name, root)
+    return encoder, spec
+
+
+def _finetuned_experiment(model: str, start: str, labels: str, seed: int) -> BookExperiment:
+    """VQA fine-tuned on ``labels`` from the pretrained model (``start="pretrained"``) or from scratch.
+
+    Every seed fine-tunes the same pretrained model (seed 0's): the seeds draw the
+    answer head (and, from scratch, the whole model) and the order of the batches.
+    """
+    if start not in ("pretrained", "scratch"):
+        raise ValueError(f"start must be 'pretrained' or 'scratch', got {start!r}")
+    prefix, chapter, data = {
+        "vilbert": ("ch05", "05_vilbert", _vilbert_questions),
+        "uniter": ("ch06", "06_uniter", _uniter_questions),
+    }[model]
+
+    def spec(book: BookWorld, recipe: str) -> dict[str, Any]:
+        begin = (
+            pretrain.pretrain_spec(model, book, recipe, seed=0) if start == "pretrained" else None
+        )
+        return pretrain.vqa_spec(model, book, recipe, labels, begin, seed)
+
+    def train(book, data, recipe, device=None, checkpoint_dir=None, progress=True):
+        encoder = _pretrained_encoder(model, book, recipe)[0] if start == "pretrained" else None
+        return pretrain.finetune_vqa(
+            model,
+            book,
+            data,
+            recipe,
+            labels,
+            pretrained=encoder,
+            seed=seed,
+            device=device,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+        )
+
+    return BookExperiment(
+        name=f"{prefix}/{model}_vqa_{labels}_{start}_seed{seed}",
+        chapter=chapter,
+        headline="relational_accuracy",
+        golden=("accuracy", "relational_accuracy", "non_relational_accuracy"),
+        data=data,
+        spec=spec,
+        train=train,
+        evaluate=lambda m, data, recipe: pretrain.evaluate_vqa_model(m, data),
+    )
+
+
+VQA_SEEDS = (0, 1, 2)
+
+
+def _finetuned_experiments(model: str) -> tuple[BookExperiment, ...]:
+    # Low labels first: they are what pretraining is for, and the cheaper runs.
+    return tuple(
+        _finetuned_experiment(model, start, labels, seed)
+        for labels in ("low", "all")
+        for start in ("pretrained", "scratch")
+        for seed in VQA_SEEDS
+    )
+
+
 # Priority order: cheapest first, so that a run stopped by its budget has finished as many as it could.
 # On 2 CPU cores the full recipe's relation network (g over all 100 region pairs, 4 x 256) costs more
 # than the other five together. Chapter 3's models come first (chapter 7's sweep retrains chapter 3's
 # model at other sizes); then chapter 7's sweep, smallest size first, each size's three seeds together;
-# then chapters 5 and 6's pretraining, the longest runs.
+# then chapters 5 and 6's pretraining, the longest runs, and their VQA fine-tuning, which needs them.
 BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
     _fusion_experiment(s)
     for s in (
@@ -156,6 +245,7 @@ BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
     )
 ) + tuple(_light_experiment(size, seed) for size, seed, _ in light.light_runs())
 BOOK_EXPERIMENTS += tuple(_pretraining_experiment(m, 0) for m in pretrain.MODELS)
+BOOK_EXPERIMENTS += tuple(e for m in pretrain.MODELS for e in _finetuned_experiments(m))
 
 
 def experiment(name: str) -> BookExperiment:
