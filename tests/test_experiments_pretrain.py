@@ -204,3 +204,13 @@ def test_finetuning_experiments_start_from_the_pretrained_checkpoint(book, empty
     assert cold.spec(book, "smoke")["start"] == "scratch"
     assert cold.spec(book, "smoke")["train"]["seed"] == 1
     assert {"accuracy", "relational_accuracy"} <= set(warm.evaluate(model, questions, "smoke"))
+
+
+def test_the_bag_of_words_baseline_differs_from_the_pretrained_model_only_in_word_order(book):
+    for name, prefix in (("vilbert", "ch05"), ("uniter", "ch06")):
+        full = experiment(f"{prefix}/{name}_pretrained_seed0").spec(book, "smoke")
+        bag = experiment(f"{prefix}/{name}_bag_of_words_seed0").spec(book, "smoke")
+        assert full["model_config"]["word_order"] is True
+        assert bag["model_config"]["word_order"] is False
+        bag["model_config"]["word_order"] = True
+        assert checkpoints.fingerprint(bag) == checkpoints.fingerprint(full)

@@ -110,18 +110,27 @@ def _uniter_data(book: BookWorld, recipe: str, device: Any) -> pretrain.Pretrain
     return pretrain.pretrain_data("uniter", book, recipe, device)
 
 
-def _pretraining_experiment(model: str, seed: int) -> BookExperiment:
+def _pretraining_experiment(model: str, seed: int, word_order: bool = True) -> BookExperiment:
+    """Chapter 5's ViLBERT or chapter 6's UNITER pretrained; ``word_order=False``: the bag-of-words baseline.
+
+    Without position embeddings the model sees each text as a bag of words
+    (``TextEmbeddings(positions=False)``): what it then gets right needs no word order.
+    """
     prefix, chapter, data = {
         "vilbert": ("ch05", "05_vilbert", _vilbert_data),
         "uniter": ("ch06", "06_uniter", _uniter_data),
     }[model]
+    changes = {} if word_order else {"word_order": False}
+    kind = "pretrained" if word_order else "bag_of_words"
     return BookExperiment(
-        name=f"{prefix}/{model}_pretrained_seed{seed}",
+        name=f"{prefix}/{model}_{kind}_seed{seed}",
         chapter=chapter,
         headline="itm_captions",
         golden=("itm_captions", "itm_descriptions", "edit_all", "shape_word", "colour_word_true"),
         data=data,
-        spec=lambda book, recipe: pretrain.pretrain_spec(model, book, recipe, seed=seed),
+        spec=lambda book, recipe: pretrain.pretrain_spec(
+            model, book, recipe, seed=seed, model_changes=changes
+        ),
         train=lambda book, data, recipe, device=None, checkpoint_dir=None, progress=True: (
             pretrain.train_pretraining(
                 model,
@@ -129,6 +138,7 @@ def _pretraining_experiment(model: str, seed: int) -> BookExperiment:
                 data,
                 recipe,
                 seed=seed,
+                model_changes=changes,
                 device=device,
                 checkpoint_dir=checkpoint_dir,
                 progress=progress,
@@ -232,7 +242,8 @@ def _finetuned_experiments(model: str) -> tuple[BookExperiment, ...]:
 # On 2 CPU cores the full recipe's relation network (g over all 100 region pairs, 4 x 256) costs more
 # than the other five together. Chapter 3's models come first (chapter 7's sweep retrains chapter 3's
 # model at other sizes); then chapter 7's sweep, smallest size first, each size's three seeds together;
-# then chapters 5 and 6's pretraining, the longest runs, and their VQA fine-tuning, which needs them.
+# then chapters 5 and 6's pretraining, the longest runs, their VQA fine-tuning, which needs them, and
+# last the bag-of-words baselines the chapters set beside the pretrained models.
 BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
     _fusion_experiment(s)
     for s in (
@@ -246,6 +257,7 @@ BOOK_EXPERIMENTS: tuple[BookExperiment, ...] = tuple(
 ) + tuple(_light_experiment(size, seed) for size, seed, _ in light.light_runs())
 BOOK_EXPERIMENTS += tuple(_pretraining_experiment(m, 0) for m in pretrain.MODELS)
 BOOK_EXPERIMENTS += tuple(e for m in pretrain.MODELS for e in _finetuned_experiments(m))
+BOOK_EXPERIMENTS += tuple(_pretraining_experiment(m, 0, word_order=False) for m in pretrain.MODELS)
 
 
 def experiment(name: str) -> BookExperiment:
