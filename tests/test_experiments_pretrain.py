@@ -8,6 +8,7 @@ import torch
 from fusionlib import checkpoints
 from fusionlib.data import truth
 from fusionlib.experiments import BOOK_EXPERIMENTS, experiment, obtain, pretrain
+from fusionlib.models import uniter, vilbert
 
 
 @pytest.fixture(scope="module", params=pretrain.MODELS)
@@ -214,3 +215,29 @@ def test_the_bag_of_words_baseline_differs_from_the_pretrained_model_only_in_wor
         assert bag["model_config"]["word_order"] is False
         bag["model_config"]["word_order"] = True
         assert checkpoints.fingerprint(bag) == checkpoints.fingerprint(full)
+
+
+def test_retrieval_of_both_kinds_with_chance_and_ceiling(model_data, book):
+    name, data = model_data
+    torch.manual_seed(0)
+    model = pretrain.vqa_model(name, book, "smoke")  # a VQA model has no ITM head to rank by
+    with pytest.raises(TypeError, match="ITM head"):
+        pretrain.retrieval_metrics(model, book, data)
+    with pytest.raises(ValueError, match="split must be"):
+        pretrain.retrieval_metrics(model, book, data, "train")
+    config = pretrain.pretrain_config(name, book, "smoke")
+    untrained = (
+        vilbert.ViLBERTForPretraining(config)
+        if name == "vilbert"
+        else uniter.UniterForPretraining(config)
+    )
+    found = pretrain.retrieval_metrics(untrained, book, data, batch_size=700)
+    assert set(found) == {"identification", "captions"}
+    images = len(book.scenes["test"])
+    ident = found["identification"]
+    assert ident["chance"]["t2i_R@1"] == pytest.approx(1 / images)
+    assert ident["ceiling"]["t2i_R@1"] == pytest.approx(1.0)  # a description singles its image out
+    assert found["captions"]["ceiling"]["truth_t2i_R@1"] == pytest.approx(1.0)
+    assert found["captions"]["ceiling"]["t2i_R@1"] < 1.0  # a caption fits other images too
+    for kind in found.values():
+        assert all(0.0 <= v <= 1.0 for v in kind["model"].values())

@@ -37,12 +37,13 @@ from fusionlib.data.datasets import (
     QuestionDataset,
     TensorBatches,
     make_tensor_loader,
+    retrieval_set,
 )
 from fusionlib.experiments import uniter as book_uniter
 from fusionlib.experiments.world import BookWorld
 from fusionlib.models import uniter, vilbert
-from fusionlib.metrics import evaluate_vqa
-from fusionlib.models.vl_base import pretraining_model
+from fusionlib.metrics import evaluate_vqa, retrieval_bounds, retrieval_scores
+from fusionlib.models.vl_base import pair_scores, pretraining_model
 from fusionlib.train import _RESULT_FIELDS, TrainConfig, train
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "grounded_masking",
     "pretraining_step",
     "grounding_metrics",
+    "RETRIEVAL_KINDS",
+    "retrieval_metrics",
     "pretrain_spec",
     "train_pretraining",
     "LABEL_SETTINGS",
@@ -594,6 +597,42 @@ def grounding_metrics(
             out[f"{prefix}{word}_word_unique"] = float((probe.true_ids.sum(-1) == 1).float().mean())
     finally:
         scorer.train(was_training)
+    return out
+
+
+RETRIEVAL_KINDS = {"identification": "descriptions", "captions": "captions"}
+
+
+def retrieval_metrics(
+    model: nn.Module,
+    book: BookWorld,
+    data: PretrainData,
+    split: str = "test",
+    batch_size: int = 1000,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Both kinds of retrieval over every image of ``split``, with their chance and ceiling (chapters 5, 6).
+
+    ``"identification"``: each image's one description against every image;
+    a description singles its image out, so exact-match recall can reach 1.
+    ``"captions"``: every short caption against every image; a caption is
+    true of many images, so read the truth-aware keys (``truth_t2i_R@1``:
+    the top image makes the caption true). Every (image, text) pair is scored
+    by the model's ITM head (:func:`fusionlib.models.vl_base.pair_scores`).
+    Returns ``{kind: {"model" | "chance" | "ceiling": retrieval_scores keys}}``.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    scorer = pretraining_model(model, "retrieval ranks pairs by its ITM head")
+    out = {}
+    for kind, text in RETRIEVAL_KINDS.items():
+        found = retrieval_set(
+            book.scenes[split], book.features[split], book.tokenizer, data.statistics, text=text
+        )
+        scores = pair_scores(scorer, found.images, found.captions, batch_size=batch_size)
+        out[kind] = {
+            "model": retrieval_scores(scores, found.caption_image, found.truth),
+            **retrieval_bounds(found.truth, found.caption_image),
+        }
     return out
 
 
