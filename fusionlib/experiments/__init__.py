@@ -8,6 +8,7 @@ code. Each function's docstring names the chapter that explains it.
 - :mod:`fusionlib.experiments.fusion` -- chapter 3's six VQA models;
 - :mod:`fusionlib.experiments.light` -- chapter 7's size sweep of chapter 3's cross-attention model;
 - :mod:`fusionlib.experiments.pretrain` -- chapters 5 and 6's pretraining of ViLBERT and UNITER, and its probes;
+- :mod:`fusionlib.experiments.ablation` -- chapter 6b's ablation of UNITER's pretraining tasks, and its records;
 - :mod:`fusionlib.experiments.book` -- every checkpoint the book uses, and :func:`obtain` (train or load).
 """
 
