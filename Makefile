@@ -5,6 +5,7 @@
 #   make execute  re-execute every chapter in place with $FUSIONLIB_PROFILE (default: cpu, or gpu with CUDA);
 #                 a chapter executed with a larger profile is skipped (ARGS=--force runs it)
 #   make train-book  train every checkpoint the book uses: RECIPE=full (default) ARGS="--only ch03 --budget 3600"
+#   make ablation  chapter 6b's ablation, every (row, seed) not yet in results/06b_ablation.jsonl: RECIPE=full (default) ARGS="--seeds 0 --budget 3600"
 #   make assignments  nbgrader course in assignments/: the student versions of the chapters (release/)
 #   make grade    autograde assignments/submitted/ with the smoke profile, then write the feedback
 
@@ -25,7 +26,7 @@ NBGRADER := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/nbgrader
 RECIPE ?= full
 ARGS ?=
 
-.PHONY: train-book format format-check assignments grade book test pytest nbval check-notebooks browser-check lab-check chromium lab execute mathjax clean
+.PHONY: train-book ablation format format-check assignments grade book test pytest nbval check-notebooks browser-check lab-check chromium lab execute mathjax clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -100,6 +101,9 @@ lab: $(STAMP)
 
 train-book: $(STAMP)
 	$(PY) scripts/train_book.py --recipe $(RECIPE) $(ARGS)
+
+ablation: $(STAMP)
+	$(PY) scripts/ablation.py --recipe $(RECIPE) $(ARGS)
 
 execute: $(STAMP)
 	$(PY) scripts/execute_notebooks.py $(ARGS) $(NOTEBOOKS)
