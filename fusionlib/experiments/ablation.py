@@ -98,7 +98,7 @@ class AblationRow:
 
     @property
     def trains_itm(self) -> bool:
-        """Whether its ITM head is trained: retrieval ranks by that head, so without it is chance."""
+        """Whether its ITM head is trained: retrieval ranks by that head, which untrained is chance."""
         return self.objectives is not None and "itm" in self.objectives
 
     def mix(self) -> dict[str, float] | None:
