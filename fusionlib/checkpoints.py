@@ -227,7 +227,8 @@ def git_commit() -> str:
     )
 
 
-def _device_label(device: torch.device) -> str:
+def device_label(device: torch.device) -> str:
+    """What a record says it ran on: the GPU's name, or ``"cpu (N threads)"`` with torch's threads now."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
@@ -294,7 +295,7 @@ def save_checkpoint(
         spec=_canonical(spec),
         steps=int(steps),
         batch_size=int(batch_size),
-        device=_device_label(device),
+        device=device_label(device),
         torch=torch.__version__,
         wall_seconds=round(float(wall_seconds), 1),
         commit=commit or git_commit(),

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -443,3 +444,64 @@ def num_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class BudgetSpent(BaseException):
+    """Raised by :func:`time_budget`'s alarm when its seconds have passed.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the alarm may fire inside a
+    cache loader's ``except Exception`` fallback, which must not mistake it for
+    a corrupt file.
+    """
+
+
+# budget_held's state: how deep the held blocks are, and whether the alarm fired inside one.
+_budget = {"held": 0, "pending": False}
+
+
+@contextlib.contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`BudgetSpent` in the block once ``seconds`` have passed (None: no limit).
+
+    For the resumable scripts (``scripts/train_book.py``, ``scripts/ablation.py``):
+    their training state is saved as it goes, so a run stopped here continues
+    when started again. Main thread only (``SIGALRM``); the previous handler is
+    restored on leaving. Inside :func:`budget_held` the alarm waits.
+    """
+    if seconds is None:
+        yield
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"seconds must be a positive number or None, got {seconds!r}")
+
+    def spent(signum: int, frame: Any) -> None:
+        if _budget["held"]:
+            _budget["pending"] = True
+        else:
+            raise BudgetSpent()
+
+    previous = signal.signal(signal.SIGALRM, spent)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        _budget["pending"] = False
+
+
+@contextlib.contextmanager
+def budget_held() -> Iterator[None]:
+    """:func:`time_budget`'s alarm waits until the block has ended (e.g. a record is written whole).
+
+    The handler, not a signal mask, defers it: torch's worker threads would
+    take a process-wide ``SIGALRM`` that the main thread blocks.
+    """
+    _budget["held"] += 1
+    try:
+        yield
+    finally:
+        _budget["held"] -= 1
+    if not _budget["held"] and _budget["pending"]:
+        _budget["pending"] = False
+        raise BudgetSpent()

@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 
@@ -50,15 +49,6 @@ from fusionlib import checkpoints, runtime  # noqa: E402
 from fusionlib.experiments import ablation, load_book_world, pretrain  # noqa: E402
 
 BUDGET_SPENT = 3
-
-
-class BudgetSpent(BaseException):
-    """Raised by the alarm when ``--budget`` seconds have passed.
-
-    A ``BaseException``, like ``KeyboardInterrupt``: the alarm may fire inside a
-    cache loader's ``except Exception`` fallback, which must not mistake it for
-    a corrupt file.
-    """
 
 
 def default_out(recipe: str) -> str:
@@ -128,10 +118,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _device_label(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
 def _append(path: str, record: dict) -> None:
     """One write per record, flushed to disk: a run killed later loses nothing already recorded."""
     with open(path, "a", encoding="utf-8") as f:
@@ -157,79 +143,67 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(row, seed) for row in args.rows for seed in args.seeds]
     print(f"recipe {recipe} | {len(runs)} runs | out {out} | work {work}")
 
-    def spent(signum, frame):
-        raise BudgetSpent()
-
-    status, handler = 0, None
+    status = 0
     try:
-        if args.budget is not None:
-            handler = signal.signal(signal.SIGALRM, spent)
-            signal.setitimer(signal.ITIMER_REAL, args.budget)
-        book = load_book_world(runtime.RECIPE_PROFILE[recipe], progress=not args.no_progress)
-        print(book, f"| {runtime.format_seconds(book.seconds)}")
-        recorded = {
-            (r.get("row"), r.get("seed"), r.get("fingerprint"))
-            for r in (ablation.read_records(out) if os.path.exists(out) else [])
-        }
-        todo = []
-        for row, seed in runs:
-            spec_fingerprint = checkpoints.fingerprint(
-                ablation.ablation_spec(row, seed, book, recipe)
-            )
-            if (row, seed, spec_fingerprint) in recorded:
-                print(f"{row!r} seed {seed}: recorded ({spec_fingerprint}), skipped")
-            else:
-                todo.append((row, seed, spec_fingerprint))
-        if todo:
-            # Built once: every row reads the same captions, probes and questions.
-            data = pretrain.pretrain_data("uniter", book, recipe, device)
-            questions = pretrain.question_data("uniter", book, data, recipe, device)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-        for row, seed, spec_fingerprint in todo:
-            print(f"{row!r} seed {seed}: running the {recipe} recipe ({spec_fingerprint})")
-            state = os.path.join(work, spec_fingerprint)  # a changed spec never resumes old state
-            record = ablation.run_ablation(
-                row,
-                seed,
-                book,
-                data,
-                questions,
-                recipe,
-                device=device,
-                progress=not args.no_progress,
-                checkpoint_dir=state,
-            )
-            record.update(
-                device=_device_label(device),
-                threads=torch.get_num_threads(),
-                commit=commit,
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                torch=torch.__version__,
-            )
-            # The alarm waits until the record is written and its state removed: a budget that runs
-            # out here stops the script after this run, not halfway through its line.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-            try:
-                _append(out, record)
-                shutil.rmtree(state, ignore_errors=True)
-            finally:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
-            vqa, seconds = record["metrics"]["vqa"], record["seconds"]
-            print(
-                f"{row!r} seed {seed}: relational {vqa['relational_accuracy']:.3f}, "
-                f"non-relational {vqa['non_relational_accuracy']:.3f} | "
-                f"{runtime.format_seconds(sum(seconds.values()))}; appended to {out}"
-            )
-    except BudgetSpent:
+        with runtime.time_budget(args.budget):
+            book = load_book_world(runtime.RECIPE_PROFILE[recipe], progress=not args.no_progress)
+            print(book, f"| {runtime.format_seconds(book.seconds)}")
+            recorded = {
+                (r.get("row"), r.get("seed"), r.get("fingerprint"))
+                for r in (ablation.read_records(out) if os.path.exists(out) else [])
+            }
+            todo = []
+            for row, seed in runs:
+                spec_fingerprint = checkpoints.fingerprint(
+                    ablation.ablation_spec(row, seed, book, recipe)
+                )
+                if (row, seed, spec_fingerprint) in recorded:
+                    print(f"{row!r} seed {seed}: recorded ({spec_fingerprint}), skipped")
+                else:
+                    todo.append((row, seed, spec_fingerprint))
+            if todo:
+                # Built once: every row reads the same captions, probes and questions.
+                data = pretrain.pretrain_data("uniter", book, recipe, device)
+                questions = pretrain.question_data("uniter", book, data, recipe, device)
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+            for row, seed, spec_fingerprint in todo:
+                print(f"{row!r} seed {seed}: running the {recipe} recipe ({spec_fingerprint})")
+                # Named by fingerprint: a changed spec never resumes old state.
+                state = os.path.join(work, spec_fingerprint)
+                record = ablation.run_ablation(
+                    row,
+                    seed,
+                    book,
+                    data,
+                    questions,
+                    recipe,
+                    device=device,
+                    progress=not args.no_progress,
+                    checkpoint_dir=state,
+                )
+                record.update(
+                    device=checkpoints.device_label(device),
+                    threads=torch.get_num_threads(),
+                    commit=commit,
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    torch=torch.__version__,
+                )
+                # The alarm waits until the record is written and its state removed: a budget that runs
+                # out here stops the script after this run, not halfway through its line.
+                with runtime.budget_held():
+                    _append(out, record)
+                    shutil.rmtree(state, ignore_errors=True)
+                vqa, seconds = record["metrics"]["vqa"], record["seconds"]
+                print(
+                    f"{row!r} seed {seed}: relational {vqa['relational_accuracy']:.3f}, "
+                    f"non-relational {vqa['non_relational_accuracy']:.3f} | "
+                    f"{runtime.format_seconds(sum(seconds.values()))}; appended to {out}"
+                )
+    except runtime.BudgetSpent:
         status = BUDGET_SPENT
         print(
             f"budget of {args.budget:g} s spent; the training state is in {work}: run again to resume"
         )
-    finally:
-        if args.budget is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            if handler is not None:
-                signal.signal(signal.SIGALRM, handler)
     print(f"ablation: {runtime.format_seconds(time.perf_counter() - started)} in all")
     return status
 

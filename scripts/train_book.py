@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import sys
 import tarfile
 import time
@@ -31,15 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 BUDGET_SPENT = 3
-
-
-class BudgetSpent(BaseException):
-    """Raised by the alarm when ``--budget`` seconds have passed.
-
-    A ``BaseException``, like ``KeyboardInterrupt``: the alarm may fire inside a
-    cache loader's ``except Exception`` fallback, which must not mistake it for
-    a corrupt file.
-    """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,73 +127,63 @@ def main(argv: list[str] | None = None) -> int:
     print(runtime.summary())
     print(f"recipe {recipe} | {len(selected)} checkpoints | out {out} | work {work}")
 
-    if args.budget is not None:
-
-        def spent(signum, frame):
-            raise BudgetSpent()
-
-        signal.signal(signal.SIGALRM, spent)
-        signal.setitimer(signal.ITIMER_REAL, args.budget)
-
     status = 0
     try:
-        book = load_book_world(runtime.RECIPE_PROFILE[recipe], progress=not args.no_progress)
-        print(book, f"| {runtime.format_seconds(book.seconds)}")
-        data_cache: dict[int, object] = {}
-        for exp in selected:
-            spec = exp.spec(book, recipe)
-            record = checkpoints.read_manifest(out).get(exp.name)
-            if (
-                record is not None
-                and record.fingerprint == checkpoints.fingerprint(spec)
-                and not args.retrain
-            ):
-                print(f"{exp.name}: up to date ({checkpoints.describe(record, exp.headline)})")
-                continue
-            key = id(exp.data.__code__)  # experiments that share a data builder share the data
-            if key not in data_cache:
-                data_cache.clear()  # one data set in memory at a time
-                data_cache[key] = exp.data(book, recipe, device)
-            data = data_cache[key]
-            state_dir = os.path.join(work, exp.name)
-            print(
-                f"{exp.name}: training the {recipe} recipe "
-                f"({exp.steps(book, recipe):,} steps x {exp.batch_size(book, recipe)})"
-            )
-            model, history, seconds = exp.train(
-                book,
-                data,
-                recipe,
-                device=device,
-                checkpoint_dir=state_dir,
-                progress=not args.no_progress,
-            )
-            record = checkpoints.save_checkpoint(
-                model,
-                name=exp.name,
-                chapter=exp.chapter,
-                recipe=recipe,
-                spec=spec,
-                steps=exp.steps(book, recipe),
-                batch_size=exp.batch_size(book, recipe),
-                device=device,
-                wall_seconds=seconds,
-                history=history,
-                evaluate=lambda m: exp.evaluate(m, data, recipe),
-                root=out,
-                commit=commit,
-            )
-            shutil.rmtree(state_dir, ignore_errors=True)
-            print(f"{exp.name}: saved, {checkpoints.describe(record, exp.headline)}")
-    except BudgetSpent:
+        with runtime.time_budget(args.budget):
+            book = load_book_world(runtime.RECIPE_PROFILE[recipe], progress=not args.no_progress)
+            print(book, f"| {runtime.format_seconds(book.seconds)}")
+            data_cache: dict[int, object] = {}
+            for exp in selected:
+                spec = exp.spec(book, recipe)
+                record = checkpoints.read_manifest(out).get(exp.name)
+                if (
+                    record is not None
+                    and record.fingerprint == checkpoints.fingerprint(spec)
+                    and not args.retrain
+                ):
+                    print(f"{exp.name}: up to date ({checkpoints.describe(record, exp.headline)})")
+                    continue
+                key = id(exp.data.__code__)  # experiments that share a data builder share the data
+                if key not in data_cache:
+                    data_cache.clear()  # one data set in memory at a time
+                    data_cache[key] = exp.data(book, recipe, device)
+                data = data_cache[key]
+                state_dir = os.path.join(work, exp.name)
+                print(
+                    f"{exp.name}: training the {recipe} recipe "
+                    f"({exp.steps(book, recipe):,} steps x {exp.batch_size(book, recipe)})"
+                )
+                model, history, seconds = exp.train(
+                    book,
+                    data,
+                    recipe,
+                    device=device,
+                    checkpoint_dir=state_dir,
+                    progress=not args.no_progress,
+                )
+                record = checkpoints.save_checkpoint(
+                    model,
+                    name=exp.name,
+                    chapter=exp.chapter,
+                    recipe=recipe,
+                    spec=spec,
+                    steps=exp.steps(book, recipe),
+                    batch_size=exp.batch_size(book, recipe),
+                    device=device,
+                    wall_seconds=seconds,
+                    history=history,
+                    evaluate=lambda m: exp.evaluate(m, data, recipe),
+                    root=out,
+                    commit=commit,
+                )
+                shutil.rmtree(state_dir, ignore_errors=True)
+                print(f"{exp.name}: saved, {checkpoints.describe(record, exp.headline)}")
+    except runtime.BudgetSpent:
         status = BUDGET_SPENT
         print(
             f"budget of {args.budget:g} s spent; the training state is in {work}: "
             "run again to resume"
         )
-    finally:
-        if args.budget is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
 
     if args.archive:
         with tarfile.open(args.archive, "w:gz") as tar:

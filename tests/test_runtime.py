@@ -1,6 +1,7 @@
 """fusionlib.runtime: profiles, seeding, autocast, results files."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -149,3 +150,26 @@ def test_wall_times_alone_do_not_rewrite_the_results(tmp_path, monkeypatch, caps
 def test_format_percent():
     assert runtime.format_percent(0.9361) == "93.6%"
     assert runtime.format_percent(0.5, digits=0) == "50%"
+
+
+def test_time_budget_stops_the_block_holds_a_record_and_restores_the_handler():
+    import signal
+
+    before = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(runtime.BudgetSpent):
+        with runtime.time_budget(0.05):
+            time.sleep(2)
+    assert signal.getsignal(signal.SIGALRM) is before
+    finished = []
+    with pytest.raises(runtime.BudgetSpent):
+        with runtime.time_budget(0.05):
+            with runtime.budget_held():
+                time.sleep(0.2)  # the alarm fires here and waits for the block to end
+                finished.append(True)
+            time.sleep(2)
+    assert finished == [True]
+    with runtime.time_budget(None):
+        pass
+    with pytest.raises(ValueError, match="seconds must be a positive number"):
+        with runtime.time_budget(0):
+            pass

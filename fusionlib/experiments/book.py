@@ -161,22 +161,19 @@ def _uniter_questions(book: BookWorld, recipe: str, device: Any) -> pretrain.Que
     )
 
 
-def _pretrained_encoder(
-    model: str, book: BookWorld, recipe: str
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Chapter 5's (6's) pretrained model of ``recipe`` and its spec; it must have been trained first."""
-    name = _pretraining_experiment(model, 0).name
-    spec = pretrain.pretrain_spec(model, book, recipe, seed=0)
-    found = checkpoints.find_checkpoint(name, spec)
+def _pretrained_encoder(model: str, book: BookWorld, recipe: str) -> nn.Module:
+    """Chapter 5's (6's) pretrained model of ``recipe``; it must have been trained first."""
+    pretraining = _pretraining_experiment(model, 0)
+    name = pretraining.name
+    found = checkpoints.find_checkpoint(name, pretraining.spec(book, recipe))
     if found is None:
         raise FileNotFoundError(
             f"fine-tuning from {name} needs its {recipe} checkpoint, and neither "
             f"{checkpoints.checkpoint_root()} nor {checkpoints.cache_checkpoint_root()} has one "
             f"that matches today's recipe: run `python scripts/train_book.py --recipe {recipe} --only {name}` first"
         )
-    _, root = found
-    encoder, _, _ = checkpoints.load_checkpoint(name, root)
-    return encoder, spec
+    encoder, _, _ = checkpoints.load_checkpoint(name, found[1])
+    return encoder
 
 
 def _finetuned_experiment(model: str, start: str, labels: str, seed: int) -> BookExperiment:
@@ -194,12 +191,12 @@ def _finetuned_experiment(model: str, start: str, labels: str, seed: int) -> Boo
 
     def spec(book: BookWorld, recipe: str) -> dict[str, Any]:
         begin = (
-            pretrain.pretrain_spec(model, book, recipe, seed=0) if start == "pretrained" else None
+            _pretraining_experiment(model, 0).spec(book, recipe) if start == "pretrained" else None
         )
         return pretrain.vqa_spec(model, book, recipe, labels, begin, seed)
 
     def train(book, data, recipe, device=None, checkpoint_dir=None, progress=True):
-        encoder = _pretrained_encoder(model, book, recipe)[0] if start == "pretrained" else None
+        encoder = _pretrained_encoder(model, book, recipe) if start == "pretrained" else None
         return pretrain.finetune_vqa(
             model,
             book,
