@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 
 import pytest
 import torch
@@ -381,19 +382,26 @@ def test_cuda_extras_record_unsupported_backends_and_failed_compiles(monkeypatch
 
     monkeypatch.setattr(torch, "compile", cannot_compile)
 
-    out = bench._cuda_extras(
-        contenders,
-        torch.device("cpu"),
-        repeats=1,
-        warmup=0,
-        compile=("uniter",),
-        say=lambda *a, **k: None,
-    )
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        out = bench._cuda_extras(
+            contenders,
+            torch.device("cpu"),
+            repeats=1,
+            warmup=0,
+            compile=("uniter",),
+            say=lambda *a, **k: None,
+        )
     assert set(out["sdpa_backends"]) == {"flash", "efficient", "math"}
     for name in ("vilbert", "uniter"):
         # The CPU has no memory-efficient kernel: the same refusal as flash with a mask on a GPU.
         efficient = out["sdpa_backends"]["efficient"][name]
         assert efficient["ms"] is None and efficient["error"]
+        assert all("Triggered internally" not in r for r in efficient["reasons"])
         assert out["sdpa_backends"]["math"][name]["ms"] > 0
+    assert out["sdpa_backends"]["flash"]["uniter"]["reasons"]  # e.g. no fused kernel takes dropout
+    # SDPA's refusals are recorded with the error, not printed on the chapter's page.
+    refusals = [str(w.message) for w in escaped if "kernel" in str(w.message)]
+    assert not refusals, refusals
     assert out["compile"] == {}
     assert out["compile_errors"] == {"uniter": "compile failed: no C compiler found"}

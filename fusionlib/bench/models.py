@@ -47,6 +47,7 @@ import dataclasses
 import platform
 import statistics
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -862,6 +863,16 @@ def _precision(
     return {"precision": table, "ratios_bf16": ratios, "peak_bf16_flops": peak}
 
 
+def sdpa_refusals(caught: list[warnings.WarningMessage]) -> list[str]:
+    """Why SDPA refused a backend: the distinct warning texts, without torch's source locations."""
+    reasons = []
+    for w in caught:
+        text = str(w.message).split(" (Triggered internally at")[0].strip()
+        if text and text not in reasons:
+            reasons.append(text)
+    return reasons
+
+
 def _cuda_extras(
     contenders: dict[str, Contender],
     dev: torch.device,
@@ -893,11 +904,22 @@ def _cuda_extras(
 
         row = {}
         for name, c in ours.items():
-            try:
-                samples = _race({name: c}, dev, repeats, warmup, bf16=True, wrap=wrap)
-                row[name] = {"ms": 1e3 * statistics.median(samples[name])}
-            except RuntimeError as error:  # e.g. flash attention takes no arbitrary mask
-                row[name] = {"ms": None, "error": str(error).splitlines()[0][:200]}
+            # A backend that cannot run warns once per reason before it raises; the reasons go into the
+            # record with the error instead of onto the page (with this machine's paths in them).
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    samples = _race({name: c}, dev, repeats, warmup, bf16=True, wrap=wrap)
+                    row[name] = {"ms": 1e3 * statistics.median(samples[name])}
+                except RuntimeError as error:  # e.g. flash attention takes no arbitrary mask
+                    row[name] = {
+                        "ms": None,
+                        "error": str(error).splitlines()[0][:200],
+                        "reasons": sdpa_refusals(caught),
+                    }
+            if row[name]["ms"] is not None:  # it ran: whatever it warned is news, so pass it on
+                for w in caught:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         backends[label] = row
     out["sdpa_backends"] = backends
     say("\nSDPA backends (bf16, median ms):")
