@@ -241,3 +241,77 @@ def test_retrieval_of_both_kinds_with_chance_and_ceiling(model_data, book):
     assert found["captions"]["ceiling"]["t2i_R@1"] < 1.0  # a caption fits other images too
     for kind in found.values():
         assert all(0.0 <= v <= 1.0 for v in kind["model"].values())
+
+
+def _untrained(name, book):
+    config = pretrain.pretrain_config(name, book, "smoke")
+    torch.manual_seed(0)
+    return (
+        vilbert.ViLBERTForPretraining(config)
+        if name == "vilbert"
+        else uniter.UniterForPretraining(config)
+    )
+
+
+def test_word_region_attention_is_the_models_own_maps(model_data, book):
+    name, data = model_data
+    model = _untrained(name, book).eval()
+    batch = data.probes["test"].texts["captions"].__getitems__([0, 1, 2])
+    maps = model.word_region_attention(batch)
+    T, R = batch["input_ids"].shape[1], batch["region_mask"].shape[1]
+    with torch.no_grad():
+        if name == "vilbert":
+            full = model.vilbert(batch, need_weights=True).attentions.text_to_visual
+            assert len(maps) == len(full) and all(
+                torch.equal(m, f[..., 1:]) for m, f in zip(maps, full)
+            )
+        else:
+            full = model.uniter(batch, need_weights=True).attentions
+            assert len(maps) == len(full)
+            assert all(torch.equal(m, f[:, :, :T, T:]) for m, f in zip(maps, full))
+    assert all(m.shape[0] == 3 and m.shape[2:] == (T, R) for m in maps)
+
+
+def _colour_of_regions(book, batch):
+    colours = list(book.world.colors)
+    names = list(book.features["test"].class_names)
+    return torch.tensor(
+        [colours.index(n.split()[0]) if n.split()[0] in colours else -1 for n in names]
+    )[batch["region_soft_labels"].argmax(-1)]
+
+
+def test_colour_attention_measures_where_colour_words_look(model_data, book, monkeypatch):
+    name, data = model_data
+    model = _untrained(name, book)
+    with pytest.raises(ValueError, match="split must be"):
+        pretrain.colour_attention(model, book, data, "train")
+    with pytest.raises(TypeError, match="pretraining model"):
+        pretrain.colour_attention(pretrain.vqa_model(name, book, "smoke"), book, data)
+    found = pretrain.colour_attention(model, book, data, batch_size=64)
+    layers = len(model.word_region_attention(data.probes["test"].texts["captions"][0]))
+    assert len(found) == layers and all(row["n"] > 0 for row in found)
+    assert all(0.0 <= row["share"] <= 1.0 and 0.0 < row["uniform"] < 1.0 for row in found)
+
+    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
+
+    def looking(batch, on_colour):
+        """Every word spreads its attention evenly over the real regions (of its colour if on_colour)."""
+        ids = batch["input_ids"]
+        region_colour = _colour_of_regions(book, batch)  # (B, R)
+        word_colour = (ids[..., None] == colour_ids).float().argmax(-1)  # (B, T)
+        target = batch["region_mask"][:, None, :].expand(-1, ids.shape[1], -1).float()
+        if on_colour:
+            same = (region_colour[:, None, :] == word_colour[..., None]).float() * target
+            target = torch.where(same.sum(-1, keepdim=True) > 0, same, target)
+        w = (
+            0.5 * target / target.sum(-1, keepdim=True).clamp(min=1)
+        )  # half the attention on the image
+        return [w[:, None].expand(-1, 2, -1, -1)]
+
+    monkeypatch.setattr(type(model), "word_region_attention", lambda self, b: looking(b, True))
+    grounded = pretrain.colour_attention(model, book, data, batch_size=64)
+    assert grounded[0]["share"] == pytest.approx(1.0)
+    monkeypatch.setattr(type(model), "word_region_attention", lambda self, b: looking(b, False))
+    even = pretrain.colour_attention(model, book, data, batch_size=64)
+    assert even[0]["share"] == pytest.approx(even[0]["uniform"])
+    assert even[0]["n"] == grounded[0]["n"] == found[0]["n"]

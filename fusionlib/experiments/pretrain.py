@@ -65,6 +65,7 @@ __all__ = [
     "grounding_metrics",
     "RETRIEVAL_KINDS",
     "retrieval_metrics",
+    "colour_attention",
     "pretrain_spec",
     "train_pretraining",
     "LABEL_SETTINGS",
@@ -634,6 +635,79 @@ def retrieval_metrics(
             **retrieval_bounds(found.truth, found.caption_image),
         }
     return out
+
+
+@torch.no_grad()
+def colour_attention(
+    model: nn.Module,
+    book: BookWorld,
+    data: PretrainData,
+    split: str = "test",
+    batch_size: int = 500,
+) -> list[dict[str, float]]:
+    """Do colour words look at regions of their colour? One row per fusion layer (chapters 5, 6).
+
+    For every colour word of the probe captions of ``split`` (true of their
+    image), the attention the word gives the regions (heads averaged,
+    :meth:`~fusionlib.models.vl_base.VisionLanguagePretraining.word_region_attention`)
+    is renormalised over the image's real regions; ``share`` is the part of it
+    on regions the detector calls that colour, ``uniform`` what a word spreading
+    its attention evenly would put there. ``share`` well above ``uniform``: the
+    word has found its object. Words whose colour no region has (a detector
+    miss) are left out and counted in ``missing``.
+    """
+    if split not in data.probes:
+        raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
+    scorer = pretraining_model(model, "its attention maps are read")
+    device = next(scorer.parameters()).device
+    colours = list(book.world.colors)
+    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(colours))
+    # Each detector class ("red square", ..., "background") -> its colour's index, -1 for background.
+    names = list(book.features[split].class_names)
+    class_colour = torch.tensor(
+        [colours.index(n.split()[0]) if n.split()[0] in colours else -1 for n in names]
+    )
+    texts = data.probes[split].texts["captions"]
+    was_training = scorer.training
+    scorer.eval()
+    sums: list[dict[str, float]] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = _trim(
+                texts.__getitems__(list(range(start, min(start + batch_size, len(texts)))))
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            ids = batch["input_ids"].cpu()
+            is_colour = torch.isin(ids, colour_ids) & batch["attention_mask"].cpu()  # (B, T)
+            word_colour = (
+                (ids[..., None] == colour_ids).float().argmax(-1)
+            )  # (B, T), valid where is_colour
+            region_colour = class_colour[batch["region_soft_labels"].argmax(-1).cpu()]  # (B, R)
+            real = batch["region_mask"].cpu()[:, None, :]  # (B, 1, R)
+            same = (region_colour[:, None, :] == word_colour[..., None]) & real  # (B, T, R)
+            found = is_colour & same.any(-1)
+            uniform = same.sum(-1) / real.sum(-1).clamp(min=1)  # (B, T)
+            for layer, attention in enumerate(scorer.word_region_attention(batch)):
+                w = attention.float().mean(1).cpu()  # (B, T, R), heads averaged
+                on_image = (w * real).sum(-1).clamp(min=1e-12)
+                share = (w * same).sum(-1) / on_image
+                if len(sums) <= layer:
+                    sums.append({"share": 0.0, "uniform": 0.0, "n": 0, "missing": 0})
+                sums[layer]["share"] += float(share[found].sum())
+                sums[layer]["uniform"] += float(uniform[found].sum())
+                sums[layer]["n"] += int(found.sum())
+                sums[layer]["missing"] += int((is_colour & ~found).sum())
+    finally:
+        scorer.train(was_training)
+    return [
+        {
+            "share": row["share"] / max(row["n"], 1),
+            "uniform": row["uniform"] / max(row["n"], 1),
+            "n": row["n"],
+            "missing": row["missing"],
+        }
+        for row in sums
+    ]
 
 
 # ---------------------------------------------------------------------------

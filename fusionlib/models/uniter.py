@@ -578,6 +578,11 @@ class UniterForPretraining(VisionLanguagePretraining):
         """``(batch, 2)`` image-text matching logits (class 1 = the pair matches)."""
         return self.itm_head(self.uniter(batch).pooled)
 
+    def word_region_attention(self, batch: Mapping[str, Any]) -> list[Tensor]:
+        """``(B, heads, T, R)`` per layer: the text-to-region block of each joint attention map."""
+        out = self.uniter(batch, need_weights=True)
+        return [out.text_to_region(layer) for layer in range(len(out.attentions))]
+
     def retrieval_score(self, batch: Mapping[str, Any]) -> Tensor:
         """``(batch,)``: the match logit, the row UNITER copies into its retrieval head
         (``model/itm.py: init_output``)."""

@@ -735,6 +735,11 @@ class ViLBERTForPretraining(VisionLanguagePretraining):
         out = self.vilbert(batch)  # no MLM/MRC logits needed
         return self.itm_head(out.pooled_text * out.pooled_visual)
 
+    def word_region_attention(self, batch: dict[str, Tensor]) -> list[Tensor]:
+        """``(B, bi_heads, T, R)`` per co-TRM: each word's co-attention on the regions, ``[IMG]`` left out."""
+        maps = self.vilbert(batch, need_weights=True).attentions.text_to_visual
+        return [m[..., 1:] for m in maps]
+
     def retrieval_score(self, batch: dict[str, Tensor]) -> Tensor:
         """How well each caption matches its image: ``(batch,)``, higher = better (chapter 5).
 

@@ -377,6 +377,15 @@ class VisionLanguagePretraining(VisionLanguageModel):
         ranks)."""
         raise NotImplementedError
 
+    def word_region_attention(self, batch: Mapping[str, Any]) -> list[Tensor]:
+        """How the words attend to the regions: one ``(batch, heads, T, R)`` map per fusion layer.
+
+        ViLBERT's co-attention maps without ``[IMG]`` (chapter 5), UNITER's
+        text-to-region blocks of its joint maps (chapter 6). A row sums to the
+        share of that word's attention that went to the regions, not to 1.
+        """
+        raise NotImplementedError
+
     @property
     def image_keys(self) -> tuple[str, ...]:
         """The batch keys that describe an image (the rest describe the caption)."""
