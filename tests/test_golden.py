@@ -50,8 +50,10 @@ def test_checkpoints_folder_stays_small():
         for folder, _, files in os.walk(root)
         for f in files
     )
-    assert total < 60e6, (
-        f"checkpoints/ holds {total / 1e6:.1f} MB; keep it under 60 MB (store float16)"
+    # float16 weights, about 2.6 MB per model of chapters 5 and 6: their 24 VQA fine-tunes (two
+    # models, two label settings, pretrained and from scratch, three seeds) are most of it.
+    assert total < 110e6, (
+        f"checkpoints/ holds {total / 1e6:.1f} MB; keep it under 110 MB (store float16)"
     )
 
 
