@@ -4,7 +4,7 @@
 world (9,800 + 500 + 200 = 10,500 images), trains the detector with the
 default :class:`~fusionlib.vision.DetectorConfig`, reports its test accuracy
 on ground-truth boxes, and times region-feature extraction for every image.
-The target (issue 3) is extraction under 60 s on 2 CPU cores. Nothing is read
+The aim is extraction under 60 s on 2 CPU cores. Nothing is read
 from or written to the feature cache: every number is measured fresh.
 """
 

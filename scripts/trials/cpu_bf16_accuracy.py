@@ -5,8 +5,8 @@ Trains one of chapter 3's models (default: the cross-attention model) on the
 CPU: with ``TrainConfig(cpu_amp="off")`` (fp32, the recipe as the book
 trains it) and with ``cpu_amp="bf16"`` (bf16 autocast in every training
 step; the weights, the optimizer and the evaluation stay float32). Both are
-scored on the whole test split. The target (issue 22): the final test
-accuracy within 1 point.
+scored on the whole test split. bf16 is worth keeping only if the final test
+accuracy stays within 1 point.
 
     python scripts/trials/cpu_bf16_accuracy.py                  # both precisions, 2 threads
     python scripts/trials/cpu_bf16_accuracy.py --precision bf16 --threads 1
