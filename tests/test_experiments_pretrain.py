@@ -315,3 +315,43 @@ def test_colour_attention_measures_where_colour_words_look(model_data, book, mon
     even = pretrain.colour_attention(model, book, data, batch_size=64)
     assert even[0]["share"] == pytest.approx(even[0]["uniform"])
     assert even[0]["n"] == grounded[0]["n"] == found[0]["n"]
+
+
+def test_referent_occlusion_hides_the_named_regions_or_as_many_others(
+    model_data, book, monkeypatch
+):
+    name, data = model_data
+    model = _untrained(name, book)
+    with pytest.raises(ValueError, match="split must be"):
+        pretrain.referent_occlusion(model, book, data, "train")
+    found = pretrain.referent_occlusion(model, book, data, batch_size=64)
+    assert found["n"] > 0 and found["regions_hidden"] >= 1.0
+    for version in ("whole", "referents_hidden", "others_hidden"):
+        assert 0.0 <= found[version]["match"] <= 1.0
+        assert torch.isfinite(torch.tensor(found[version]["log_odds"]))
+
+    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
+    seen = {}
+
+    def counting(self, batch):
+        """Log-odds = visible regions of a colour the caption names; records how many were visible."""
+        named = (batch["input_ids"][..., None] == colour_ids).any(1)  # (B, colours)
+        colour = _colour_of_regions(book, batch)
+        referents = (colour >= 0) & named.gather(1, colour.clamp(min=0))
+        visible = batch["region_mask"].sum(1).float()
+        seen.setdefault("visible", []).append(visible)
+        score = (referents & batch["region_mask"]).sum(1).float()
+        if name == "vilbert":  # [IMG] is the mean of the visible regions only
+            mean = (batch["region_feats"] * batch["region_mask"][..., None]).sum(1) / visible[
+                :, None
+            ]
+            assert torch.allclose(batch["image_feats"], mean, atol=1e-5)
+        return torch.stack([torch.zeros_like(score), score], dim=1)
+
+    monkeypatch.setattr(type(model), "itm_logits", counting)
+    counted = pretrain.referent_occlusion(model, book, data, batch_size=64)
+    assert counted["referents_hidden"]["log_odds"] == 0.0  # every named region hidden
+    assert counted["others_hidden"]["log_odds"] == pytest.approx(counted["whole"]["log_odds"])
+    assert counted["whole"]["log_odds"] == pytest.approx(counted["regions_hidden"])
+    whole, referents, others = (torch.cat(seen["visible"][i::3]) for i in range(3))
+    assert torch.equal(whole - referents, whole - others)  # as many others as named ones

@@ -41,6 +41,7 @@ from fusionlib.data.datasets import (
 )
 from fusionlib.experiments import uniter as book_uniter
 from fusionlib.experiments.world import BookWorld
+from fusionlib.layers import masked_mean
 from fusionlib.models import uniter, vilbert
 from fusionlib.metrics import evaluate_vqa, retrieval_bounds, retrieval_scores
 from fusionlib.models.vl_base import pair_scores, pretraining_model
@@ -66,6 +67,7 @@ __all__ = [
     "RETRIEVAL_KINDS",
     "retrieval_metrics",
     "colour_attention",
+    "referent_occlusion",
     "pretrain_spec",
     "train_pretraining",
     "LABEL_SETTINGS",
@@ -660,13 +662,7 @@ def colour_attention(
         raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
     scorer = pretraining_model(model, "its attention maps are read")
     device = next(scorer.parameters()).device
-    colours = list(book.world.colors)
-    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(colours))
-    # Each detector class ("red square", ..., "background") -> its colour's index, -1 for background.
-    names = list(book.features[split].class_names)
-    class_colour = torch.tensor(
-        [colours.index(n.split()[0]) if n.split()[0] in colours else -1 for n in names]
-    )
+    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
     texts = data.probes[split].texts["captions"]
     was_training = scorer.training
     scorer.eval()
@@ -682,7 +678,7 @@ def colour_attention(
             word_colour = (
                 (ids[..., None] == colour_ids).float().argmax(-1)
             )  # (B, T), valid where is_colour
-            region_colour = class_colour[batch["region_soft_labels"].argmax(-1).cpu()]  # (B, R)
+            region_colour = _region_colours(book, split, batch)  # (B, R), -1 background
             real = batch["region_mask"].cpu()[:, None, :]  # (B, 1, R)
             same = (region_colour[:, None, :] == word_colour[..., None]) & real  # (B, T, R)
             found = is_colour & same.any(-1)
@@ -708,6 +704,99 @@ def colour_attention(
         }
         for row in sums
     ]
+
+
+def _region_colours(book: BookWorld, split: str, batch: Mapping[str, Tensor]) -> Tensor:
+    """``(B, R)``: the colour index of each region's most likely detector class, -1 for background."""
+    colours = list(book.world.colors)
+    names = list(book.features[split].class_names)
+    of_class = torch.tensor(
+        [colours.index(n.split()[0]) if n.split()[0] in colours else -1 for n in names]
+    )
+    return of_class[batch["region_soft_labels"].argmax(-1).cpu()]
+
+
+@torch.no_grad()
+def referent_occlusion(
+    model: nn.Module,
+    book: BookWorld,
+    data: PretrainData,
+    split: str = "test",
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[str, Any]:
+    """Hide the regions a caption names, or as many others: does the match fall? (chapters 5, 6).
+
+    For every probe caption of ``split`` (each true of its image) that names a
+    colour some region has, the ITM head scores three versions of its image:
+    ``"whole"``; ``"referents_hidden"``, without the regions the detector
+    calls a colour the caption names; and ``"others_hidden"``, without as
+    many other real regions, drawn at random with ``seed``. A hidden region
+    leaves ``region_mask``; ViLBERT's ``[IMG]`` feature is the mean of the
+    visible regions in all three (as its pretraining computes it after
+    masking), so nothing of a hidden region leaks. Each version gets the mean
+    ITM log-odds and the share judged a match. A model that grounds its
+    decision in the named objects loses the match when they go, and keeps it
+    when as many others go. Captions with fewer other regions than named
+    ones are left out (``skipped``).
+    """
+    if split not in data.probes:
+        raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
+    scorer = pretraining_model(model, "the ITM head scores the occluded images")
+    device = next(scorer.parameters()).device
+    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
+    texts = data.probes[split].texts["captions"]
+    generator = torch.Generator().manual_seed(seed)
+    sums = {
+        v: {"log_odds": 0.0, "match": 0.0} for v in ("whole", "referents_hidden", "others_hidden")
+    }
+    n = skipped = hidden = 0
+    was_training = scorer.training
+    scorer.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = _trim(
+                texts.__getitems__(list(range(start, min(start + batch_size, len(texts)))))
+            )
+            ids, real = batch["input_ids"].cpu(), batch["region_mask"].cpu()
+            named = (ids[..., None] == colour_ids).any(1)  # (B, colours) the caption names
+            region_colour = _region_colours(book, split, batch)  # (B, R)
+            referent = real & (region_colour >= 0) & named.gather(1, region_colour.clamp(min=0))
+            k = referent.sum(1)
+            others = real & ~referent
+            keep = (k > 0) & (others.sum(1) >= k)
+            skipped += int(((k > 0) & ~keep).sum())
+            if not keep.any():
+                continue
+            # k of the other real regions per row, uniformly: the k best of random scores.
+            noise = torch.rand(real.shape, generator=generator).masked_fill(~others, -1.0)
+            rank = noise.argsort(1, descending=True).argsort(1)
+            drawn = others & (rank < k[:, None])
+            rows = keep.nonzero().squeeze(1)
+            for version, hide in (
+                ("whole", torch.zeros_like(real)),
+                ("referents_hidden", referent),
+                ("others_hidden", drawn),
+            ):
+                visible = (real & ~hide)[rows]
+                occluded = {key: v[rows] for key, v in batch.items()}
+                occluded["region_mask"] = visible
+                if "image_feats" in occluded:
+                    occluded["image_feats"] = masked_mean(occluded["region_feats"], visible)
+                occluded = {key: v.to(device) for key, v in occluded.items()}
+                log_odds = _itm_log_odds(scorer, occluded).float().cpu()
+                sums[version]["log_odds"] += float(log_odds.sum())
+                sums[version]["match"] += float((log_odds > 0).float().sum())
+            n += len(rows)
+            hidden += int(k[rows].sum())
+    finally:
+        scorer.train(was_training)
+    out: dict[str, Any] = {
+        version: {key: value / max(n, 1) for key, value in row.items()}
+        for version, row in sums.items()
+    }
+    out.update(n=n, skipped=skipped, regions_hidden=hidden / max(n, 1))
+    return out
 
 
 # ---------------------------------------------------------------------------
