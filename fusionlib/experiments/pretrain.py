@@ -24,7 +24,7 @@ UNITER ITM step on a batch of descriptions.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -639,6 +639,39 @@ def retrieval_metrics(
     return out
 
 
+def _colour_ids(book: BookWorld) -> Tensor:
+    """``(colours,)``: the token ids of the world's colour words, in ``book.world.colors`` order."""
+    return torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
+
+
+def _region_colours(book: BookWorld, split: str, batch: Mapping[str, Tensor]) -> Tensor:
+    """``(B, R)``: the colour index of each region's most likely detector class, -1 for background."""
+    colours = list(book.world.colors)
+    names = list(book.features[split].class_names)
+    of_class = torch.tensor(
+        [colours.index(n.split()[0]) if n.split()[0] in colours else -1 for n in names]
+    )
+    return of_class[batch["region_soft_labels"].argmax(-1).cpu()]
+
+
+def _probe_captions(
+    scorer: nn.Module, data: PretrainData, split: str, batch_size: int
+) -> Iterator[dict[str, Tensor]]:
+    """The probe captions of ``split`` in trimmed batches on ``scorer``'s device, with it in eval mode."""
+    if split not in data.probes:
+        raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
+    device = next(scorer.parameters()).device
+    texts = data.probes[split].texts["captions"]
+    was_training = scorer.training
+    scorer.eval()
+    try:
+        for start in range(0, len(texts), batch_size):
+            rows = list(range(start, min(start + batch_size, len(texts))))
+            yield {k: v.to(device) for k, v in _trim(texts.__getitems__(rows)).items()}
+    finally:
+        scorer.train(was_training)
+
+
 @torch.no_grad()
 def colour_attention(
     model: nn.Module,
@@ -658,43 +691,30 @@ def colour_attention(
     word has found its object. Words whose colour no region has (a detector
     miss) are left out and counted in ``missing``.
     """
-    if split not in data.probes:
-        raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
     scorer = pretraining_model(model, "its attention maps are read")
-    device = next(scorer.parameters()).device
-    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
-    texts = data.probes[split].texts["captions"]
-    was_training = scorer.training
-    scorer.eval()
+    colour_ids = _colour_ids(book)
     sums: list[dict[str, float]] = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = _trim(
-                texts.__getitems__(list(range(start, min(start + batch_size, len(texts)))))
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
-            ids = batch["input_ids"].cpu()
-            is_colour = torch.isin(ids, colour_ids) & batch["attention_mask"].cpu()  # (B, T)
-            word_colour = (
-                (ids[..., None] == colour_ids).float().argmax(-1)
-            )  # (B, T), valid where is_colour
-            region_colour = _region_colours(book, split, batch)  # (B, R), -1 background
-            real = batch["region_mask"].cpu()[:, None, :]  # (B, 1, R)
-            same = (region_colour[:, None, :] == word_colour[..., None]) & real  # (B, T, R)
-            found = is_colour & same.any(-1)
-            uniform = same.sum(-1) / real.sum(-1).clamp(min=1)  # (B, T)
-            for layer, attention in enumerate(scorer.word_region_attention(batch)):
-                w = attention.float().mean(1).cpu()  # (B, T, R), heads averaged
-                on_image = (w * real).sum(-1).clamp(min=1e-12)
-                share = (w * same).sum(-1) / on_image
-                if len(sums) <= layer:
-                    sums.append({"share": 0.0, "uniform": 0.0, "n": 0, "missing": 0})
-                sums[layer]["share"] += float(share[found].sum())
-                sums[layer]["uniform"] += float(uniform[found].sum())
-                sums[layer]["n"] += int(found.sum())
-                sums[layer]["missing"] += int((is_colour & ~found).sum())
-    finally:
-        scorer.train(was_training)
+    for batch in _probe_captions(scorer, data, split, batch_size):
+        ids = batch["input_ids"].cpu()
+        is_colour = torch.isin(ids, colour_ids) & batch["attention_mask"].cpu()  # (B, T)
+        word_colour = (
+            (ids[..., None] == colour_ids).float().argmax(-1)
+        )  # (B, T), valid where is_colour
+        region_colour = _region_colours(book, split, batch)  # (B, R), -1 background
+        real = batch["region_mask"].cpu()[:, None, :]  # (B, 1, R)
+        same = (region_colour[:, None, :] == word_colour[..., None]) & real  # (B, T, R)
+        found = is_colour & same.any(-1)
+        uniform = same.sum(-1) / real.sum(-1).clamp(min=1)  # (B, T)
+        for layer, attention in enumerate(scorer.word_region_attention(batch)):
+            w = attention.float().mean(1).cpu()  # (B, T, R), heads averaged
+            on_image = (w * real).sum(-1).clamp(min=1e-12)
+            share = (w * same).sum(-1) / on_image
+            if len(sums) <= layer:
+                sums.append({"share": 0.0, "uniform": 0.0, "n": 0, "missing": 0})
+            sums[layer]["share"] += float(share[found].sum())
+            sums[layer]["uniform"] += float(uniform[found].sum())
+            sums[layer]["n"] += int(found.sum())
+            sums[layer]["missing"] += int((is_colour & ~found).sum())
     return [
         {
             "share": row["share"] / max(row["n"], 1),
@@ -704,16 +724,6 @@ def colour_attention(
         }
         for row in sums
     ]
-
-
-def _region_colours(book: BookWorld, split: str, batch: Mapping[str, Tensor]) -> Tensor:
-    """``(B, R)``: the colour index of each region's most likely detector class, -1 for background."""
-    colours = list(book.world.colors)
-    names = list(book.features[split].class_names)
-    of_class = torch.tensor(
-        [colours.index(n.split()[0]) if n.split()[0] in colours else -1 for n in names]
-    )
-    return of_class[batch["region_soft_labels"].argmax(-1).cpu()]
 
 
 @torch.no_grad()
@@ -740,57 +750,44 @@ def referent_occlusion(
     when as many others go. Captions with fewer other regions than named
     ones are left out (``skipped``).
     """
-    if split not in data.probes:
-        raise ValueError(f"split must be one of {sorted(data.probes)}, got {split!r}")
     scorer = pretraining_model(model, "the ITM head scores the occluded images")
-    device = next(scorer.parameters()).device
-    colour_ids = torch.tensor(book.tokenizer.convert_tokens_to_ids(list(book.world.colors)))
-    texts = data.probes[split].texts["captions"]
+    colour_ids = _colour_ids(book)
     generator = torch.Generator().manual_seed(seed)
     sums = {
         v: {"log_odds": 0.0, "match": 0.0} for v in ("whole", "referents_hidden", "others_hidden")
     }
     n = skipped = hidden = 0
-    was_training = scorer.training
-    scorer.eval()
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = _trim(
-                texts.__getitems__(list(range(start, min(start + batch_size, len(texts)))))
-            )
-            ids, real = batch["input_ids"].cpu(), batch["region_mask"].cpu()
-            named = (ids[..., None] == colour_ids).any(1)  # (B, colours) the caption names
-            region_colour = _region_colours(book, split, batch)  # (B, R)
-            referent = real & (region_colour >= 0) & named.gather(1, region_colour.clamp(min=0))
-            k = referent.sum(1)
-            others = real & ~referent
-            keep = (k > 0) & (others.sum(1) >= k)
-            skipped += int(((k > 0) & ~keep).sum())
-            if not keep.any():
-                continue
-            # k of the other real regions per row, uniformly: the k best of random scores.
-            noise = torch.rand(real.shape, generator=generator).masked_fill(~others, -1.0)
-            rank = noise.argsort(1, descending=True).argsort(1)
-            drawn = others & (rank < k[:, None])
-            rows = keep.nonzero().squeeze(1)
-            for version, hide in (
-                ("whole", torch.zeros_like(real)),
-                ("referents_hidden", referent),
-                ("others_hidden", drawn),
-            ):
-                visible = (real & ~hide)[rows]
-                occluded = {key: v[rows] for key, v in batch.items()}
-                occluded["region_mask"] = visible
-                if "image_feats" in occluded:
-                    occluded["image_feats"] = masked_mean(occluded["region_feats"], visible)
-                occluded = {key: v.to(device) for key, v in occluded.items()}
-                log_odds = _itm_log_odds(scorer, occluded).float().cpu()
-                sums[version]["log_odds"] += float(log_odds.sum())
-                sums[version]["match"] += float((log_odds > 0).float().sum())
-            n += len(rows)
-            hidden += int(k[rows].sum())
-    finally:
-        scorer.train(was_training)
+    for batch in _probe_captions(scorer, data, split, batch_size):
+        ids, real = batch["input_ids"].cpu(), batch["region_mask"].cpu()
+        named = (ids[..., None] == colour_ids).any(1)  # (B, colours) the caption names
+        region_colour = _region_colours(book, split, batch)  # (B, R)
+        referent = real & (region_colour >= 0) & named.gather(1, region_colour.clamp(min=0))
+        k = referent.sum(1)
+        others = real & ~referent
+        keep = (k > 0) & (others.sum(1) >= k)
+        skipped += int(((k > 0) & ~keep).sum())
+        if not keep.any():
+            continue
+        # k of the other real regions per row, uniformly: the k best of random scores.
+        noise = torch.rand(real.shape, generator=generator).masked_fill(~others, -1.0)
+        rank = noise.argsort(1, descending=True).argsort(1)
+        drawn = others & (rank < k[:, None])
+        rows = keep.nonzero().squeeze(1)
+        for version, hide in (
+            ("whole", torch.zeros_like(real)),
+            ("referents_hidden", referent),
+            ("others_hidden", drawn),
+        ):
+            occluded = {key: v[rows.to(v.device)] for key, v in batch.items()}
+            visible = (real & ~hide)[rows].to(occluded["region_mask"].device)
+            occluded["region_mask"] = visible
+            if "image_feats" in occluded:
+                occluded["image_feats"] = masked_mean(occluded["region_feats"], visible)
+            log_odds = _itm_log_odds(scorer, occluded).float().cpu()
+            sums[version]["log_odds"] += float(log_odds.sum())
+            sums[version]["match"] += float((log_odds > 0).float().sum())
+        n += len(rows)
+        hidden += int(k[rows].sum())
     out: dict[str, Any] = {
         version: {key: value / max(n, 1) for key, value in row.items()}
         for version, row in sums.items()
