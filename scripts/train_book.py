@@ -132,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         with runtime.time_budget(args.budget):
             book = load_book_world(runtime.RECIPE_PROFILE[recipe], progress=not args.no_progress)
             print(book, f"| {runtime.format_seconds(book.seconds)}")
+            if recipe == "full":
+                # The committed models go with the detector whose features they read (checkpoints/world/).
+                from fusionlib import vision
+
+                vision.commit_detector(
+                    book.world, book.detector, book.scenes["train"], progress=False, root=out
+                )
             data_cache: dict[int, object] = {}
             for exp in selected:
                 spec = exp.spec(book, recipe)

@@ -7,12 +7,18 @@ split (4,000 questions for chapter 3) and must agree within 0.5 points.
 """
 
 import functools
+import json
 import os
 
 import pytest
 
-from fusionlib import checkpoints, runtime
-from fusionlib.experiments import BOOK_EXPERIMENTS, experiment, load_book_world
+from fusionlib import checkpoints, runtime, vision
+from fusionlib.experiments import (
+    BOOK_EXPERIMENTS,
+    book_world_configs,
+    experiment,
+    load_book_world,
+)
 
 RECORDS = checkpoints.read_manifest(runtime.checkpoint_root())
 TOLERANCE = 0.005
@@ -41,6 +47,20 @@ def test_every_committed_checkpoint_belongs_to_the_book():
     root = runtime.checkpoint_root()
     for name in RECORDS:
         assert os.path.isfile(os.path.join(root, name, "model.safetensors")), name
+
+
+def test_the_book_world_reads_the_committed_detector():
+    """Every checkpoint here read this detector's features; one trained on another machine differs."""
+    world, detector_config = book_world_configs("cpu")
+    path = vision.committed_detector_path(world, detector_config)
+    assert os.path.isdir(path), (
+        f"{path} is missing: the checkpoints need the detector they were trained on"
+    )
+    detector, _ = vision.load_or_train_detector(world, detector_config)  # checks the sha256
+    with open(os.path.join(path, "record.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    assert vision.detector_fingerprint(detector) == record["detector_fingerprint"]
+    assert record["cache_key"] == vision.cache_key(world, detector_config)
 
 
 def test_checkpoints_folder_stays_small():

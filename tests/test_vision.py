@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from fusionlib.vision import (
     features_cache_path,
     load_detector,
     load_or_build_features,
+    load_or_train_detector,
     loc5,
     train_detector,
 )
@@ -45,6 +47,8 @@ BOOK_NAMES = [
     "cache_key",
     "check_boxes",
     "classify_boxes",
+    "commit_detector",
+    "committed_detector_path",
     "detector_cache_path",
     "detector_class_names",
     "evaluate_detector",
@@ -381,3 +385,53 @@ def test_features_made_by_another_detector_are_rebuilt(
     expected = extract_region_features(detector, test_scenes, TINY, max_regions=rebuilt.num_regions)
     torch.testing.assert_close(rebuilt.feats, expected.feats)
     assert oct(os.stat(features_cache_path(WORLD, TINY, "test")).st_mode & 0o777) == "0o644"
+
+
+# -- the committed detector (checkpoints/world/) ------------------------------------
+
+
+def test_a_committed_detector_is_loaded_before_the_cache_and_never_retrained(
+    tmp_path, monkeypatch, train_scenes, test_scenes
+):
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSIONLIB_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    built = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
+    target = vision.commit_detector(WORLD, TINY, train_scenes, progress=False)
+    assert target == vision.committed_detector_path(WORLD, TINY)
+    assert target.startswith(str(tmp_path / "checkpoints" / "world"))
+    assert sorted(os.listdir(target)) == [
+        "config.json",
+        "history.json",
+        "model.safetensors",
+        "record.json",
+    ]
+    before = os.path.getmtime(os.path.join(target, "model.safetensors"))
+    assert vision.commit_detector(WORLD, TINY, progress=False) == target  # left alone
+    assert os.path.getmtime(os.path.join(target, "model.safetensors")) == before
+
+    # A reader's machine: an empty cache. The committed weights are read, nothing is trained.
+    shutil.rmtree(tmp_path / "cache")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a committed detector must be loaded, not retrained")
+
+    monkeypatch.setattr(cache_module, "train_detector", fail)
+    again = load_or_build_features(WORLD, TINY, "test", test_scenes, train_scenes, progress=False)
+    torch.testing.assert_close(again.feats, built.feats)
+    assert not os.path.exists(detector_cache_path(WORLD, TINY))
+
+
+def test_a_damaged_committed_detector_raises_instead_of_retraining(
+    tmp_path, monkeypatch, train_scenes
+):
+    monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FUSIONLIB_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    target = vision.commit_detector(WORLD, TINY, train_scenes, progress=False)
+    weights = os.path.join(target, "model.safetensors")
+    with open(weights, "r+b") as f:  # one flipped byte near the end: the weights, not the header
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(RuntimeError, match=r"model\.safetensors has sha256 .* records"):
+        load_or_train_detector(WORLD, TINY, train_scenes, progress=False)

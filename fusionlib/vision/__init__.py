@@ -22,7 +22,8 @@ seconds on a CPU, one step per module:
 * :mod:`~fusionlib.vision.extraction`: :func:`extract_region_features`, the
   detector run over every scene's proposals.
 * :mod:`~fusionlib.vision.cache`: :func:`load_or_build_features`, the same
-  cached on disk under a key that hashes both configs.
+  cached on disk under a key that hashes both configs, from the detector the
+  repository commits for the book's world (:func:`committed_detector_path`).
 * :mod:`~fusionlib.vision.images`: real images, opt-in and never downloading
   (:func:`extract_grid_features`, :class:`FasterRCNNRegions`).
 * :mod:`~fusionlib.vision.scenes`: what the rest reads from a scene, as tensors.
@@ -34,6 +35,8 @@ from .boxes import check_boxes, loc5, loc7
 from .cache import (
     SPLITS,
     cache_key,
+    commit_detector,
+    committed_detector_path,
     detector_cache_path,
     features_cache_path,
     features_dir,
@@ -87,6 +90,8 @@ __all__ = [
     "extract_region_features",
     "SPLITS",
     "cache_key",
+    "commit_detector",
+    "committed_detector_path",
     "features_dir",
     "detector_cache_path",
     "features_cache_path",

@@ -9,6 +9,15 @@ hashes the world config, the detector config and the file format, so any
 change to either builds new files. Files are written atomically; one that
 cannot be read, or features made by another detector than the cached one,
 are rebuilt with a warning.
+
+The detector of the book's default world is *committed*, under
+``checkpoints/world/detector-<key>/`` (:func:`committed_detector_path`),
+and loaded from there before the cache is looked at. Training it is not
+reproducible across machines: 150 steps of AdamW amplify the last bits by
+which one CPU's matrix products differ from another's (or 1 thread's from 2),
+and every model of the book was trained on the features of one detector. With
+the weights committed, only the forward pass runs on the reader's machine,
+whose differences stay at float32 rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from fusionlib import runtime
 from fusionlib.data.shapes import SPLITS, generate_split
+from fusionlib.fileio import atomic_write_json, sha256_file
 
 from .detector import DetectorConfig, RegionDetector, detector_fingerprint
 from .extraction import extract_region_features
@@ -33,6 +43,8 @@ from .training import train_detector
 __all__ = [
     "SPLITS",
     "cache_key",
+    "commit_detector",
+    "committed_detector_path",
     "features_dir",
     "detector_cache_path",
     "features_cache_path",
@@ -84,6 +96,75 @@ def features_cache_path(world_config: Any, detector_config: DetectorConfig, spli
     )
 
 
+def committed_detector_path(world_config: Any, detector_config: DetectorConfig) -> str:
+    """``checkpoints/world/detector-<key>``: where the repository keeps the detector for these configs."""
+    return os.path.join(
+        runtime.checkpoint_root(),
+        "world",
+        f"detector-{cache_key(world_config, detector_config)}",
+    )
+
+
+# Next to the weights: what they must hash to, so a damaged file is never used in silence.
+_RECORD = "record.json"
+
+
+def _load_committed_detector(
+    directory: str, cfg: DetectorConfig
+) -> tuple[RegionDetector, dict[str, Any]]:
+    with open(os.path.join(directory, _RECORD), encoding="utf-8") as f:
+        record = json.load(f)
+    weights = os.path.join(directory, "model.safetensors")
+    digest = sha256_file(weights)
+    if digest != record["sha256"]:
+        # Not retrained in its place: every committed model was trained on this detector's features.
+        raise RuntimeError(
+            f"{weights} has sha256 {digest}, its {_RECORD} records {record['sha256']}: the committed "
+            "detector is damaged; restore it (git checkout -- checkpoints/world)"
+        )
+    detector = RegionDetector.load(directory)
+    if detector.config != cfg:
+        raise ValueError(
+            f"committed detector in {directory} has config {detector.config}, not {cfg}"
+        )
+    with open(os.path.join(directory, "history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    return detector, history
+
+
+def commit_detector(
+    world_config: Any,
+    detector_config: DetectorConfig | None = None,
+    train_scenes: Sequence[Any] | None = None,
+    progress: bool = True,
+    root: str | os.PathLike | None = None,
+) -> str:
+    """Copy the detector for these configs (trained first if missing) into :func:`committed_detector_path`.
+
+    ``scripts/train_book.py --recipe full`` calls it, so the committed models
+    and the committed detector whose features they read always go together.
+    ``root`` replaces ``checkpoints/`` (``train_book.py --out``). Returns the
+    folder; one already there is left alone.
+    """
+    cfg = detector_config or DetectorConfig()
+    target = committed_detector_path(world_config, cfg)
+    if root is not None:
+        target = os.path.join(os.fspath(root), "world", os.path.basename(target))
+    if os.path.isdir(target):
+        return target
+    detector, history = load_or_train_detector(world_config, cfg, train_scenes, progress=progress)
+    detector.cpu().save(target, history)
+    atomic_write_json(
+        os.path.join(target, _RECORD),
+        {
+            "cache_key": cache_key(world_config, cfg),
+            "detector_fingerprint": detector_fingerprint(detector),
+            "sha256": sha256_file(os.path.join(target, "model.safetensors")),
+        },
+    )
+    return target
+
+
 def load_or_train_detector(
     world_config: Any,
     detector_config: DetectorConfig | None = None,
@@ -91,11 +172,16 @@ def load_or_train_detector(
     progress: bool = True,
     device: str | torch.device | None = None,
 ) -> tuple[RegionDetector, dict[str, Any]]:
-    """The cached detector for these configs, trained (and cached) first if missing or unreadable.
+    """The committed detector for these configs, else the cached one, trained (and cached) first if missing.
 
-    Returns ``(detector, history)``; the history is the one saved when it was trained.
+    Returns ``(detector, history)``; the history is the one saved when it was
+    trained. A committed detector whose weights do not match its record
+    raises; an unreadable cached one is retrained with a warning.
     """
     cfg = detector_config or DetectorConfig()
+    committed = committed_detector_path(world_config, cfg)
+    if os.path.isdir(committed):
+        return _load_committed_detector(committed, cfg)  # on the CPU, like a cached one
     directory = detector_cache_path(world_config, cfg)
     if os.path.exists(directory):
         try:
