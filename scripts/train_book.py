@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                     data_cache.clear()  # one data set in memory at a time
                     data_cache[key] = exp.data(book, recipe, device)
                 data = data_cache[key]
-                state_dir = os.path.join(work, exp.name)
+                # Keyed by the recipe's fingerprint too: the state of a run whose recipe has since
+                # changed is never resumed into the new one.
+                state_dir = os.path.join(work, exp.name, checkpoints.fingerprint(spec)[:16])
                 print(
                     f"{exp.name}: training the {recipe} recipe "
                     f"({exp.steps(book, recipe):,} steps x {exp.batch_size(book, recipe)})"
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     root=out,
                     commit=commit,
                 )
-                shutil.rmtree(state_dir, ignore_errors=True)
+                shutil.rmtree(os.path.join(work, exp.name), ignore_errors=True)
                 print(f"{exp.name}: saved, {checkpoints.describe(record, exp.headline)}")
     except runtime.BudgetSpent:
         status = BUDGET_SPENT

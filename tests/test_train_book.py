@@ -64,7 +64,11 @@ def test_smoke_recipe_writes_weights_and_manifest(straight):
 
 def test_a_killed_run_resumes_to_the_same_weights(straight, tmp_path):
     root, _ = straight
-    state = tmp_path / "work" / NAME / "last" / "trainer_state.pt"
+    states = tmp_path / "work" / NAME  # <recipe fingerprint>/last/trainer_state.pt under it
+
+    def saved():
+        return list(states.glob("*/last/trainer_state.pt"))
+
     proc = subprocess.Popen(
         command(tmp_path / "out", tmp_path / "work"),
         cwd=REPO,
@@ -72,12 +76,16 @@ def test_a_killed_run_resumes_to_the_same_weights(straight, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not saved() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert state.exists(), "the run ended before its first save: nothing was killed mid-training"
+    assert saved(), "the run ended before its first save: nothing was killed mid-training"
     assert NAME not in checkpoints.read_manifest(tmp_path / "out")
+    # The state of an older recipe of the same checkpoint (another fingerprint) must not be resumed.
+    stale = states / "0000000000000000" / "last"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.pt").write_bytes(b"an older recipe's state")
     resumed = run(tmp_path / "out", tmp_path / "work")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     straight_record = checkpoints.read_manifest(root / "out")[NAME]
