@@ -9,9 +9,10 @@
 # into .whl/ (`echo /.whl/ >> .git/info/exclude`) the wheels, without
 # dependencies, of nbformat, nbclient, ipykernel and datasets and of whatever
 # of their requirements the GPU machine lacks (pip download --no-deps
-# --python-version of that machine), and send along .whl/ and the
-# feature/tokenizer cache (.cache/features,
-# .cache/tokenizer-*), which chapter 2 otherwise rebuilds. Notebooks run in the
+# --python-version of that machine), and send along .whl/ and, to save
+# rebuilding them there, the feature/tokenizer cache (.cache/features,
+# .cache/tokenizer-*); the detector itself is committed (checkpoints/world/),
+# so features built there come from the same weights. Notebooks run in the
 # order given (default: every chapter of _toc.yml); each one gets what is left
 # of BUDGET_SECONDS (default 480) and is skipped when under a minute is left.
 # After each notebook the executed copy, its results file and every
