@@ -408,6 +408,11 @@ def test_a_committed_detector_is_loaded_before_the_cache_and_never_retrained(
     before = os.path.getmtime(os.path.join(target, "model.safetensors"))
     assert vision.commit_detector(WORLD, TINY, progress=False) == target  # left alone
     assert os.path.getmtime(os.path.join(target, "model.safetensors")) == before
+    # train_book.py --out: the same folder layout under another root.
+    elsewhere = vision.commit_detector(WORLD, TINY, progress=False, root=tmp_path / "out")
+    assert elsewhere == vision.committed_detector_path(WORLD, TINY, tmp_path / "out")
+    assert elsewhere.startswith(str(tmp_path / "out" / "world"))
+    assert sorted(os.listdir(elsewhere)) == sorted(os.listdir(target))
 
     # A reader's machine: an empty cache. The committed weights are read, nothing is trained.
     shutil.rmtree(tmp_path / "cache")

@@ -96,13 +96,15 @@ def features_cache_path(world_config: Any, detector_config: DetectorConfig, spli
     )
 
 
-def committed_detector_path(world_config: Any, detector_config: DetectorConfig) -> str:
-    """``checkpoints/world/detector-<key>``: where the repository keeps the detector for these configs."""
-    return os.path.join(
-        runtime.checkpoint_root(),
-        "world",
-        f"detector-{cache_key(world_config, detector_config)}",
-    )
+def committed_detector_path(
+    world_config: Any, detector_config: DetectorConfig, root: str | os.PathLike | None = None
+) -> str:
+    """``<root>/world/detector-<key>``: where the repository keeps the detector for these configs.
+
+    ``root`` defaults to ``checkpoints/`` (:func:`fusionlib.runtime.checkpoint_root`).
+    """
+    root = runtime.checkpoint_root() if root is None else os.fspath(root)
+    return os.path.join(root, "world", f"detector-{cache_key(world_config, detector_config)}")
 
 
 # Next to the weights: what they must hash to, so a damaged file is never used in silence.
@@ -147,9 +149,7 @@ def commit_detector(
     folder; one already there is left alone.
     """
     cfg = detector_config or DetectorConfig()
-    target = committed_detector_path(world_config, cfg)
-    if root is not None:
-        target = os.path.join(os.fspath(root), "world", os.path.basename(target))
+    target = committed_detector_path(world_config, cfg, root)
     if os.path.isdir(target):
         return target
     detector, history = load_or_train_detector(world_config, cfg, train_scenes, progress=progress)
