@@ -994,7 +994,7 @@ def vqa_model(
     """A VQA model of the book: the pretrained encoder with a fresh answer head, or all fresh (``None``).
 
     Both read the mean of the words' outputs (``vqa_pooling="mean"``,
-    chapter 5, section 5.6), so a fresh model and a pretrained one differ in
+    chapter 5, section 5.8), so a fresh model and a pretrained one differ in
     their starting weights only.
     """
     _check_model(name)
