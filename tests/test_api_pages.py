@@ -9,20 +9,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+# The same walk over fusionlib/ as the import-layer test.
+from test_imports import PACKAGE_DIR, find_modules
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def library_modules() -> set[str]:
-    """Dotted names of every module under fusionlib/, packages by their ``__init__``; ``__main__`` left out."""
-    names = set()
-    for path in (ROOT / "fusionlib").rglob("*.py"):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        if parts[-1] == "__main__":
-            continue
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        names.add(".".join(parts))
-    return names
+    """Dotted names of every module of fusionlib, ``__main__`` modules left out (they have no API)."""
+    return {
+        name for name in find_modules(PACKAGE_DIR, "fusionlib") if not name.endswith(".__main__")
+    }
 
 
 def documented_modules() -> set[str]:
