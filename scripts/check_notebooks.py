@@ -33,7 +33,6 @@ WORLD_BUILDERS = ("generate_split(", "load_or_build_features(")
 WORLD_CHAPTER = "02_visual_world.ipynb"
 # Left over until these chapters are run through fusionlib.experiments.
 PENDING_WORLD_BUILDERS = {
-    "05_vilbert.ipynb",
     "06_uniter.ipynb",
     "06b_uniter_ablation.ipynb",
     "07_efficiency.ipynb",
