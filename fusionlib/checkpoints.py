@@ -67,6 +67,7 @@ __all__ = [
     "fingerprint",
     "read_manifest",
     "find_checkpoint",
+    "find_by_spec",
     "save_checkpoint",
     "load_checkpoint",
     "train_or_load",
@@ -200,6 +201,25 @@ def find_checkpoint(
         record = read_manifest(root).get(name)
         if record is not None and record.fingerprint == wanted:
             return record, root
+    return None
+
+
+def find_by_spec(
+    spec: Mapping[str, Any], roots: tuple[str, ...] | None = None
+) -> tuple[CheckpointRecord, str] | None:
+    """The record and root of a checkpoint of any name whose fingerprint is ``fingerprint(spec)``, or None.
+
+    Two experiments that train the same thing have the same spec, whatever
+    they are called: chapter 6b's ablation finds chapter 6's UNITER this way
+    instead of training it again. ``roots`` defaults to the committed folder
+    alone; of several matches in one root, the first name in sorted order.
+    """
+    wanted = fingerprint(spec)
+    for root in (checkpoint_root(),) if roots is None else roots:
+        records = read_manifest(root)
+        for name in sorted(records):
+            if records[name].fingerprint == wanted:
+                return records[name], root
     return None
 
 

@@ -21,8 +21,12 @@ that today's code would reproduce, ``ablation.summarise`` gives each row's mean
 and range over seeds). Smaller recipes write under the cache
 (``.cache/ablation/``), so their records are never committed.
 
-A (row, seed) whose fingerprint is already in ``--out`` is skipped. The
-pretraining data and questions are built once per invocation. Training state
+A model that a committed checkpoint already holds (the same spec, whatever
+its name) is loaded instead of trained: chapter 6's UNITER is the ``+WRA``
+row's seed 0, and its low-label runs from scratch are the ``none`` row's
+(the record's ``reused`` names them). A (row, seed) whose fingerprint is
+already in ``--out`` is skipped. The pretraining data and questions are
+built once per invocation. Training state
 is saved as it goes under ``--work`` (``.cache/ablation/work/<recipe>``), so a
 run that is killed, or stopped by ``--budget``, continues from its last save
 when the script is started again.
@@ -194,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
                     _append(out, record)
                     shutil.rmtree(state, ignore_errors=True)
                 vqa, seconds = record["metrics"]["vqa"], record["seconds"]
+                loaded = [name for name in record["reused"].values() if name]
                 print(
                     f"{row!r} seed {seed}: relational {vqa['relational_accuracy']:.3f}, "
                     f"non-relational {vqa['non_relational_accuracy']:.3f} | "
-                    f"{runtime.format_seconds(sum(seconds.values()))}; appended to {out}"
+                    f"{runtime.format_seconds(sum(seconds.values()))}"
+                    + (f" (loaded {', '.join(loaded)})" if loaded else "")
+                    + f"; appended to {out}"
                 )
     except runtime.BudgetSpent:
         status = BUDGET_SPENT

@@ -8,11 +8,15 @@ test split's retrieval, every (image, text) pair through the ITM head.
 import importlib.util
 import json
 import os
+from functools import partial
 
 import pytest
+import torch
 
+from fusionlib import checkpoints
 from fusionlib.checkpoints import fingerprint
 from fusionlib.experiments import ablation, pretrain
+from fusionlib.models import uniter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = [
@@ -268,6 +272,83 @@ def test_the_records_hold_what_chapter_6b_reads(recorded, book):
     assert "probes" not in none["metrics"] and none["seconds"]["pretrain"] == 0.0
     assert mlm["seconds"]["pretrain"] > 0
     assert {"itm_captions", "edit_all", "shape_word", "place_word"} <= set(mlm["metrics"]["probes"])
+
+
+def test_the_script_trains_what_no_committed_checkpoint_holds(recorded):
+    # No smoke model is ever committed, so the script's default search finds none.
+    for line in recorded["lines"]:
+        assert json.loads(line)["reused"] == {"pretrain": None, "finetune": None}
+
+
+# ---------------------------------------------------------------------------
+# Reusing a stored model whose spec is the run's
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_data(book):
+    data = pretrain.pretrain_data("uniter", book, "smoke", "cpu")
+    return data, pretrain.question_data("uniter", book, data, "smoke", "cpu")
+
+
+def store(model, spec, name, root, seconds):
+    return checkpoints.save_checkpoint(
+        model,
+        name=name,
+        chapter="elsewhere",
+        recipe="smoke",
+        spec=spec,
+        steps=1,
+        batch_size=1,
+        device="cpu",
+        wall_seconds=seconds,
+        root=root,
+    )
+
+
+def test_find_by_spec_finds_a_model_of_any_name_by_its_spec(book, tmp_path):
+    spec = ablation.ablation_spec("none", 0, book, "smoke")["vqa"]
+    torch.manual_seed(0)
+    store(pretrain.vqa_model("uniter", book, "smoke"), spec, "b/second", tmp_path, 2.0)
+    store(pretrain.vqa_model("uniter", book, "smoke"), spec, "a/first", tmp_path, 1.0)
+    record, root = checkpoints.find_by_spec(spec, (str(tmp_path),))
+    assert (record.name, root) == ("a/first", str(tmp_path))  # of two, the first name
+    other = ablation.ablation_spec("none", 1, book, "smoke")["vqa"]
+    assert checkpoints.find_by_spec(other, (str(tmp_path),)) is None
+    assert checkpoints.find_by_spec(spec, ()) is None
+
+
+def test_a_stored_fine_tuned_model_is_loaded_not_trained(book, smoke_data, tmp_path):
+    data, questions = smoke_data
+    spec = ablation.ablation_spec("none", 0, book, "smoke")["vqa"]
+    torch.manual_seed(5)  # weights that fine-tuning would never give: the record must be theirs
+    store(pretrain.vqa_model("uniter", book, "smoke"), spec, "elsewhere/vqa", tmp_path, 123.0)
+    run = partial(ablation.run_ablation, "none", 0, book, data, questions, "smoke", "cpu", False)
+    record = run(reuse_from=(str(tmp_path),))
+    assert record["reused"] == {"pretrain": None, "finetune": "elsewhere/vqa"}
+    assert record["seconds"]["finetune"] == 123.0
+    stored, _, _ = checkpoints.load_checkpoint("elsewhere/vqa", str(tmp_path))
+    scores = pretrain.evaluate_vqa_model(stored, questions)
+    assert record["metrics"]["vqa"] == {k: scores[k] for k in ablation.VQA_KEYS}
+    trained = run(reuse_from=())
+    assert trained["reused"] == {"pretrain": None, "finetune": None}
+    assert trained["seconds"]["finetune"] != 123.0
+
+
+def test_a_stored_pretrained_model_is_fine_tuned_not_pretrained_again(book, smoke_data, tmp_path):
+    data, questions = smoke_data
+    spec = ablation.ablation_spec("MLM", 0, book, "smoke")["pretrain"]
+    torch.manual_seed(5)
+    fresh = uniter.UniterForPretraining(pretrain.pretrain_config("uniter", book, "smoke"))
+    store(fresh, spec, "elsewhere/pretrained", tmp_path, 456.0)
+    record = ablation.run_ablation(
+        "MLM", 0, book, data, questions, "smoke", "cpu", False, reuse_from=(str(tmp_path),)
+    )
+    assert record["reused"] == {"pretrain": "elsewhere/pretrained", "finetune": None}
+    assert record["seconds"]["pretrain"] == 456.0 and record["seconds"]["finetune"] > 0
+    stored, _, _ = checkpoints.load_checkpoint("elsewhere/pretrained", str(tmp_path))
+    probes = pretrain.grounding_metrics(stored, data, "test", prefix="")
+    assert record["metrics"]["probes"] == probes  # scored on the stored weights
 
 
 def test_a_second_invocation_skips_what_is_recorded(recorded, capsys, script):

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from fusionlib import runtime
+from fusionlib import checkpoints, runtime
 from fusionlib.checkpoints import fingerprint
 from fusionlib.experiments import pretrain
 from fusionlib.experiments.pretrain import PretrainData, QuestionData
@@ -214,6 +214,7 @@ def run_ablation(
     device: torch.device | str | None = None,
     progress: bool = True,
     checkpoint_dir: str | None = None,
+    reuse_from: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Pretrain one row of chapter 6b's ablation with one seed, fine-tune it on low-label VQA, score it.
 
@@ -228,6 +229,12 @@ def run_ablation(
         progress: show progress bars.
         checkpoint_dir: with it, pretraining and fine-tuning save as they go under ``pretrain/``
             and ``finetune/`` there and resume from there; key it by the fingerprint.
+        reuse_from: checkpoint roots searched (:func:`fusionlib.checkpoints.find_by_spec`) for a
+            model whose spec is this run's pretraining or fine-tuning spec; one found is loaded,
+            not trained again. Default: the committed ``checkpoints/``; ``()`` trains everything.
+            Chapter 6's UNITER is the ``+WRA`` row's seed 0, and its low-label fine-tuning runs
+            from scratch are the ``none`` row's seeds. A reused model is the stored one (float16
+            weights, as the chapter loads it), and its seconds are those its record gives.
 
     Returns a record: ``row``, ``seed``, ``recipe``, ``fingerprint`` (of
     :func:`ablation_spec`), ``itm_trained`` and
@@ -245,7 +252,9 @@ def run_ablation(
       chance, which is what they are there to show;
     * ``metrics["probes"]`` (pretrained rows only): the test split's probes of
       :func:`fusionlib.experiments.pretrain.grounding_metrics`, without prefix;
-    * ``seconds``: ``pretrain`` (0 for ``none``), ``finetune`` and ``evaluate``.
+    * ``seconds``: ``pretrain`` (0 for ``none``), ``finetune`` and ``evaluate``;
+    * ``reused``: ``{"pretrain": name or None, "finetune": name or None}``, the
+      checkpoints loaded instead of trained.
     """
     definition, seed, recipe = _check_row(row), _check_seed(seed), _check_recipe(recipe)
     device = runtime.device() if device is None else torch.device(device)
@@ -254,7 +263,21 @@ def run_ablation(
     def state(part: str) -> str | None:
         return None if checkpoint_dir is None else os.path.join(checkpoint_dir, part)
 
-    if definition.pretrains:
+    reused: dict[str, str | None] = {"pretrain": None, "finetune": None}
+
+    def stored(part: str) -> tuple[torch.nn.Module, float] | None:
+        found = checkpoints.find_by_spec(spec[part], reuse_from) if spec[part] else None
+        if found is None:
+            return None
+        record, root = found
+        loaded, _, _ = checkpoints.load_checkpoint(record.name, root, map_location=device)
+        reused["pretrain" if part == "pretrain" else "finetune"] = record.name
+        return loaded.eval(), record.wall_seconds
+
+    pretrained = stored("pretrain") if definition.pretrains else None
+    if pretrained is not None:
+        model, pretrain_seconds = pretrained
+    elif definition.pretrains:
         model, _, pretrain_seconds = pretrain.train_pretraining(
             MODEL,
             book,
@@ -274,18 +297,22 @@ def run_ablation(
         model = uniter.UniterForPretraining(pretrain.pretrain_config(MODEL, book, recipe))
         model = model.to(device).eval()
         pretrain_seconds = 0.0
-    vqa, _, finetune_seconds = pretrain.finetune_vqa(
-        MODEL,
-        book,
-        questions,
-        recipe,
-        LABELS,
-        pretrained=model if definition.pretrains else None,
-        seed=seed,
-        device=device,
-        checkpoint_dir=state("finetune"),
-        progress=progress,
-    )
+    finetuned = stored("vqa")
+    if finetuned is not None:
+        vqa, finetune_seconds = finetuned
+    else:
+        vqa, _, finetune_seconds = pretrain.finetune_vqa(
+            MODEL,
+            book,
+            questions,
+            recipe,
+            LABELS,
+            pretrained=model if definition.pretrains else None,
+            seed=seed,
+            device=device,
+            checkpoint_dir=state("finetune"),
+            progress=progress,
+        )
     started = time.perf_counter()
     scores = pretrain.evaluate_vqa_model(vqa, questions)
     metrics: dict[str, Any] = {
@@ -306,6 +333,7 @@ def run_ablation(
             "finetune": float(finetune_seconds),
             "evaluate": time.perf_counter() - started,
         },
+        "reused": reused,
     }
 
 
