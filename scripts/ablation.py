@@ -57,9 +57,7 @@ BUDGET_SPENT = 3
 
 def default_out(recipe: str) -> str:
     """The committed ``results/06b_ablation.jsonl`` for the full recipe; the cache for smaller ones."""
-    if recipe == "full":
-        return os.path.join(REPO, "results", "06b_ablation.jsonl")
-    return os.path.join(runtime.cache_dir(), "ablation", f"06b_ablation_{recipe}.jsonl")
+    return ablation.records_path(recipe)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

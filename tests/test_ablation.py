@@ -92,6 +92,17 @@ def test_each_row_keeps_uniters_weights_for_the_tasks_it_keeps():
     assert [r.trains_itm for r in rows.values()] == [False, False] + [True] * 5
 
 
+def test_every_row_names_the_paper_row_it_repeats():
+    assert list(ablation.PAPER_TABLE_2) == ROWS
+    numbers = {row.number for row in ablation.PAPER_TABLE_2.values()}
+    assert all(r.against in numbers for r in ablation.PAPER_TABLE_2.values() if r.against)
+    changes = ablation.paper_changes()
+    assert list(changes) == ROWS[1:]  # the baseline has nothing to be compared with
+    assert changes["+WRA"] == pytest.approx(400.93 - 399.97)
+    # The paper's joint-masking row has no WRA: it is compared with row 10, not with +WRA's row 11.
+    assert changes["+WRA, joint masking"] == pytest.approx(396.51 - 399.97)
+
+
 def test_wra_and_masking_change_only_the_rows_that_name_them(book):
     configs = {
         row: ablation.ablation_spec(row, 0, book, "smoke")["pretrain"]

@@ -19,10 +19,12 @@ not in how long. The rows, in order:
 
 * :func:`ablation_spec` -- what one (row, seed) run depends on (its fingerprint's input);
 * :func:`run_ablation` -- pretrain, fine-tune and score one (row, seed): one record;
-* :func:`read_records`, :func:`current_records` -- the records ``scripts/ablation.py``
+* :func:`records_path`, :func:`read_records`, :func:`current_records` -- the records ``scripts/ablation.py``
   appended to ``results/06b_ablation.jsonl``, and those today's code would reproduce;
 * :func:`summarise`, :func:`row_effects` -- mean and range over seeds per row, and
-  each row against the one before it.
+  each row against the one before it;
+* :data:`PAPER_TABLE_2`, :func:`paper_changes` -- the paper's row for each of ours, and
+  its Meta-Sum change against the row it adds to.
 """
 
 from __future__ import annotations
@@ -49,9 +51,13 @@ __all__ = [
     "AblationRow",
     "ABLATION_ROWS",
     "ABLATION_SEEDS",
+    "PaperRow",
+    "PAPER_TABLE_2",
+    "paper_changes",
     "VQA_KEYS",
     "ablation_spec",
     "run_ablation",
+    "records_path",
     "read_records",
     "current_records",
     "summarise",
@@ -145,6 +151,43 @@ ABLATION_ROWS: Mapping[str, AblationRow] = types.MappingProxyType(
         )
     }
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperRow:
+    """The row of UNITER's Table 2 that one of ours repeats, and what it scored there."""
+
+    number: int  # the paper's row number (L1 ... L14)
+    tasks: str  # as the paper lists them
+    meta_sum: float  # VQA + Flickr30K IR + TR + NLVR2 + RefCOCO+, UNITER-base
+    against: int | None  # the paper row it is compared with in :func:`paper_changes`
+
+
+# UNITER's Table 2 (Chen et al., ECCV 2020), in-domain pretraining on COCO and Visual Genome. Our
+# joint-masking row keeps WRA, the paper's drops it: row 12 is compared with row 10, not 11.
+PAPER_TABLE_2: Mapping[str, PaperRow] = types.MappingProxyType(
+    {
+        "none": PaperRow(1, "None", 314.34, None),
+        "MLM": PaperRow(5, "MLM", 386.10, 1),
+        "MLM+ITM": PaperRow(6, "MLM + ITM", 393.04, 5),
+        "MLM+ITM+MRC-kl": PaperRow(9, "MLM + ITM + MRC-kl", 397.09, 6),
+        "+MRFR": PaperRow(10, "MLM + ITM + MRC-kl + MRFR", 399.97, 9),
+        "+WRA": PaperRow(11, "MLM + ITM + MRC-kl + MRFR + WRA", 400.93, 10),
+        "+WRA, joint masking": PaperRow(
+            12, "MLM + ITM + MRC-kl + MRFR, without conditional masking", 396.51, 10
+        ),
+    }
+)
+
+
+def paper_changes() -> dict[str, float]:
+    """Per row of ours, the paper's Meta-Sum change against the paper row it is compared with."""
+    by_number = {row.number: row for row in PAPER_TABLE_2.values()}
+    return {
+        label: row.meta_sum - by_number[row.against].meta_sum
+        for label, row in PAPER_TABLE_2.items()
+        if row.against is not None
+    }
 
 
 def _check_row(row: Any) -> AblationRow:
@@ -340,6 +383,19 @@ def run_ablation(
 # ---------------------------------------------------------------------------
 # Records: reading them back, and what they say
 # ---------------------------------------------------------------------------
+
+
+def records_path(recipe: str) -> str:
+    """Where ``scripts/ablation.py`` keeps a recipe's records.
+
+    ``results/06b_ablation.jsonl`` for the full recipe, the ones chapter 6b
+    reads and the repository keeps; ``<cache>/ablation/06b_ablation_<recipe>.jsonl``
+    for smaller ones, which are never committed.
+    """
+    recipe = _check_recipe(recipe)
+    if recipe == "full":
+        return os.path.join(runtime.repo_root(), "results", "06b_ablation.jsonl")
+    return os.path.join(runtime.cache_dir(), "ablation", f"06b_ablation_{recipe}.jsonl")
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
