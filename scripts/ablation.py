@@ -55,11 +55,6 @@ from fusionlib.experiments import ablation, load_book_world, pretrain  # noqa: E
 BUDGET_SPENT = 3
 
 
-def default_out(recipe: str) -> str:
-    """The committed ``results/06b_ablation.jsonl`` for the full recipe; the cache for smaller ones."""
-    return ablation.records_path(recipe)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -133,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     os.environ["FUSIONLIB_PROFILE"] = runtime.RECIPE_PROFILE[args.recipe]
     recipe = args.recipe
-    out = os.path.abspath(args.out or default_out(recipe))
+    out = os.path.abspath(args.out or ablation.records_path(recipe))
     work = os.path.abspath(
         args.work or os.path.join(runtime.cache_dir(), "ablation", "work", recipe)
     )

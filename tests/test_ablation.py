@@ -402,11 +402,11 @@ def test_a_spent_budget_exits_3_and_records_nothing(script, tmp_path):
     assert not out.exists()
 
 
-def test_smoke_records_go_to_the_cache_and_full_ones_to_results(script, monkeypatch, tmp_path):
+def test_smoke_records_go_to_the_cache_and_full_ones_to_results(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSIONLIB_CACHE", str(tmp_path))
-    assert script.default_out("smoke") == str(tmp_path / "ablation" / "06b_ablation_smoke.jsonl")
-    assert script.default_out("small").startswith(str(tmp_path))
-    assert script.default_out("full") == os.path.join(REPO, "results", "06b_ablation.jsonl")
+    assert ablation.records_path("smoke") == str(tmp_path / "ablation" / "06b_ablation_smoke.jsonl")
+    assert ablation.records_path("small").startswith(str(tmp_path))
+    assert ablation.records_path("full") == os.path.join(REPO, "results", "06b_ablation.jsonl")
 
 
 @pytest.mark.parametrize(

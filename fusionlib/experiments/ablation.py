@@ -308,16 +308,17 @@ def run_ablation(
 
     reused: dict[str, str | None] = {"pretrain": None, "finetune": None}
 
-    def stored(part: str) -> tuple[torch.nn.Module, float] | None:
+    def stored(part: str, stage: str) -> tuple[torch.nn.Module, float] | None:
+        """The committed model trained to ``spec[part]`` and its training seconds, or None."""
         found = checkpoints.find_by_spec(spec[part], reuse_from) if spec[part] else None
         if found is None:
             return None
         record, root = found
+        reused[stage] = record.name
         loaded, _, _ = checkpoints.load_checkpoint(record.name, root, map_location=device)
-        reused["pretrain" if part == "pretrain" else "finetune"] = record.name
         return loaded.eval(), record.wall_seconds
 
-    pretrained = stored("pretrain") if definition.pretrains else None
+    pretrained = stored("pretrain", "pretrain")  # spec["pretrain"] is None for ``none``
     if pretrained is not None:
         model, pretrain_seconds = pretrained
     elif definition.pretrains:
@@ -340,7 +341,7 @@ def run_ablation(
         model = uniter.UniterForPretraining(pretrain.pretrain_config(MODEL, book, recipe))
         model = model.to(device).eval()
         pretrain_seconds = 0.0
-    finetuned = stored("vqa")
+    finetuned = stored("vqa", "finetune")
     if finetuned is not None:
         vqa, finetune_seconds = finetuned
     else:
